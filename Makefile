@@ -1,0 +1,42 @@
+# Every target creates the virtualenv it needs; a fresh machine needs only
+# Python >= 3.11 with venv, pip and gcc.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO_FILES := $(shell find protos -name '*.proto')
+PYTEST_ARGS ?=
+
+.PHONY: run test lint fmt protos protos-check bench k8s-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/state-service
+
+test: $(STAMP) lint protos-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+protos-check: $(STAMP)
+	$(BIN)/python protos/generate.py --check
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

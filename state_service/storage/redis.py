@@ -1,0 +1,394 @@
+"""Every Redis command statecar sends lives here; nothing else talks to Redis.
+
+Key layout (all keys of one session share the hash tag ``{tenant:session}`` and
+so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
+
+    <prefix>:{<tenant>:<session>}:m   meta hash (etag parts, counters, settings)
+    <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<Item bytes>"
+    <prefix>:{<tenant>:<session>}:r   request ids already applied -> response
+    <prefix>:idx:{<tenant>}           sorted set of the tenant's session ids
+
+The log list only changes at its tail (append, pop) or as a whole (delete,
+expiry), so an index into it stays valid for as long as the entry exists; the
+meta field ``trunc`` counts pops so a cache can tell "only grew" from "changed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from state_service.serving.errors import EtagMismatch, ResourceExhausted, Unavailable
+
+T = TypeVar("T")
+
+ABSENT_ETAG = "0"
+TTL_PERSIST = -1
+TTL_DEFAULT = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHead:
+    """A consistent snapshot of a session's meta hash."""
+
+    incarnation: str
+    version: int
+    last_seq: int
+    item_count: int
+    trunc: int
+    ttl_setting: int
+    create_ms: int
+    update_ms: int
+    pttl_ms: int
+
+    @property
+    def etag(self) -> str:
+        return f"{self.incarnation}.{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOutcome:
+    etag: str
+    first_seq: int
+    last_seq: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PopOutcome:
+    etag: str
+    entry: bytes | None
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKnowledge:
+    """What a cache already holds of a session, so a read fetches only the rest."""
+
+    incarnation: str
+    trunc: int
+    version: int
+    item_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """A head plus log entries read in the same atomic step.
+
+    mode: "missing" (no session), "hit" (the cache is current), "delta"
+    (entries start at the cache's item_count), "reset" (entries are the newest
+    items), "range" (entries are the requested index range).
+    """
+
+    head: SessionHead | None
+    mode: str
+    entries: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    meta: str
+    log: str
+    requests: str
+
+    def as_list(self) -> list[str]:
+        return [self.meta, self.log, self.requests]
+
+
+def _load_scripts() -> dict[str, str]:
+    text = resources.files("state_service.storage").joinpath("scripts.lua").read_text()
+    sections: dict[str, list[str]] = {}
+    current = "preamble"
+    for line in text.splitlines():
+        if line.startswith("--- "):
+            current = line[4:].strip()
+            continue
+        sections.setdefault(current, []).append(line)
+    common = "\n".join(sections.pop("common"))
+    sections.pop("preamble", None)
+    return {name: common + "\n" + "\n".join(body) for name, body in sections.items()}
+
+
+async def _reraise(error: Exception) -> None:
+    raise error
+
+
+def _parse_head(raw: Sequence[Any]) -> SessionHead | None:
+    if not raw or raw[0] is None:
+        return None
+    inc, ver, last, count, trunc, ttl, ctime, mtime = raw[:8]
+    pttl = int(raw[8]) if len(raw) > 8 and raw[8] is not None else -1
+    return SessionHead(
+        incarnation=inc.decode(),
+        version=int(ver or 0),
+        last_seq=int(last or 0),
+        item_count=int(count or 0),
+        trunc=int(trunc or 0),
+        ttl_setting=int(ttl or 0),
+        create_ms=int(ctime or 0),
+        update_ms=int(mtime or ctime or 0),
+        pttl_ms=pttl,
+    )
+
+
+class RedisStorage:
+    """The session log on plain Redis (>= 6.2, no modules)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "statecar",
+        default_ttl_seconds: int = 86400,
+        on_command: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must not contain hash-tag braces")
+        self._redis = client
+        self._prefix = key_prefix
+        self.default_ttl_seconds = default_ttl_seconds
+        self._on_command = on_command
+        self._scripts = {
+            name: (body, hashlib.sha1(body.encode()).hexdigest())
+            for name, body in _load_scripts().items()
+        }
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_connections: int = 64,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        **kwargs: Any,
+    ) -> RedisStorage:
+        if not url.startswith("unix:"):
+            kwargs.setdefault("socket_keepalive", True)
+        pool_options = {k: kwargs.pop(k) for k in ("socket_keepalive",) if k in kwargs}
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            **pool_options,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+            retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+        )
+        return cls(aioredis.Redis(connection_pool=pool), **kwargs)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    # -- keys -----------------------------------------------------------------
+
+    def keys(self, tenant: str, session_id: str) -> SessionKeys:
+        base = f"{self._prefix}:{{{tenant}:{session_id}}}"
+        return SessionKeys(meta=f"{base}:m", log=f"{base}:l", requests=f"{base}:r")
+
+    def index_key(self, tenant: str) -> str:
+        return f"{self._prefix}:idx:{{{tenant}}}"
+
+    # -- error mapping and timing ---------------------------------------------
+
+    async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        failed = True
+        try:
+            result = await awaitable
+            failed = False
+            return result
+        except redis_errors.ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise ResourceExhausted(
+                    "the state store is out of memory; nothing was written",
+                    reason="BACKEND_FULL",
+                ) from exc
+            raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise Unavailable("the state store (Redis) is unreachable") from exc
+        finally:
+            if self._on_command is not None:
+                self._on_command(operation, time.perf_counter() - started, failed)
+
+    async def _script(
+        self,
+        name: str,
+        keys: SessionKeys,
+        args: Sequence[bytes | str | int],
+        *,
+        index_add: tuple[str, str] | None = None,
+    ) -> Any:
+        """Runs a script by hash (loading it on NOSCRIPT), optionally preceded, in
+        the same round trip, by adding a session id to a tenant index."""
+        body, sha = self._scripts[name]
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            if index_add is not None:
+                pipe.zadd(index_add[0], {index_add[1]: 0}, nx=True)
+            pipe.evalsha(sha, 3, *keys.as_list(), *args)
+            replies = await self._call(name, pipe.execute(raise_on_error=False))
+            reply = replies[-1]
+            if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
+                await self._call("script_load", self._redis.script_load(body))
+                continue
+            if isinstance(reply, Exception):
+                await self._call(name, _reraise(reply))
+            return reply
+        raise AssertionError("unreachable")
+
+    # -- writes ---------------------------------------------------------------
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        payloads: Sequence[bytes],
+        *,
+        request_id: str,
+        expected_etag: str,
+        new_incarnation: str,
+        now_ms: int,
+    ) -> AppendOutcome:
+        keys = self.keys(tenant, session_id)
+        args: list[bytes | str | int] = [
+            request_id,
+            expected_etag,
+            self.default_ttl_seconds,
+            now_ms,
+            new_incarnation,
+            *payloads,
+        ]
+        # The index entry goes first (in the same round trip): a crash between
+        # the two leaves an index entry ListSessions prunes, never a session
+        # missing from the index.
+        reply = await self._script(
+            "append", keys, args, index_add=(self.index_key(tenant), session_id)
+        )
+        status, body = reply[0].decode(), reply[1].decode()
+        if status == "conflict":
+            raise EtagMismatch(body)
+        etag, first, last = body.split(" ")
+        return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
+
+    async def pop(
+        self, tenant: str, session_id: str, *, request_id: str, expected_etag: str, now_ms: int
+    ) -> PopOutcome:
+        keys = self.keys(tenant, session_id)
+        args = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
+        reply = await self._script("pop", keys, args)
+        status, body = reply[0].decode(), reply[1]
+        if status == "conflict":
+            raise EtagMismatch(body.decode())
+        etag, _, entry = body.partition(b" ")
+        return PopOutcome(etag.decode(), entry or None, replayed=status == "replay")
+
+    async def update(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        ttl_setting: int | None,
+        expected_etag: str,
+        allow_missing: bool,
+        new_incarnation: str,
+        now_ms: int,
+    ) -> SessionHead | None:
+        keys = self.keys(tenant, session_id)
+        args = [
+            expected_etag,
+            self.default_ttl_seconds,
+            now_ms,
+            new_incarnation,
+            "1" if allow_missing else "0",
+            "" if ttl_setting is None else str(ttl_setting),
+        ]
+        index_add = (self.index_key(tenant), session_id) if allow_missing else None
+        reply = await self._script("update", keys, args, index_add=index_add)
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        if status == "missing":
+            return None
+        return _parse_head(reply[1])
+
+    async def delete(self, tenant: str, session_id: str, *, expected_etag: str) -> bool:
+        """Deletes the session; False if it did not exist."""
+        keys = self.keys(tenant, session_id)
+        reply = await self._script("delete", keys, [expected_etag])
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        await self._call("index_remove", self._redis.zrem(self.index_key(tenant), session_id))
+        return status == "ok"
+
+    # -- reads ----------------------------------------------------------------
+
+    async def read(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        known: CacheKnowledge | None = None,
+        window: int = 0,
+        index_range: tuple[int, int] | None = None,
+    ) -> ReadResult:
+        """Reads the head and, atomically with it, either an index range (inclusive,
+        negative counts from the end) or what `known` lacks of the newest `window`."""
+        keys = self.keys(tenant, session_id)
+        args: list[str | int] = (
+            [known.incarnation, known.trunc, known.version, known.item_count]
+            if known is not None
+            else ["", "", "", 0]
+        )
+        args.append(window)
+        args.extend(index_range if index_range is not None else ("", ""))
+        reply = await self._script("read", keys, args)
+        return ReadResult(_parse_head(reply[0]), reply[1].decode(), list(reply[2:]))
+
+    async def heads(self, tenant: str, session_ids: Sequence[str]) -> list[SessionHead | None]:
+        """Reads the heads of several sessions (one round trip on a single node)."""
+        if not session_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for session_id in session_ids:
+            meta = self.keys(tenant, session_id).meta
+            pipe.hmget(meta, "inc", "ver", "last", "n", "trunc", "ttl", "ctime", "mtime")
+            pipe.pttl(meta)
+        replies = await self._call("heads", pipe.execute())
+        return [
+            _parse_head([*replies[i], replies[i + 1]]) for i in range(0, len(replies), 2)
+        ]
+
+    async def index_page(self, tenant: str, after: str, count: int) -> list[str]:
+        """Up to `count` session ids of the tenant's index, in id order, after `after`."""
+        start = f"({after}" if after else "-"
+        members = await self._call(
+            "index_page",
+            self._redis.zrangebylex(self.index_key(tenant), start, "+", start=0, num=count),
+        )
+        return [m.decode() for m in members]
+
+    async def index_remove(self, tenant: str, session_ids: Sequence[str]) -> None:
+        if session_ids:
+            await self._call(
+                "index_remove", self._redis.zrem(self.index_key(tenant), *session_ids)
+            )
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis.ping())
+
+    async def info_memory(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self._call("info", self._redis.info("memory"))
+        return info

@@ -1,0 +1,175 @@
+-- statecar Lua scripts. Loaded by state_service/storage/redis.py, which splits
+-- this file at the "--- name" markers. Every script takes the session's keys in
+-- the same order, all in one hash slot:
+--   KEYS[1] meta hash   KEYS[2] log list   KEYS[3] request-id hash
+-- meta fields: inc (incarnation id), ver (version), last (newest seq ever
+-- assigned), n (items in the log), trunc (count of pops, so caches know whether
+-- the log only grew), ttl (0 default, -1 persist, >0 seconds), ctime, mtime (ms).
+-- The etag of a session is inc .. "." .. ver; of a missing session "0".
+
+--- common
+local function etag_of(inc, ver)
+  if not inc then return '0' end
+  return inc .. '.' .. ver
+end
+
+local function apply_ttl(ttl_setting, default_ttl)
+  local ttl = tonumber(ttl_setting) or 0
+  for i = 1, 3 do
+    if ttl < 0 then
+      redis.call('PERSIST', KEYS[i])
+    else
+      redis.call('EXPIRE', KEYS[i], ttl > 0 and ttl or default_ttl)
+    end
+  end
+end
+
+local function head()
+  local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'trunc', 'ttl', 'ctime', 'mtime')
+  if h[1] then h[9] = redis.call('PTTL', KEYS[1]) end
+  return h
+end
+
+--- append
+-- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation, payload...
+-- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}.
+local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local field = 'a:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'ttl')
+local inc = h[1]
+local current = etag_of(inc, h[2])
+if expected ~= '' and expected ~= current then return {'conflict', current} end
+local count = #ARGV - 5
+local response
+if count == 0 then
+  response = current .. ' 0 0'
+  if inc then
+    if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+    apply_ttl(h[5], default_ttl)
+  end
+  return {'ok', response}
+end
+local ver, last, n, ttl = 0, 0, 0, 0
+if inc then
+  ver, last, n, ttl = tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
+else
+  -- A new incarnation never inherits what an expiring predecessor left behind.
+  redis.call('DEL', KEYS[2], KEYS[3])
+  inc = ARGV[5]
+  redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
+end
+local batch = {}
+for i = 1, count do
+  batch[#batch + 1] = (last + i) .. ':' .. ARGV[5 + i]
+  if #batch == 500 then
+    redis.call('RPUSH', KEYS[2], unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then redis.call('RPUSH', KEYS[2], unpack(batch)) end
+ver = ver + 1
+redis.call('HSET', KEYS[1], 'ver', ver, 'last', last + count, 'n', n + count, 'mtime', now)
+response = etag_of(inc, ver) .. ' ' .. (last + 1) .. ' ' .. (last + count)
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(ttl, default_ttl)
+return {'ok', response}
+
+--- pop
+-- ARGV: request_id, expected etag, default ttl (s), now (ms).
+-- Returns {'ok'|'replay', "etag entry"} (entry empty when nothing was popped)
+-- or {'conflict', current etag}.
+local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local field = 'p:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'n', 'trunc', 'ttl')
+local inc = h[1]
+local current = etag_of(inc, h[2])
+if expected ~= '' and expected ~= current then return {'conflict', current} end
+if not inc then return {'ok', '0 '} end
+local entry = redis.call('RPOP', KEYS[2])
+local response
+if not entry then
+  response = current .. ' '
+else
+  local ver = tonumber(h[2]) + 1
+  redis.call('HSET', KEYS[1], 'ver', ver, 'n', tonumber(h[3]) - 1,
+    'trunc', tonumber(h[4]) + 1, 'mtime', now)
+  response = etag_of(inc, ver) .. ' ' .. entry
+end
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(h[5], default_ttl)
+return {'ok', response}
+
+--- update
+-- ARGV: expected etag, default ttl (s), now (ms), new incarnation,
+--       allow_missing ('1'|'0'), new ttl setting ('' = unchanged).
+-- Returns {'ok', head} or {'conflict', etag} or {'missing', ''}.
+local expected, default_ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
+local inc = h[1]
+local current = etag_of(inc, h[2])
+if expected ~= '' and expected ~= current then return {'conflict', current} end
+local ver, ttl = 0, 0
+if inc then
+  ver, ttl = tonumber(h[2]), tonumber(h[3])
+elseif ARGV[5] == '1' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'inc', ARGV[4], 'ctime', now, 'trunc', 0, 'last', 0, 'n', 0)
+else
+  return {'missing', ''}
+end
+if ARGV[6] ~= '' then ttl = tonumber(ARGV[6]) end
+redis.call('HSET', KEYS[1], 'ver', ver + 1, 'ttl', ttl, 'mtime', now)
+apply_ttl(ttl, default_ttl)
+return {'ok', head()}
+
+--- delete
+-- ARGV: expected etag. Returns {'ok'|'missing'|'conflict', current etag}.
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
+local current = etag_of(h[1], h[2])
+if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
+if not h[1] then return {'missing', current} end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {'ok', current}
+
+--- read
+-- ARGV: known incarnation, known trunc, known version, known item count,
+--       tail window, range start, range stop ('' = no explicit range).
+-- One consistent snapshot: the head plus either the explicit index range, or
+-- what a cache that knows (inc, trunc, ver, n) is missing of the newest
+-- `window` items. Returns {head, mode, entries...}; mode 'hit' (nothing
+-- changed), 'delta' (entries are indexes n.. of the log), 'reset' (entries are
+-- the newest window items), 'range' (entries are the explicit range).
+local h = head()
+if not h[1] then return {h, 'missing'} end
+local result = {h}
+if ARGV[6] ~= '' then
+  result[2] = 'range'
+  local entries = redis.call('LRANGE', KEYS[2], ARGV[6], ARGV[7])
+  for i = 1, #entries do result[i + 2] = entries[i] end
+  return result
+end
+local window = tonumber(ARGV[5])
+local n = tonumber(h[4])
+local entries
+if h[1] == ARGV[1] and h[5] == ARGV[2] then
+  if h[2] == ARGV[3] then return {h, 'hit'} end
+  local known = tonumber(ARGV[4])
+  if n - known <= window then
+    result[2] = 'delta'
+    entries = redis.call('LRANGE', KEYS[2], known, -1)
+  end
+end
+if not entries then
+  result[2] = 'reset'
+  entries = redis.call('LRANGE', KEYS[2], -window, -1)
+end
+for i = 1, #entries do result[i + 2] = entries[i] end
+return result
