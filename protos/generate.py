@@ -8,8 +8,8 @@ fails when the committed files are stale.
 from __future__ import annotations
 
 import argparse
-import os
 import filecmp
+import os
 import shutil
 import sys
 import tempfile

@@ -39,9 +39,7 @@ class ServiceError(Exception):
         detail = any_pb2.Any()
         detail.Pack(info)
         return rpc_status.to_status(
-            status_pb2.Status(
-                code=self.code.value[0], message=self.message, details=[detail]
-            )
+            status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
         )
 
 

@@ -107,21 +107,19 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> str:
         """Starts redis-server and waits until it answers PING; returns its URL."""
         if self._lock_file is None:
-            lock = open(self.data_dir / "statecar.lock", "w")  # noqa: SIM115
+            lock = open(self.data_dir / "statecar.lock", "w")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.close()
-                raise RuntimeError(
-                    f"{self.data_dir} is in use by another embedded Redis"
-                ) from None
+                raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis") from None
             self._lock_file = lock
         self.process = subprocess.Popen(
             self._command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -286,7 +286,7 @@ class RedisStorage:
         self, tenant: str, session_id: str, *, request_id: str, expected_etag: str, now_ms: int
     ) -> PopOutcome:
         keys = self.keys(tenant, session_id)
-        args = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
+        args: list[str | int] = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
         reply = await self._script("pop", keys, args)
         status, body = reply[0].decode(), reply[1]
         if status == "conflict":
@@ -306,7 +306,7 @@ class RedisStorage:
         now_ms: int,
     ) -> SessionHead | None:
         keys = self.keys(tenant, session_id)
-        args = [
+        args: list[str | int] = [
             expected_etag,
             self.default_ttl_seconds,
             now_ms,
@@ -327,7 +327,7 @@ class RedisStorage:
         """Deletes the session; False if it did not exist."""
         keys = self.keys(tenant, session_id)
         reply = await self._script("delete", keys, [expected_etag])
-        status = reply[0].decode()
+        status: str = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
         await self._call("index_remove", self._redis.zrem(self.index_key(tenant), session_id))
@@ -367,9 +367,7 @@ class RedisStorage:
             pipe.hmget(meta, "inc", "ver", "last", "n", "trunc", "ttl", "ctime", "mtime")
             pipe.pttl(meta)
         replies = await self._call("heads", pipe.execute())
-        return [
-            _parse_head([*replies[i], replies[i + 1]]) for i in range(0, len(replies), 2)
-        ]
+        return [_parse_head([*replies[i], replies[i + 1]]) for i in range(0, len(replies), 2)]
 
     async def index_page(self, tenant: str, after: str, count: int) -> list[str]:
         """Up to `count` session ids of the tenant's index, in id order, after `after`."""
@@ -378,13 +376,11 @@ class RedisStorage:
             "index_page",
             self._redis.zrangebylex(self.index_key(tenant), start, "+", start=0, num=count),
         )
-        return [m.decode() for m in members]
+        return [m.decode() if isinstance(m, bytes) else m for m in members]
 
     async def index_remove(self, tenant: str, session_ids: Sequence[str]) -> None:
         if session_ids:
-            await self._call(
-                "index_remove", self._redis.zrem(self.index_key(tenant), *session_ids)
-            )
+            await self._call("index_remove", self._redis.zrem(self.index_key(tenant), *session_ids))
 
     async def ping(self) -> None:
         await self._call("ping", self._redis.ping())

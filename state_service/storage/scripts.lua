@@ -169,7 +169,8 @@ if h[1] == ARGV[1] and h[5] == ARGV[2] then
 end
 if not entries then
   result[2] = 'reset'
-  entries = redis.call('LRANGE', KEYS[2], -window, -1)
+  entries = {}
+  if window > 0 then entries = redis.call('LRANGE', KEYS[2], -window, -1) end
 end
 for i = 1, #entries do result[i + 2] = entries[i] end
 return result

@@ -1,0 +1,296 @@
+"""StateClient: the async, typed client of every StateService RPC."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from state_service.client.errors import from_rpc_error
+from state_service.client.types import (
+    AppendResult,
+    Context,
+    ItemsPage,
+    NewItem,
+    PopResult,
+    SessionInfo,
+    SessionsPage,
+    StoredItem,
+)
+from statecar.state.v1 import state_service_pb2 as pb
+from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+SERVICE = "statecar.state.v1.StateService"
+
+# Balance every request over all resolved addresses, and let gRPC itself retry
+# UNAVAILABLE (writes are safe to retry: the client always sends a request_id).
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target for one address, a DNS name or a list of IP replicas.
+
+    "host:port" becomes "dns:///host:port" (all A/AAAA records, round robin);
+    a list of "ip:port" becomes an ipv4:/ipv6: target of all of them.
+    """
+    if isinstance(target, str):
+        if "," in target:
+            return channel_target([t.strip() for t in target.split(",") if t.strip()])
+        if ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:")):
+            return target
+        return f"dns:///{target}"
+    addresses = list(target)
+    if len(addresses) == 1:
+        return channel_target(addresses[0])
+    families = set()
+    for address in addresses:
+        host = address.rpartition(":")[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(
+                f"{address!r}: a list of replicas must be IP:port; "
+                "for host names use one DNS name that resolves to all replicas"
+            ) from None
+    if len(families) != 1:
+        raise ValueError("a list of replicas must be all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:{','.join(addresses)}"
+
+
+def _items(items: Sequence[Mapping[str, Any] | NewItem]) -> list[pb.Item]:
+    return [(item if isinstance(item, NewItem) else NewItem(item)).to_proto() for item in items]
+
+
+class StateClient:
+    """Async client of the state service.
+
+    Every call has a deadline (`timeout`, overridable per call). Writes carry a
+    request_id (generated when not given), so gRPC's automatic retries of
+    UNAVAILABLE never apply a write twice. Failures raise StateServiceError
+    subclasses. Use as `async with StateClient(...) as client:`.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self._metadata = tuple(metadata)
+        if channel is None:
+            channel_options = [
+                ("grpc.service_config", SERVICE_CONFIG),
+                ("grpc.enable_retries", 1),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30_000),
+                *options,
+            ]
+            resolved = channel_target(target)
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(
+                    resolved, options=channel_options, interceptors=interceptors
+                )
+            else:
+                channel = grpc.aio.secure_channel(
+                    resolved, credentials, options=channel_options, interceptors=interceptors
+                )
+        self._channel = channel
+        self._stub = pb_grpc.StateServiceStub(channel)
+
+    async def __aenter__(self) -> StateClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[R]],
+        request: Any,
+        timeout: float | None,
+    ) -> R:
+        try:
+            return await method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from error
+
+    # -- the log --------------------------------------------------------------
+
+    async def append_items(
+        self,
+        session_id: str,
+        items: Sequence[Mapping[str, Any] | NewItem],
+        *,
+        request_id: str | None = None,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> AppendResult:
+        request = pb.AppendItemsRequest(
+            session_id=session_id,
+            items=_items(items),
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            etag=etag,
+        )
+        response = await self._call(self._stub.AppendItems, request, timeout)
+        return AppendResult(response.etag, response.first_seq, response.last_seq)
+
+    async def get_context(
+        self,
+        session_id: str,
+        *,
+        query: str = "",
+        token_budget: int = 0,
+        timeout: float | None = None,
+    ) -> Context:
+        request = pb.GetContextRequest(
+            session_id=session_id, query=query, token_budget=token_budget
+        )
+        return Context.from_proto(await self._call(self._stub.GetContext, request, timeout))
+
+    async def list_items(
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        newest_first: bool = False,
+        timeout: float | None = None,
+    ) -> ItemsPage:
+        request = pb.ListItemsRequest(
+            session_id=session_id,
+            page_size=page_size,
+            page_token=page_token,
+            order=pb.ITEM_ORDER_NEWEST_FIRST if newest_first else pb.ITEM_ORDER_OLDEST_FIRST,
+        )
+        response = await self._call(self._stub.ListItems, request, timeout)
+        return ItemsPage(
+            items=[StoredItem.from_proto(i) for i in response.items],
+            next_page_token=response.next_page_token,
+            etag=response.etag,
+            total_item_count=response.total_item_count,
+        )
+
+    async def all_items(self, session_id: str, *, page_size: int = 1000) -> list[StoredItem]:
+        """The whole log, oldest first (pages through ListItems)."""
+        items: list[StoredItem] = []
+        token = ""
+        while True:
+            page = await self.list_items(session_id, page_size=page_size, page_token=token)
+            items.extend(page.items)
+            token = page.next_page_token
+            if not token:
+                return items
+
+    async def pop_item(
+        self,
+        session_id: str,
+        *,
+        etag: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> PopResult:
+        request = pb.PopItemRequest(
+            session_id=session_id,
+            etag=etag,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        response = await self._call(self._stub.PopItem, request, timeout)
+        item = StoredItem.from_proto(response.item) if response.HasField("item") else None
+        return PopResult(item, response.etag)
+
+    # -- sessions -------------------------------------------------------------
+
+    async def get_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
+        request = pb.GetSessionRequest(session_id=session_id)
+        response = await self._call(self._stub.GetSession, request, timeout)
+        return SessionInfo.from_proto(response.session)
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        ttl: timedelta | None = None,
+        persist: bool = False,
+        etag: str = "",
+        allow_missing: bool = False,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Sets the session's retention: `persist`, or `ttl` (None = service default)."""
+        settings = pb.SessionSettings(persist=persist)
+        if ttl is not None:
+            settings.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl.total_seconds())))
+        request = pb.UpdateSessionRequest(
+            session_id=session_id,
+            settings=settings,
+            update_mask=field_mask_pb2.FieldMask(paths=["ttl", "persist"]),
+            etag=etag,
+            allow_missing=allow_missing,
+        )
+        response = await self._call(self._stub.UpdateSession, request, timeout)
+        return SessionInfo.from_proto(response.session)
+
+    async def delete_session(
+        self,
+        session_id: str,
+        *,
+        etag: str = "",
+        allow_missing: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        request = pb.DeleteSessionRequest(
+            session_id=session_id, etag=etag, allow_missing=allow_missing
+        )
+        await self._call(self._stub.DeleteSession, request, timeout)
+
+    async def list_sessions(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> SessionsPage:
+        request = pb.ListSessionsRequest(page_size=page_size, page_token=page_token)
+        response = await self._call(self._stub.ListSessions, request, timeout)
+        return SessionsPage(
+            sessions=[SessionInfo.from_proto(s) for s in response.sessions],
+            next_page_token=response.next_page_token,
+        )

@@ -1,0 +1,123 @@
+"""Typed results of the state client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from statecar.state.v1 import state_service_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    """An item to append: an openai-agents input item plus optional metadata."""
+
+    data: Mapping[str, Any]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_proto(self) -> pb.Item:
+        raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":")).encode()
+        return pb.Item(json=raw, metadata=dict(self.metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    seq: int
+    data: dict[str, Any]
+    metadata: dict[str, str]
+    create_time: datetime | None
+
+    @classmethod
+    def from_proto(cls, item: pb.Item) -> StoredItem:
+        return cls(
+            seq=item.seq,
+            data=json.loads(item.json),
+            metadata=dict(item.metadata),
+            create_time=item.create_time.ToDatetime() if item.HasField("create_time") else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    etag: str
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    items: list[StoredItem]
+    etag: str
+    token_count: int
+    token_budget: int
+    total_item_count: int
+    omitted_item_count: int
+
+    @classmethod
+    def from_proto(cls, response: pb.GetContextResponse) -> Context:
+        return cls(
+            items=[StoredItem.from_proto(i) for i in response.items],
+            etag=response.etag,
+            token_count=response.token_count,
+            token_budget=response.token_budget,
+            total_item_count=response.total_item_count,
+            omitted_item_count=response.omitted_item_count,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsPage:
+    items: list[StoredItem]
+    next_page_token: str
+    etag: str
+    total_item_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PopResult:
+    item: StoredItem | None
+    etag: str
+
+
+def _duration(message: Any, present: bool) -> timedelta | None:
+    return message.ToTimedelta() if present else None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    item_count: int
+    last_seq: int
+    etag: str
+    create_time: datetime
+    update_time: datetime
+    expire_time: datetime | None
+    ttl: timedelta | None
+    persist: bool
+    effective_ttl: timedelta | None
+
+    @classmethod
+    def from_proto(cls, session: pb.Session) -> SessionInfo:
+        return cls(
+            session_id=session.session_id,
+            item_count=session.item_count,
+            last_seq=session.last_seq,
+            etag=session.etag,
+            create_time=session.create_time.ToDatetime(),
+            update_time=session.update_time.ToDatetime(),
+            expire_time=session.expire_time.ToDatetime()
+            if session.HasField("expire_time")
+            else None,
+            ttl=_duration(session.settings.ttl, session.settings.HasField("ttl")),
+            persist=session.settings.persist,
+            effective_ttl=_duration(session.effective_ttl, session.HasField("effective_ttl")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPage:
+    sessions: list[SessionInfo]
+    next_page_token: str

@@ -1,0 +1,185 @@
+"""The state service process: storage, cache, gRPC server, health, metrics and
+a drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from state_service import metrics
+from state_service.cache import SessionCache
+from state_service.servicer import StateServicer
+from state_service.serving.health import Readiness
+from state_service.serving.interceptors import (
+    ExceptionToStatusInterceptor,
+    LoggingInterceptor,
+    MetricsInterceptor,
+)
+from state_service.sessions import SessionStore
+from state_service.settings import StateServiceSettings
+from state_service.storage.embedded import EmbeddedRedis
+from state_service.storage.redis import RedisStorage
+from state_service.tokens import EstimatingTokenCounter
+from statecar.state.v1 import state_service_pb2 as pb
+from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("statecar.state")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StateService"].full_name
+ERROR_DOMAIN = "state.statecar.dev"
+
+
+def server_options(
+    *,
+    max_message_bytes: int,
+    max_connection_age_seconds: float,
+    drain_seconds: float,
+    keepalive_seconds: float,
+) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Clients behind a Kubernetes Service balance per connection; closing
+        # old connections lets them find new pods.
+        ("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(max(drain_seconds, 1) * 1000)),
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass
+class StateServer:
+    settings: StateServiceSettings
+    server: grpc.aio.Server
+    storage: RedisStorage
+    store: SessionStore
+    cache: SessionCache | None
+    readiness: Readiness
+    port: int
+    embedded: EmbeddedRedis | None = None
+    metrics_port: int | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        if host in ("::", "0.0.0.0"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @classmethod
+    async def start(cls, settings: StateServiceSettings) -> StateServer:
+        embedded = None
+        redis_url = settings.redis_url
+        if not redis_url:
+            embedded = EmbeddedRedis(settings.data_dir)
+            redis_url = await asyncio.to_thread(embedded.start)
+            logger.info("embedded redis-server at %s (data in %s)", redis_url, settings.data_dir)
+        storage = RedisStorage.from_url(
+            redis_url,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=settings.redis_timeout_seconds,
+            connect_timeout=settings.redis_connect_timeout_seconds,
+            key_prefix=settings.key_prefix,
+            default_ttl_seconds=settings.default_ttl_seconds,
+            on_command=metrics.observe_redis,
+        )
+        cache = (
+            SessionCache(
+                max_sessions=settings.cache_max_sessions,
+                ttl_seconds=settings.cache_ttl_seconds,
+                max_items=settings.cache_max_items_per_session,
+            )
+            if settings.cache_enabled
+            else None
+        )
+        store = SessionStore(storage, cache=cache, token_counter=EstimatingTokenCounter())
+
+        def on_readiness(ready: bool) -> None:
+            # The cache cannot vouch for anything while Redis is unreachable.
+            if not ready and cache is not None:
+                cache.clear()
+
+        readiness = Readiness(
+            [SERVICE_NAME],
+            storage.ping,
+            interval=settings.health_interval_seconds,
+            on_change=on_readiness,
+        )
+        server = grpc.aio.server(
+            interceptors=[
+                MetricsInterceptor(),
+                LoggingInterceptor(),
+                ExceptionToStatusInterceptor(ERROR_DOMAIN),
+            ],
+            options=server_options(
+                max_message_bytes=settings.max_message_bytes,
+                max_connection_age_seconds=settings.max_connection_age_seconds,
+                drain_seconds=settings.drain_seconds,
+                keepalive_seconds=settings.keepalive_seconds,
+            ),
+        )
+        pb_grpc.add_StateServiceServicer_to_server(StateServicer(store, settings), server)
+        readiness.add_to_server(server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
+        )
+        port = server.add_insecure_port(settings.listen)
+        if port == 0:
+            raise RuntimeError(f"could not bind {settings.listen}")
+        metrics_port = None
+        if settings.metrics_port:
+            http_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+            metrics_port = http_server.server_port
+        await server.start()
+        await readiness.start()
+        instance = cls(
+            settings=settings,
+            server=server,
+            storage=storage,
+            store=store,
+            cache=cache,
+            readiness=readiness,
+            port=port,
+            embedded=embedded,
+            metrics_port=metrics_port,
+        )
+        logger.info("state service listening on %s", instance.address)
+        return instance
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, let in-flight RPCs finish, then close Redis."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.readiness.drain()
+        await self.server.stop(self.settings.drain_seconds if grace is None else grace)
+        await self.readiness.stop()
+        await self.storage.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.close)
+        logger.info("state service stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: StateServiceSettings) -> None:
+    app = await StateServer.start(settings)
+    print(f"state service ready on {app.address}", flush=True)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(app.stop())))
+    await app.wait_for_termination()
+    if stopping:
+        await asyncio.gather(*stopping)

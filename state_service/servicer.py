@@ -1,0 +1,122 @@
+"""Where StateService requests enter: validate, resolve the tenant, delegate to
+the session rules in sessions.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc.aio import ServicerContext
+
+from state_service import validation
+from state_service.identity import tenant_of
+from state_service.serving.errors import InvalidArgument
+from state_service.sessions import SessionStore
+from state_service.settings import StateServiceSettings
+from statecar.state.v1 import state_service_pb2 as pb
+from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
+
+Context = ServicerContext[Any, Any]
+SETTINGS_FIELDS = frozenset({"ttl", "persist"})
+
+
+class StateServicer(pb_grpc.StateServiceServicer):
+    def __init__(self, store: SessionStore, settings: StateServiceSettings) -> None:
+        self._store = store
+        self._settings = settings
+
+    async def AppendItems(
+        self, request: pb.AppendItemsRequest, context: Context
+    ) -> pb.AppendItemsResponse:
+        session_id = validation.session_id(request.session_id)
+        validation.items(request.items, self._settings)
+        return await self._store.append(
+            tenant_of(context),
+            session_id,
+            request.items,
+            request_id=validation.request_id(request.request_id),
+            etag=validation.etag(request.etag),
+        )
+
+    async def GetContext(
+        self, request: pb.GetContextRequest, context: Context
+    ) -> pb.GetContextResponse:
+        session_id = validation.session_id(request.session_id)
+        budget = validation.token_budget(request.token_budget, self._settings)
+        return await self._store.get_context(tenant_of(context), session_id, token_budget=budget)
+
+    async def ListItems(
+        self, request: pb.ListItemsRequest, context: Context
+    ) -> pb.ListItemsResponse:
+        session_id = validation.session_id(request.session_id)
+        if request.order not in pb.ItemOrder.values():
+            raise InvalidArgument("order", "is not a known ItemOrder")
+        return await self._store.list_items(
+            tenant_of(context),
+            session_id,
+            page_size=validation.page_size(request.page_size, self._settings),
+            page_token=request.page_token,
+            newest_first=request.order == pb.ITEM_ORDER_NEWEST_FIRST,
+        )
+
+    async def PopItem(self, request: pb.PopItemRequest, context: Context) -> pb.PopItemResponse:
+        session_id = validation.session_id(request.session_id)
+        return await self._store.pop(
+            tenant_of(context),
+            session_id,
+            request_id=validation.request_id(request.request_id),
+            etag=validation.etag(request.etag),
+        )
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Context
+    ) -> pb.GetSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        return await self._store.get_session(tenant_of(context), session_id)
+
+    async def UpdateSession(
+        self, request: pb.UpdateSessionRequest, context: Context
+    ) -> pb.UpdateSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        paths = {p.removeprefix("settings.") for p in request.update_mask.paths}
+        unknown = paths - SETTINGS_FIELDS
+        if unknown:
+            raise InvalidArgument(
+                "update_mask", f"unknown paths {sorted(unknown)}; known: ttl, persist"
+            )
+        if (
+            request.settings.persist
+            and request.settings.HasField("ttl")
+            and (request.settings.ttl.seconds or request.settings.ttl.nanos)
+        ):
+            raise InvalidArgument("settings", "set either ttl or persist, not both")
+        # ttl and persist are one stored retention value, so any mask sets it
+        # from both fields: persist wins, else ttl (unset = service default).
+        ttl_setting = validation.ttl_seconds(request.settings, "settings")
+        return await self._store.update_session(
+            tenant_of(context),
+            session_id,
+            ttl_setting=ttl_setting,
+            etag=validation.etag(request.etag),
+            allow_missing=request.allow_missing,
+        )
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        await self._store.delete_session(
+            tenant_of(context),
+            session_id,
+            etag=validation.etag(request.etag),
+            allow_missing=request.allow_missing,
+        )
+        return pb.DeleteSessionResponse()
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        return await self._store.list_sessions(
+            tenant_of(context),
+            page_size=validation.page_size(request.page_size, self._settings),
+            page_token=request.page_token,
+        )

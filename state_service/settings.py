@@ -1,0 +1,70 @@
+"""State service configuration: environment variables STATE_SERVICE_<NAME>, or
+the matching command-line flags (--redis-url, --metrics-port, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StateServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STATE_SERVICE_",
+        cli_kebab_case=True,
+        cli_prog_name="state-service",
+        extra="ignore",
+    )
+
+    listen: str = Field(
+        "127.0.0.1:50051", description="gRPC address to bind; use [::]:PORT in containers"
+    )
+    redis_url: str = Field(
+        "",
+        description="redis://, rediss:// or unix:// URL; empty starts an embedded redis-server",
+    )
+    data_dir: Path = Field(
+        Path(".statecar/state"), description="where the embedded redis-server keeps its AOF"
+    )
+    key_prefix: str = Field("statecar", description="prefix of every Redis key")
+    redis_max_connections: int = Field(64, ge=1)
+    redis_timeout_seconds: float = Field(
+        2.0, gt=0, description="socket timeout of one Redis command"
+    )
+    redis_connect_timeout_seconds: float = Field(1.0, gt=0)
+
+    default_ttl_seconds: int = Field(
+        86400, ge=1, description="session retention after its last write, unless set per session"
+    )
+    default_token_budget: int = Field(4000, ge=1)
+    max_token_budget: int = Field(1_000_000, ge=1)
+
+    max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
+    max_items_per_append: int = Field(1000, ge=1)
+    max_metadata_entries: int = Field(64, ge=0)
+    max_metadata_bytes: int = Field(8 * 1024, ge=0, description="keys+values of one item")
+    max_page_size: int = Field(1000, ge=1)
+    default_page_size: int = Field(100, ge=1)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message limit")
+
+    cache_enabled: bool = True
+    cache_max_sessions: int = Field(10_000, ge=1)
+    cache_max_items_per_session: int = Field(
+        512, ge=1, description="newest items per session kept in the local cache"
+    )
+    cache_ttl_seconds: float = Field(300.0, gt=0)
+
+    metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 disables")
+    metrics_host: str = "127.0.0.1"
+    health_interval_seconds: float = Field(
+        0.5, gt=0, description="how often readiness re-checks Redis"
+    )
+    drain_seconds: float = Field(
+        10.0, ge=0, description="SIGTERM grace for in-flight RPCs before exit"
+    )
+    max_connection_age_seconds: float = Field(
+        300.0, gt=0, description="servers close connections this old so clients rebalance"
+    )
+    keepalive_seconds: float = Field(30.0, gt=0)
+    log_level: str = "INFO"

