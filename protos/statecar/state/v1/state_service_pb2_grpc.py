@@ -91,6 +91,21 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.GetWorkflow = channel.unary_unary(
+                '/statecar.state.v1.StateService/GetWorkflow',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowResponse.FromString,
+                _registered_method=True)
+        self.UpdateWorkflow = channel.unary_unary(
+                '/statecar.state.v1.StateService/UpdateWorkflow',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowResponse.FromString,
+                _registered_method=True)
+        self.DeleteWorkflow = channel.unary_unary(
+                '/statecar.state.v1.StateService/DeleteWorkflow',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -173,6 +188,27 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWorkflow(self, request, context):
+        """Returns a multi-agent workflow's shared state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWorkflow(self, request, context):
+        """Replaces a workflow's state as a whole (compare-and-set with etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWorkflow(self, request, context):
+        """Deletes a workflow's state (not the sessions it names).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +251,21 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkflow,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowResponse.SerializeToString,
+            ),
+            'UpdateWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWorkflow,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowResponse.SerializeToString,
+            ),
+            'DeleteWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWorkflow,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +501,87 @@ class StateService:
             '/statecar.state.v1.StateService/ListSessions',
             statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/GetWorkflow',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/UpdateWorkflow',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.UpdateWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/DeleteWorkflow',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,12 @@ class StateServiceStub:
     """Deletes a session and its whole log."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListSessionsRequest, _state_service_pb2.ListSessionsResponse]
     """Lists the caller's sessions in session id order, paged."""
+    GetWorkflow: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetWorkflowRequest, _state_service_pb2.GetWorkflowResponse]
+    """Returns a multi-agent workflow's shared state."""
+    UpdateWorkflow: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.UpdateWorkflowRequest, _state_service_pb2.UpdateWorkflowResponse]
+    """Replaces a workflow's state as a whole (compare-and-set with etag)."""
+    DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]
+    """Deletes a workflow's state (not the sessions it names)."""
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -117,6 +123,12 @@ class StateServiceAsyncStub(StateServiceStub):
     """Deletes a session and its whole log."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListSessionsRequest, _state_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists the caller's sessions in session id order, paged."""
+    GetWorkflow: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetWorkflowRequest, _state_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
+    """Returns a multi-agent workflow's shared state."""
+    UpdateWorkflow: _aio.UnaryUnaryMultiCallable[_state_service_pb2.UpdateWorkflowRequest, _state_service_pb2.UpdateWorkflowResponse]  # type: ignore[assignment]
+    """Replaces a workflow's state as a whole (compare-and-set with etag)."""
+    DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]  # type: ignore[assignment]
+    """Deletes a workflow's state (not the sessions it names)."""
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     """StateService owns the conversation state of agent sessions: an append-only
@@ -207,5 +219,29 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.ListSessionsResponse, _abc.Awaitable[_state_service_pb2.ListSessionsResponse]]:
         """Lists the caller's sessions in session id order, paged."""
+
+    @_abc_1.abstractmethod
+    def GetWorkflow(
+        self,
+        request: _state_service_pb2.GetWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetWorkflowResponse, _abc.Awaitable[_state_service_pb2.GetWorkflowResponse]]:
+        """Returns a multi-agent workflow's shared state."""
+
+    @_abc_1.abstractmethod
+    def UpdateWorkflow(
+        self,
+        request: _state_service_pb2.UpdateWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.UpdateWorkflowResponse, _abc.Awaitable[_state_service_pb2.UpdateWorkflowResponse]]:
+        """Replaces a workflow's state as a whole (compare-and-set with etag)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWorkflow(
+        self,
+        request: _state_service_pb2.DeleteWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.DeleteWorkflowResponse, _abc.Awaitable[_state_service_pb2.DeleteWorkflowResponse]]:
+        """Deletes a workflow's state (not the sessions it names)."""
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
