@@ -26,6 +26,7 @@ from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.storage.redis import RedisStorage
 from state_service.tokens import EstimatingTokenCounter
+from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -128,7 +129,9 @@ class StateServer:
                 keepalive_seconds=settings.keepalive_seconds,
             ),
         )
-        pb_grpc.add_StateServiceServicer_to_server(StateServicer(store, settings), server)
+        pb_grpc.add_StateServiceServicer_to_server(
+            StateServicer(store, WorkflowStore(storage), settings), server
+        )
         readiness.add_to_server(server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server

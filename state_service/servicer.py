@@ -12,6 +12,7 @@ from state_service.identity import tenant_of
 from state_service.serving.errors import InvalidArgument
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
+from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -20,8 +21,11 @@ SETTINGS_FIELDS = frozenset({"ttl", "persist"})
 
 
 class StateServicer(pb_grpc.StateServiceServicer):
-    def __init__(self, store: SessionStore, settings: StateServiceSettings) -> None:
+    def __init__(
+        self, store: SessionStore, workflows: WorkflowStore, settings: StateServiceSettings
+    ) -> None:
         self._store = store
+        self._workflows = workflows
         self._settings = settings
 
     async def AppendItems(
@@ -120,3 +124,47 @@ class StateServicer(pb_grpc.StateServiceServicer):
             page_size=validation.page_size(request.page_size, self._settings),
             page_token=request.page_token,
         )
+
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: Context
+    ) -> pb.GetWorkflowResponse:
+        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        workflow = await self._workflows.get(tenant_of(context), workflow_id)
+        return pb.GetWorkflowResponse(workflow=workflow)
+
+    async def UpdateWorkflow(
+        self, request: pb.UpdateWorkflowRequest, context: Context
+    ) -> pb.UpdateWorkflowResponse:
+        workflow = request.workflow
+        validation.session_id(workflow.workflow_id, "workflow.workflow_id")
+        if workflow.results_json:
+            validation.json_object(
+                workflow.results_json, "workflow.results_json", self._settings.max_item_bytes
+            )
+        if len(workflow.current_stage) > 256:
+            raise InvalidArgument("workflow.current_stage", "must be at most 256 characters")
+        for agent, session in workflow.agent_sessions.items():
+            if not agent or len(agent) > 256:
+                raise InvalidArgument(
+                    "workflow.agent_sessions", "agent names must be 1 to 256 characters"
+                )
+            validation.session_id(session, f"workflow.agent_sessions[{agent!r}]")
+        updated = await self._workflows.update(
+            tenant_of(context),
+            workflow,
+            etag=validation.etag(request.etag),
+            allow_missing=request.allow_missing,
+        )
+        return pb.UpdateWorkflowResponse(workflow=updated)
+
+    async def DeleteWorkflow(
+        self, request: pb.DeleteWorkflowRequest, context: Context
+    ) -> pb.DeleteWorkflowResponse:
+        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        await self._workflows.delete(
+            tenant_of(context),
+            workflow_id,
+            etag=validation.etag(request.etag),
+            allow_missing=request.allow_missing,
+        )
+        return pb.DeleteWorkflowResponse()

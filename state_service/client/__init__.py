@@ -19,6 +19,7 @@ from state_service.client.types import (
     SessionInfo,
     SessionsPage,
     StoredItem,
+    WorkflowInfo,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "StateServiceSession",
     "StateUnavailableError",
     "StoredItem",
+    "WorkflowInfo",
     "channel_target",
 ]

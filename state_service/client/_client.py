@@ -23,6 +23,7 @@ from state_service.client.types import (
     SessionInfo,
     SessionsPage,
     StoredItem,
+    WorkflowInfo,
 )
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
@@ -294,3 +295,47 @@ class StateClient:
             sessions=[SessionInfo.from_proto(s) for s in response.sessions],
             next_page_token=response.next_page_token,
         )
+
+    # -- workflows ------------------------------------------------------------
+
+    async def get_workflow(self, workflow_id: str, *, timeout: float | None = None) -> WorkflowInfo:
+        request = pb.GetWorkflowRequest(workflow_id=workflow_id)
+        response = await self._call(self._stub.GetWorkflow, request, timeout)
+        return WorkflowInfo.from_proto(response.workflow)
+
+    async def update_workflow(
+        self,
+        workflow_id: str,
+        *,
+        current_stage: str,
+        results: Mapping[str, Any],
+        agent_sessions: Mapping[str, str],
+        etag: str = "",
+        allow_missing: bool = True,
+        timeout: float | None = None,
+    ) -> WorkflowInfo:
+        """Replaces the workflow's state; with `etag`, only if nobody changed it since."""
+        workflow = pb.Workflow(
+            workflow_id=workflow_id,
+            current_stage=current_stage,
+            results_json=json.dumps(results, ensure_ascii=False, separators=(",", ":")).encode(),
+            agent_sessions=dict(agent_sessions),
+        )
+        request = pb.UpdateWorkflowRequest(
+            workflow=workflow, etag=etag, allow_missing=allow_missing
+        )
+        response = await self._call(self._stub.UpdateWorkflow, request, timeout)
+        return WorkflowInfo.from_proto(response.workflow)
+
+    async def delete_workflow(
+        self,
+        workflow_id: str,
+        *,
+        etag: str = "",
+        allow_missing: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        request = pb.DeleteWorkflowRequest(
+            workflow_id=workflow_id, etag=etag, allow_missing=allow_missing
+        )
+        await self._call(self._stub.DeleteWorkflow, request, timeout)

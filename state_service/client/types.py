@@ -121,3 +121,30 @@ class SessionInfo:
 class SessionsPage:
     sessions: list[SessionInfo]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInfo:
+    workflow_id: str
+    current_stage: str
+    results: dict[str, Any]
+    agent_sessions: dict[str, str]
+    etag: str
+    create_time: datetime
+    update_time: datetime
+    expire_time: datetime | None
+
+    @classmethod
+    def from_proto(cls, workflow: pb.Workflow) -> WorkflowInfo:
+        return cls(
+            workflow_id=workflow.workflow_id,
+            current_stage=workflow.current_stage,
+            results=json.loads(workflow.results_json) if workflow.results_json else {},
+            agent_sessions=dict(workflow.agent_sessions),
+            etag=workflow.etag,
+            create_time=workflow.create_time.ToDatetime(),
+            update_time=workflow.update_time.ToDatetime(),
+            expire_time=workflow.expire_time.ToDatetime()
+            if workflow.HasField("expire_time")
+            else None,
+        )

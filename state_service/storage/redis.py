@@ -95,6 +95,20 @@ class ReadResult:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowRecord:
+    incarnation: str
+    version: int
+    body: bytes
+    create_ms: int
+    update_ms: int
+    pttl_ms: int
+
+    @property
+    def etag(self) -> str:
+        return f"{self.incarnation}.{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
 class SessionKeys:
     meta: str
     log: str
@@ -225,7 +239,7 @@ class RedisStorage:
     async def _script(
         self,
         name: str,
-        keys: SessionKeys,
+        keys: Sequence[str],
         args: Sequence[bytes | str | int],
         *,
         index_add: tuple[str, str] | None = None,
@@ -237,7 +251,7 @@ class RedisStorage:
             pipe = self._redis.pipeline(transaction=False)
             if index_add is not None:
                 pipe.zadd(index_add[0], {index_add[1]: 0}, nx=True)
-            pipe.evalsha(sha, 3, *keys.as_list(), *args)
+            pipe.evalsha(sha, len(keys), *keys, *args)
             replies = await self._call(name, pipe.execute(raise_on_error=False))
             reply = replies[-1]
             if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
@@ -274,7 +288,7 @@ class RedisStorage:
         # the two leaves an index entry ListSessions prunes, never a session
         # missing from the index.
         reply = await self._script(
-            "append", keys, args, index_add=(self.index_key(tenant), session_id)
+            "append", keys.as_list(), args, index_add=(self.index_key(tenant), session_id)
         )
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
@@ -287,7 +301,7 @@ class RedisStorage:
     ) -> PopOutcome:
         keys = self.keys(tenant, session_id)
         args: list[str | int] = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
-        reply = await self._script("pop", keys, args)
+        reply = await self._script("pop", keys.as_list(), args)
         status, body = reply[0].decode(), reply[1]
         if status == "conflict":
             raise EtagMismatch(body.decode())
@@ -315,7 +329,7 @@ class RedisStorage:
             "" if ttl_setting is None else str(ttl_setting),
         ]
         index_add = (self.index_key(tenant), session_id) if allow_missing else None
-        reply = await self._script("update", keys, args, index_add=index_add)
+        reply = await self._script("update", keys.as_list(), args, index_add=index_add)
         status = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
@@ -326,7 +340,7 @@ class RedisStorage:
     async def delete(self, tenant: str, session_id: str, *, expected_etag: str) -> bool:
         """Deletes the session; False if it did not exist."""
         keys = self.keys(tenant, session_id)
-        reply = await self._script("delete", keys, [expected_etag])
+        reply = await self._script("delete", keys.as_list(), [expected_etag])
         status: str = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
@@ -354,7 +368,7 @@ class RedisStorage:
         )
         args.append(window)
         args.extend(index_range if index_range is not None else ("", ""))
-        reply = await self._script("read", keys, args)
+        reply = await self._script("read", keys.as_list(), args)
         return ReadResult(_parse_head(reply[0]), reply[1].decode(), list(reply[2:]))
 
     async def heads(self, tenant: str, session_ids: Sequence[str]) -> list[SessionHead | None]:
@@ -381,6 +395,63 @@ class RedisStorage:
     async def index_remove(self, tenant: str, session_ids: Sequence[str]) -> None:
         if session_ids:
             await self._call("index_remove", self._redis.zrem(self.index_key(tenant), *session_ids))
+
+    # -- workflows ------------------------------------------------------------
+
+    def workflow_key(self, tenant: str, workflow_id: str) -> str:
+        return f"{self._prefix}:wf:{{{tenant}:{workflow_id}}}"
+
+    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
+        key = self.workflow_key(tenant, workflow_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hmget(key, "inc", "ver", "body", "ctime", "mtime")
+        pipe.pttl(key)
+        (inc, ver, body, ctime, mtime), pttl = await self._call("workflow_get", pipe.execute())
+        if inc is None:
+            return None
+        return WorkflowRecord(inc.decode(), int(ver), body, int(ctime), int(mtime), int(pttl))
+
+    async def put_workflow(
+        self,
+        tenant: str,
+        workflow_id: str,
+        body: bytes,
+        *,
+        expected_etag: str,
+        allow_missing: bool,
+        new_incarnation: str,
+        now_ms: int,
+    ) -> WorkflowRecord | None:
+        """Replaces the workflow body if the etag matches; None if missing."""
+        args: list[bytes | str | int] = [
+            expected_etag,
+            "1" if allow_missing else "0",
+            self.default_ttl_seconds,
+            now_ms,
+            new_incarnation,
+            body,
+        ]
+        reply = await self._script(
+            "workflow_update", [self.workflow_key(tenant, workflow_id)], args
+        )
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        if status == "missing":
+            return None
+        inc, ver, ctime, mtime = (part.decode() for part in reply[1:5])
+        return WorkflowRecord(
+            inc, int(ver), body, int(ctime), int(mtime), self.default_ttl_seconds * 1000
+        )
+
+    async def delete_workflow(self, tenant: str, workflow_id: str, *, expected_etag: str) -> bool:
+        reply = await self._script(
+            "workflow_delete", [self.workflow_key(tenant, workflow_id)], [expected_etag]
+        )
+        status: str = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        return status == "ok"
 
     async def ping(self) -> None:
         await self._call("ping", self._redis.ping())

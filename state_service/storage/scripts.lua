@@ -174,3 +174,29 @@ if not entries then
 end
 for i = 1, #entries do result[i + 2] = entries[i] end
 return result
+
+--- workflow_update
+-- KEYS[1] workflow hash (inc, ver, body, ctime, mtime).
+-- ARGV: expected etag, allow_missing ('1'|'0'), ttl (s), now (ms), new incarnation, body.
+-- Returns {'ok', inc, ver, ctime, mtime} or {'conflict', etag} or {'missing', ''}.
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ctime')
+local current = etag_of(h[1], h[2])
+if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
+local inc, ver, ctime = h[1], tonumber(h[2] or 0), h[3]
+if not inc then
+  if ARGV[2] ~= '1' then return {'missing', ''} end
+  inc, ctime = ARGV[5], ARGV[4]
+end
+ver = ver + 1
+redis.call('HSET', KEYS[1], 'inc', inc, 'ver', ver, 'body', ARGV[6], 'ctime', ctime, 'mtime', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return {'ok', inc, tostring(ver), ctime, ARGV[4]}
+
+--- workflow_delete
+-- KEYS[1] workflow hash. ARGV: expected etag. Returns {'ok'|'missing'|'conflict', etag}.
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
+local current = etag_of(h[1], h[2])
+if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
+if not h[1] then return {'missing', current} end
+redis.call('DEL', KEYS[1])
+return {'ok', current}
