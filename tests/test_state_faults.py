@@ -14,22 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from state_service.client import StateClient, StateServiceError, StateUnavailableError
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
+from tests.helpers import NOT_SERVING, SERVING, health_status
 
 pytestmark = pytest.mark.fault
 REFUSED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-
-
-async def _health(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        response = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=2
-        )
-        return int(response.status)
 
 
 async def test_redis_down_means_unavailable_and_not_serving_then_recovers(
@@ -50,19 +42,14 @@ async def test_redis_down_means_unavailable_and_not_serving_then_recovers(
             await client.append_items("s", [{"role": "user", "content": "lost?"}], timeout=2.0)
 
         deadline = time.monotonic() + 5
-        while await _health(server.address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        while await health_status(server.address) != NOT_SERVING:
             assert time.monotonic() < deadline, "health never went NOT_SERVING"
             await asyncio.sleep(0.05)
-        liveness = None
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            liveness = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="liveness"), timeout=2
-            )
-        assert liveness.status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(server.address, "liveness") == SERVING
 
         redis_server.start()
         back = time.monotonic()
-        while await _health(server.address) != health_pb2.HealthCheckResponse.SERVING:
+        while await health_status(server.address) != SERVING:
             assert time.monotonic() - back < 2.0, "not serving 2 s after Redis returned"
             await asyncio.sleep(0.05)
         recovered_in = time.monotonic() - back
@@ -120,7 +107,7 @@ async def test_sigterm_drains_in_flight_rpcs(tmp_path: Path) -> None:
             async with StateClient(address, timeout=10.0) as client:
                 for _ in range(100):
                     try:
-                        if await _health(address) == health_pb2.HealthCheckResponse.SERVING:
+                        if await health_status(address) == SERVING:
                             break
                     except grpc.aio.AioRpcError:
                         pass
