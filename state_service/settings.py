@@ -28,35 +28,47 @@ class StateServiceSettings(BaseSettings):
         Path(".statecar/state"), description="where the embedded redis-server keeps its AOF"
     )
     key_prefix: str = Field("statecar", description="prefix of every Redis key")
-    redis_max_connections: int = Field(64, ge=1)
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connection pool size; callers wait for a free one"
+    )
     redis_timeout_seconds: float = Field(
         2.0, gt=0, description="socket timeout of one Redis command"
     )
-    redis_connect_timeout_seconds: float = Field(1.0, gt=0)
+    redis_connect_timeout_seconds: float = Field(
+        1.0, gt=0, description="TCP connect timeout to Redis"
+    )
 
     default_ttl_seconds: int = Field(
         86400, ge=1, description="session retention after its last write, unless set per session"
     )
-    default_token_budget: int = Field(4000, ge=1)
-    max_token_budget: int = Field(1_000_000, ge=1)
+    default_token_budget: int = Field(
+        4000, ge=1, description="GetContext budget when the request gives none"
+    )
+    max_token_budget: int = Field(
+        1_000_000, ge=1, description="larger requested budgets are clamped to this"
+    )
 
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
-    max_items_per_append: int = Field(1000, ge=1)
-    max_metadata_entries: int = Field(64, ge=0)
+    max_items_per_append: int = Field(1000, ge=1, description="items in one AppendItems")
+    max_metadata_entries: int = Field(64, ge=0, description="metadata entries of one item")
     max_metadata_bytes: int = Field(8 * 1024, ge=0, description="keys+values of one item")
-    max_page_size: int = Field(1000, ge=1)
-    default_page_size: int = Field(100, ge=1)
+    max_page_size: int = Field(1000, ge=1, description="larger page sizes are clamped")
+    default_page_size: int = Field(100, ge=1, description="page size when 0 is requested")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message limit")
 
-    cache_enabled: bool = True
-    cache_max_sessions: int = Field(10_000, ge=1)
+    cache_enabled: bool = Field(True, description="local cache of session log tails")
+    cache_max_sessions: int = Field(
+        10_000, ge=1, description="sessions in the local cache (least recently used leave)"
+    )
     cache_max_items_per_session: int = Field(
         512, ge=1, description="newest items per session kept in the local cache"
     )
-    cache_ttl_seconds: float = Field(300.0, gt=0)
+    cache_ttl_seconds: float = Field(
+        300.0, gt=0, description="idle time after which a cached session is dropped"
+    )
 
     metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 disables")
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")
     health_interval_seconds: float = Field(
         0.5, gt=0, description="how often readiness re-checks Redis"
     )
@@ -66,5 +78,5 @@ class StateServiceSettings(BaseSettings):
     max_connection_age_seconds: float = Field(
         300.0, gt=0, description="servers close connections this old so clients rebalance"
     )
-    keepalive_seconds: float = Field(30.0, gt=0)
-    log_level: str = "INFO"
+    keepalive_seconds: float = Field(30.0, gt=0, description="HTTP/2 keepalive ping interval")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

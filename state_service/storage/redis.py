@@ -286,10 +286,11 @@ class RedisStorage:
         ]
         # The index entry goes first (in the same round trip): a crash between
         # the two leaves an index entry ListSessions prunes, never a session
-        # missing from the index.
-        reply = await self._script(
-            "append", keys.as_list(), args, index_add=(self.index_key(tenant), session_id)
-        )
+        # missing from the index. Only an append that may create the session
+        # touches the index.
+        may_create = expected_etag in ("", ABSENT_ETAG)
+        index_add = (self.index_key(tenant), session_id) if may_create else None
+        reply = await self._script("append", keys.as_list(), args, index_add=index_add)
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
             raise EtagMismatch(body)
