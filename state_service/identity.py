@@ -1,7 +1,8 @@
 """Who is calling: the tenant every key is namespaced by.
 
-Identity comes from the caller's credentials, never from request fields. With
-no authentication configured every caller is the tenant "default".
+Identity comes from the caller's credentials, never from request fields: the
+AuthInterceptor (serving/auth.py) resolves it before the handler runs. With no
+authentication configured every caller is the tenant "default".
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Any
 
 from grpc.aio import ServicerContext
 
-DEFAULT_TENANT = "default"
+from state_service.serving.auth import DEFAULT_TENANT, current_tenant
+
+__all__ = ["DEFAULT_TENANT", "tenant_of"]
 
 
 def tenant_of(context: ServicerContext[Any, Any]) -> str:
-    return DEFAULT_TENANT
+    return current_tenant()

@@ -15,12 +15,14 @@ from prometheus_client import start_http_server
 from state_service import metrics
 from state_service.cache import SessionCache
 from state_service.servicer import StateServicer
+from state_service.serving.auth import AuthInterceptor, authenticator_for
 from state_service.serving.health import Readiness
 from state_service.serving.interceptors import (
     ExceptionToStatusInterceptor,
     LoggingInterceptor,
     MetricsInterceptor,
 )
+from state_service.serving.tls import ReloadingServerCredentials
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis
@@ -116,12 +118,16 @@ class StateServer:
             interval=settings.health_interval_seconds,
             on_change=on_readiness,
         )
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MetricsInterceptor(),
+            LoggingInterceptor(),
+            ExceptionToStatusInterceptor(ERROR_DOMAIN),
+        ]
+        authenticator = authenticator_for(settings.auth, settings.auth_tokens_file)
+        if authenticator is not None:
+            interceptors.append(AuthInterceptor(authenticator))
         server = grpc.aio.server(
-            interceptors=[
-                MetricsInterceptor(),
-                LoggingInterceptor(),
-                ExceptionToStatusInterceptor(ERROR_DOMAIN),
-            ],
+            interceptors=interceptors,
             options=server_options(
                 max_message_bytes=settings.max_message_bytes,
                 max_connection_age_seconds=settings.max_connection_age_seconds,
@@ -136,7 +142,13 @@ class StateServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
         )
-        port = server.add_insecure_port(settings.listen)
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            tls = ReloadingServerCredentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
+            port = server.add_secure_port(settings.listen, tls.credentials)
+        else:
+            port = server.add_insecure_port(settings.listen)
         if port == 0:
             raise RuntimeError(f"could not bind {settings.listen}")
         metrics_port = None

@@ -4,8 +4,9 @@ the matching command-line flags (--redis-url, --metrics-port, ...)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,4 +80,29 @@ class StateServiceSettings(BaseSettings):
         300.0, gt=0, description="servers close connections this old so clients rebalance"
     )
     keepalive_seconds: float = Field(30.0, gt=0, description="HTTP/2 keepalive ping interval")
+    auth: Literal["none", "token", "mtls"] = Field(
+        "none",
+        description="caller identity: none (one tenant), token (bearer tokens file) "
+        "or mtls (client certificate CN)",
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="tenant:token lines, re-read on change (auth=token)"
+    )
+    tls_cert_file: Path | None = Field(None, description="server certificate (PEM); enables TLS")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA for client certificates; set = clients must present one (mTLS)"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @model_validator(mode="after")
+    def _check_security(self) -> StateServiceSettings:
+        if self.auth == "token" and self.auth_tokens_file is None:
+            raise ValueError("auth=token needs auth_tokens_file")
+        if self.auth == "mtls" and self.tls_client_ca_file is None:
+            raise ValueError("auth=mtls needs tls_client_ca_file (and tls_cert_file, tls_key_file)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self

@@ -90,7 +90,9 @@ def _items(items: Sequence[Mapping[str, Any] | NewItem]) -> list[pb.Item]:
 class StateClient:
     """Async client of the state service.
 
-    Every call has a deadline (`timeout`, overridable per call). Writes carry a
+    Every call has a deadline (`timeout`, overridable per call). `bearer_token`
+    authenticates as a tenant; `credentials` (see state_service.serving.tls.
+    channel_credentials) turns on TLS / mTLS. Writes carry a
     request_id (generated when not given), so gRPC's automatic retries of
     UNAVAILABLE never apply a write twice. Failures raise StateServiceError
     subclasses. Use as `async with StateClient(...) as client:`.
@@ -101,6 +103,7 @@ class StateClient:
         target: str | Sequence[str],
         *,
         timeout: float = 5.0,
+        bearer_token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
@@ -109,6 +112,8 @@ class StateClient:
     ) -> None:
         self.timeout = timeout
         self._metadata = tuple(metadata)
+        if bearer_token is not None:
+            self._metadata += (("authorization", f"Bearer {bearer_token}"),)
         if channel is None:
             channel_options = [
                 ("grpc.service_config", SERVICE_CONFIG),

@@ -37,7 +37,7 @@ else:
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 
 
-def _wrap(
+def wrap_handler(
     handler: Handler | None,
     method: str,
     unary: Wrapper,
@@ -78,7 +78,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        return _wrap(handler, handler_call_details.method, self._unary, self._stream)
+        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
     @staticmethod
     def _unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
@@ -137,7 +137,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        return _wrap(handler, handler_call_details.method, self._unary, self._stream)
+        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
     @staticmethod
     def _log(method: str, context: ServicerContext[Any, Any], started: float) -> None:
@@ -184,7 +184,7 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        return _wrap(handler, handler_call_details.method, self._unary, self._stream)
+        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
     async def _abort(
         self, context: ServicerContext[Any, Any], error: BaseException, method: str

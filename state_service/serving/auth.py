@@ -1,0 +1,186 @@
+"""Caller identity → tenant, enforced by one interceptor.
+
+Two ways to authenticate, each mapping a credential to a tenant:
+
+- bearer tokens: ``authorization: Bearer <token>`` metadata, checked against a
+  tokens file (mounted from a Secret) of ``tenant:token`` lines. The file is
+  re-read when it changes, so tokens rotate without a restart.
+- mTLS: the tenant is the Common Name of the verified client certificate.
+
+Health and reflection stay reachable without credentials (probes need them).
+With authentication off, every caller is the tenant "default".
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc.aio import ServicerContext
+
+from state_service.serving.errors import Unauthenticated
+from state_service.serving.interceptors import (
+    Continuation,
+    Handler,
+    StreamBehavior,
+    UnaryBehavior,
+    wrap_handler,
+)
+
+logger = logging.getLogger("statecar.auth")
+
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+EXEMPT_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "statecar_tenant", default=DEFAULT_TENANT
+)
+
+
+def current_tenant() -> str:
+    """The tenant of the RPC being handled (set by AuthInterceptor)."""
+    return _current_tenant.get()
+
+
+Authenticator = Callable[[Sequence[tuple[str, Any]], Mapping[str, Iterable[bytes]]], str]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenFile:
+    """tenant:token lines (# comments allowed), reloaded when the file changes."""
+
+    def __init__(self, path: Path, *, recheck_seconds: float = 1.0) -> None:
+        self.path = path
+        self._recheck = recheck_seconds
+        self._checked = 0.0
+        self._signature: tuple[float, int] | None = None
+        self._tenants: dict[bytes, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        stat = os.stat(self.path)
+        signature = (stat.st_mtime, stat.st_size)
+        if signature == self._signature:
+            return
+        tenants: dict[bytes, str] = {}
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            tenant, sep, token = line.partition(":")
+            tenant, token = tenant.strip(), token.strip()
+            if not sep or not token or not TENANT_PATTERN.fullmatch(tenant):
+                raise ValueError(f"{self.path}:{number}: expected 'tenant:token'")
+            tenants[_digest(token)] = tenant
+        self._tenants = tenants
+        self._signature = signature
+        logger.info("loaded %d tokens from %s", len(tenants), self.path)
+
+    def tenant_for(self, token: str) -> str | None:
+        now = time.monotonic()
+        if now - self._checked > self._recheck:
+            self._checked = now
+            try:
+                self._load()
+            except (OSError, ValueError):
+                # Keep serving with the last good tokens; a broken rotation must
+                # not lock every caller out.
+                logger.exception("could not reload %s; keeping previous tokens", self.path)
+        digest = _digest(token)
+        for known, tenant in self._tenants.items():
+            if hmac.compare_digest(known, digest):
+                return tenant
+        return None
+
+
+def bearer_authenticator(tokens: TokenFile) -> Authenticator:
+    def authenticate(
+        metadata: Sequence[tuple[str, Any]], auth_context: Mapping[str, Iterable[bytes]]
+    ) -> str:
+        values = [v for k, v in metadata if k == "authorization"]
+        if not values:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        scheme, _, token = str(values[0]).partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization must be 'Bearer <token>'")
+        tenant = tokens.tenant_for(token.strip())
+        if tenant is None:
+            raise Unauthenticated("the bearer token is not valid", reason="INVALID_TOKEN")
+        return tenant
+
+    return authenticate
+
+
+def mtls_authenticator(
+    metadata: Sequence[tuple[str, Any]], auth_context: Mapping[str, Iterable[bytes]]
+) -> str:
+    names = list(auth_context.get("x509_common_name") or [])
+    if not names:
+        raise Unauthenticated("a verified client certificate is required")
+    tenant = names[0].decode(errors="replace")
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise Unauthenticated(
+            "the client certificate's CN is not a valid tenant id", reason="INVALID_IDENTITY"
+        )
+    return tenant
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Resolves the tenant before any handler code runs; UNAUTHENTICATED otherwise.
+
+    Sits inside ExceptionToStatusInterceptor so its refusals carry ErrorInfo.
+    """
+
+    def __init__(self, authenticate: Authenticator) -> None:
+        self._authenticate = authenticate
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler_call_details.method.startswith(EXEMPT_SERVICES):
+            return handler
+        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+
+    def _enter(self, context: ServicerContext[Any, Any]) -> None:
+        metadata = context.invocation_metadata() or ()
+        tenant = self._authenticate([(k, v) for k, v in metadata], context.auth_context() or {})
+        _current_tenant.set(tenant)
+
+    def _unary(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
+            self._enter(context)
+            return await behavior(request, context)
+
+        return wrapped
+
+    def _stream(self, behavior: StreamBehavior, method: str) -> StreamBehavior:
+        async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            self._enter(context)
+            async for response in behavior(request, context):
+                yield response
+
+        return wrapped
+
+
+def authenticator_for(mode: str, tokens_file: Path | None) -> Authenticator | None:
+    """The authenticator a service's settings ask for (None: auth off)."""
+    if mode == "token":
+        assert tokens_file is not None
+        return bearer_authenticator(TokenFile(tokens_file))
+    if mode == "mtls":
+        return mtls_authenticator
+    return None
