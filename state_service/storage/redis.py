@@ -288,7 +288,7 @@ class RedisStorage:
         # the two leaves an index entry ListSessions prunes, never a session
         # missing from the index. Only an append that may create the session
         # touches the index.
-        may_create = expected_etag in ("", ABSENT_ETAG)
+        may_create = bool(payloads) and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
         reply = await self._script("append", keys.as_list(), args, index_add=index_add)
         status, body = reply[0].decode(), reply[1].decode()
@@ -329,7 +329,8 @@ class RedisStorage:
             "1" if allow_missing else "0",
             "" if ttl_setting is None else str(ttl_setting),
         ]
-        index_add = (self.index_key(tenant), session_id) if allow_missing else None
+        may_create = allow_missing and expected_etag in ("", ABSENT_ETAG)
+        index_add = (self.index_key(tenant), session_id) if may_create else None
         reply = await self._script("update", keys.as_list(), args, index_add=index_add)
         status = reply[0].decode()
         if status == "conflict":
@@ -345,8 +346,10 @@ class RedisStorage:
         status: str = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
+        if status != "ok":
+            return False
         await self._call("index_remove", self._redis.zrem(self.index_key(tenant), session_id))
-        return status == "ok"
+        return True
 
     # -- reads ----------------------------------------------------------------
 
