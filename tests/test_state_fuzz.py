@@ -152,14 +152,18 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
             digest_client.close()
 
 
+def _digest(client: redis.Redis) -> Any:
+    return client.execute_command("DEBUG", "DIGEST")  # type: ignore[no-untyped-call]
+
+
 def _check(stub: Any, digest_client: redis.Redis, rpc: str, request: Any) -> None:
-    before = digest_client.execute_command("DEBUG", "DIGEST")
+    before = _digest(digest_client)
     try:
         getattr(stub, rpc)(request, timeout=10)
     except grpc.RpcError as error:
-        code = error.code()  # type: ignore[attr-defined]
-        assert code not in FORBIDDEN, (rpc, code, error.details())  # type: ignore[attr-defined]
-        after = digest_client.execute_command("DEBUG", "DIGEST")
+        code = error.code()
+        assert code not in FORBIDDEN, (rpc, code, error.details())
+        after = _digest(digest_client)
         assert after == before, (rpc, code, "a refused request changed Redis")
 
 
