@@ -48,7 +48,8 @@ async def state_server_factory(
     started: list[StateServer] = []
 
     async def start(**overrides: Any) -> StateServer:
-        server = await StateServer.start(state_settings(redis_server.url, **overrides))
+        url = overrides.pop("redis_url", redis_server.url)
+        server = await StateServer.start(state_settings(url, **overrides))
         started.append(server)
         return server
 

@@ -224,7 +224,11 @@ class RedisStorage:
             failed = False
             return result
         except redis_errors.ResponseError as exc:
-            if str(exc).startswith("OOM"):
+            # Plain commands answer "OOM ..."; inside a script the same refusal is
+            # wrapped as "Error running script ... -OOM command not allowed ...".
+            # Scripts only write after all reads, so the refused write is the
+            # script's first: nothing of it was applied.
+            if "OOM command not allowed" in str(exc):
                 raise ResourceExhausted(
                     "the state store is out of memory; nothing was written",
                     reason="BACKEND_FULL",
