@@ -165,10 +165,11 @@ async def test_redis_kill9_and_restart_during_load(tmp_path: Path, appendfsync: 
     finally:
         redis_server.close()
     lost = load.acknowledged - set(stored)
+    last_error_ms = ((max(recovered) - down_at) if recovered else 0) * 1000
     print(
         f"\nredis kill -9 + restart (appendfsync {appendfsync}): "
         f"{len(load.acknowledged)} acknowledged, {len(lost)} lost, {len(stored)} stored, "
-        f"{len(load.errors)} errors, last error {((max(recovered) - down_at) if recovered else 0) * 1000:.0f} ms after the kill"
+        f"{len(load.errors)} errors, last error {last_error_ms:.0f} ms after the kill"
     )
     # A SIGKILL of the Redis process loses nothing either way: Redis write()s
     # the AOF before it replies. appendfsync only matters for an OS crash or
