@@ -17,3 +17,8 @@ async def health_status(address: str, service: str = "") -> int:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack aio types
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(response.status)
+
+
+async def redis_digest(client: Any) -> Any:
+    """A digest of the whole Redis dataset: equal digests, equal data."""
+    return await client.execute_command("DEBUG", "DIGEST")

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from state_service.client import StateClient, StateServiceError
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
-from tests.helpers import SERVING, health_status
+from tests.helpers import SERVING, health_status, redis_digest
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -104,7 +104,7 @@ async def stored_contents(redis_url: str, session_id: str) -> list[str]:
         await r.aclose()
     import json
 
-    return [json.loads(decode_entry(entry).json)["content"] for entry in raw]
+    return [json.loads(decode_entry(bytes(entry)).json)["content"] for entry in raw]
 
 
 async def test_kill9_of_one_replica_loses_no_acknowledged_append(tmp_path: Path) -> None:
@@ -201,12 +201,12 @@ async def test_maxmemory_is_resource_exhausted_and_writes_nothing(
             # around the limit, so some of these may still fit and succeed).
             refusals = 0
             for attempt in range(6):
-                before = await r.execute_command("DEBUG", "DIGEST")
+                before = await redis_digest(r)
                 try:
                     await client.append_items("s0" if attempt % 2 else "brand-new", [big, big])
                 except StateServiceError as error:
                     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert await r.execute_command("DEBUG", "DIGEST") == before
+                    assert await redis_digest(r) == before
                     refusals += 1
             assert refusals > 0
             # Reads keep working, and deleting frees room for writes again.
