@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -104,7 +105,7 @@ async def stored_contents(redis_url: str, session_id: str) -> list[str]:
         await r.aclose()
     import json
 
-    return [json.loads(decode_entry(bytes(entry)).json)["content"] for entry in raw]
+    return [json.loads(decode_entry(cast(bytes, entry)).json)["content"] for entry in raw]
 
 
 async def test_kill9_of_one_replica_loses_no_acknowledged_append(tmp_path: Path) -> None:
