@@ -251,6 +251,13 @@ class RedisStorage:
         """Runs a script by hash (loading it on NOSCRIPT), optionally preceded, in
         the same round trip, by adding a session id to a tenant index."""
         body, sha = self._scripts[name]
+        if index_add is None:
+            # The common case: one command, no pipeline bookkeeping.
+            try:
+                return await self._call(name, self._redis.evalsha(sha, len(keys), *keys, *args))
+            except redis_errors.NoScriptError:
+                await self._call("script_load", self._redis.script_load(body))
+                return await self._call(name, self._redis.evalsha(sha, len(keys), *keys, *args))
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             if index_add is not None:
