@@ -24,16 +24,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc.aio import ServicerContext
 
 from state_service.serving.errors import Unauthenticated
 from state_service.serving.interceptors import (
-    Continuation,
-    Handler,
     StreamBehavior,
     UnaryBehavior,
-    wrap_handler,
+    WrappingInterceptor,
 )
 
 logger = logging.getLogger("statecar.auth")
@@ -138,22 +135,18 @@ def mtls_authenticator(
     return tenant
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Resolves the tenant before any handler code runs; UNAUTHENTICATED otherwise.
 
     Sits inside ExceptionToStatusInterceptor so its refusals carry ErrorInfo.
     """
 
     def __init__(self, authenticate: Authenticator) -> None:
+        super().__init__()
         self._authenticate = authenticate
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler_call_details.method.startswith(EXEMPT_SERVICES):
-            return handler
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+    def _applies_to(self, method: str) -> bool:
+        return not method.startswith(EXEMPT_SERVICES)
 
     def _enter(self, context: ServicerContext[Any, Any]) -> None:
         metadata = context.invocation_metadata() or ()

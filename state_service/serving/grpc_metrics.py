@@ -6,7 +6,7 @@ Label values follow go-grpc-prometheus too: grpc_type is unary, server_stream,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -58,11 +58,19 @@ SERVER_MSG_SENT = Counter(
 )
 
 
-@dataclass(frozen=True, slots=True)
 class ServerLabels:
-    grpc_type: str
-    grpc_service: str
-    grpc_method: str
+    """One method's metric children, resolved once (labels() lookups are not free)."""
+
+    __slots__ = ("_handled", "_handling", "_msg_received", "_msg_sent", "_started", "_values")
+
+    def __init__(self, grpc_type: str, grpc_service: str, grpc_method: str) -> None:
+        values = (grpc_type, grpc_service, grpc_method)
+        self._values = values
+        self._started = SERVER_STARTED.labels(*values)
+        self._msg_received = SERVER_MSG_RECEIVED.labels(*values)
+        self._msg_sent = SERVER_MSG_SENT.labels(*values)
+        self._handling = SERVER_HANDLING.labels(*values)
+        self._handled: dict[grpc.StatusCode, Any] = {}
 
     @classmethod
     def of(cls, full_method: str, grpc_type: str) -> ServerLabels:
@@ -70,19 +78,25 @@ class ServerLabels:
         return cls(grpc_type, service, method)
 
     def values(self) -> tuple[str, str, str]:
-        return (self.grpc_type, self.grpc_service, self.grpc_method)
+        return self._values
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = SERVER_HANDLED.labels(*self._values, go_code(code))
+        return child
 
 
 def server_started(labels: ServerLabels) -> None:
-    SERVER_STARTED.labels(*labels.values()).inc()
+    labels._started.inc()
     # Every statecar RPC receives exactly one request message.
-    SERVER_MSG_RECEIVED.labels(*labels.values()).inc()
+    labels._msg_received.inc()
 
 
 def server_msg_sent(labels: ServerLabels) -> None:
-    SERVER_MSG_SENT.labels(*labels.values()).inc()
+    labels._msg_sent.inc()
 
 
 def server_handled(labels: ServerLabels, code: grpc.StatusCode, seconds: float) -> None:
-    SERVER_HANDLED.labels(*labels.values(), go_code(code)).inc()
-    SERVER_HANDLING.labels(*labels.values()).observe(seconds)
+    labels.handled(code).inc()
+    labels._handling.observe(seconds)

@@ -71,17 +71,42 @@ def _code_name(context: ServicerContext[Any, Any]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """grpc_server_* metrics with go-grpc-prometheus names and label values."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's behaviour once and reuses the wrapped handler, so
+    the per-RPC cost of an interceptor is its wrapper, not new handler objects."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Handler | None] = {}
+
+    def _unary(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        raise NotImplementedError
+
+    def _stream(self, behavior: StreamBehavior, method: str) -> StreamBehavior:
+        raise NotImplementedError
+
+    def _applies_to(self, method: str) -> bool:
+        return True
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+        if self._applies_to(method):
+            handler = wrap_handler(handler, method, self._unary, self._stream)
+        if handler is not None:
+            # Handlers are per method and never change for a running server;
+            # unknown methods are not remembered (their names are caller-chosen).
+            self._wrapped[method] = handler
+        return handler
 
-    @staticmethod
-    def _unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+
+class MetricsInterceptor(WrappingInterceptor):
+    """grpc_server_* metrics with go-grpc-prometheus names and label values."""
+
+    def _unary(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         labels = grpc_metrics.ServerLabels.of(method, "unary")
 
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
@@ -105,8 +130,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    @staticmethod
-    def _stream(behavior: StreamBehavior, method: str) -> StreamBehavior:
+    def _stream(self, behavior: StreamBehavior, method: str) -> StreamBehavior:
         labels = grpc_metrics.ServerLabels.of(method, "server_stream")
 
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -130,14 +154,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-class LoggingInterceptor(grpc.aio.ServerInterceptor):
+class LoggingInterceptor(WrappingInterceptor):
     """One line per failed RPC (server faults at WARNING), never message content."""
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
     @staticmethod
     def _log(method: str, context: ServicerContext[Any, Any], started: float) -> None:
@@ -172,19 +190,14 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
+class ExceptionToStatusInterceptor(WrappingInterceptor):
     """ServiceError -> its status with an ErrorInfo detail; anything unexpected
     -> INTERNAL with a fixed message (logged here, never sent). Also bounds the
     handler by the caller's deadline so backends that hang answer UNAVAILABLE."""
 
     def __init__(self, domain: str) -> None:
+        super().__init__()
         self._domain = domain
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
     async def _abort(
         self, context: ServicerContext[Any, Any], error: BaseException, method: str
