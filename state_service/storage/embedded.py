@@ -8,14 +8,11 @@ append survives a crash of Redis itself.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -35,13 +32,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # Linux only: the embedded Redis must not outlive a state service that was
-    # killed with SIGKILL.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _stop_orphan(pidfile: Path) -> None:
+    """Stops a redis-server a crashed predecessor left running on this data dir.
+
+    (Making the child die with its parent would need preexec_fn, which is not
+    safe in a process that already runs gRPC threads.)"""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"redis-server" not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
 
 
 class EmbeddedRedis:
@@ -54,7 +68,6 @@ class EmbeddedRedis:
         port: int | None = None,
         appendfsync: str = "always",
         maxmemory: str | None = None,
-        die_with_parent: bool = True,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -65,7 +78,6 @@ class EmbeddedRedis:
         self.socket_path = socket_path
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
-        self.die_with_parent = die_with_parent
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[str] | None = None
@@ -97,6 +109,8 @@ class EmbeddedRedis:
             str(self.data_dir / "redis.log"),
             "--daemonize",
             "no",
+            "--pidfile",
+            str(self.data_dir / "redis.pid"),
         ]
         if self._use_unix:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
@@ -114,12 +128,14 @@ class EmbeddedRedis:
                 lock.close()
                 raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis") from None
             self._lock_file = lock
+            # We hold the lock, so any redis-server still serving this data dir
+            # was orphaned by a crash.
+            _stop_orphan(self.data_dir / "redis.pid")
         self.process = subprocess.Popen(
             self._command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
