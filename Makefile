@@ -38,5 +38,9 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
 
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""statecar benchmarks: `make bench` (python -m bench.run)."""

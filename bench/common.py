@@ -1,0 +1,179 @@
+"""Shared benchmark machinery: real processes on loopback, latency statistics,
+closed- and open-loop load, and the tables BENCHMARKS.md is made of.
+
+Every comparison is measured side by side in the same run; tables report
+ratios against a baseline measured moments before, because this machine is
+shared and noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from state_service.storage.embedded import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Stats:
+        ordered = sorted(seconds)
+        n = len(ordered)
+
+        def pick(q: float) -> float:
+            return ordered[min(n - 1, int(q * n))] * 1000
+
+        return cls(n, pick(0.5), pick(0.9), pick(0.99), statistics.fmean(ordered) * 1000)
+
+    def row(self) -> list[str]:
+        return [f"{self.p50:.3f}", f"{self.p90:.3f}", f"{self.p99:.3f}"]
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], count: int, warmup: int = 200
+) -> Stats:
+    for _ in range(warmup):
+        await call()
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - started)
+    return Stats.of(latencies)
+
+
+async def open_loop(
+    call: Callable[[], Awaitable[object]], rate: float, seconds: float
+) -> tuple[Stats, float]:
+    """Sends at a fixed rate regardless of responses; latency is measured from
+    the scheduled send time, so queueing shows (no coordinated omission).
+    Returns the stats and the achieved completion rate."""
+    latencies: list[float] = []
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(scheduled: float) -> None:
+        await call()
+        latencies.append(time.perf_counter() - scheduled)
+
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(scheduled))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    elapsed = time.perf_counter() - start
+    return Stats.of(latencies), total / elapsed
+
+
+async def throughput(
+    call: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await call()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")), port=free_port()) as r:
+        yield r
+
+
+@contextlib.contextmanager
+def state_service(
+    redis_url: str, *, port: int | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `state-service` process; yields its address."""
+    port = port or free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "state_service"],
+        env={
+            **os.environ,
+            "STATE_SERVICE_LISTEN": f"127.0.0.1:{port}",
+            "STATE_SERVICE_REDIS_URL": redis_url,
+            "STATE_SERVICE_METRICS_PORT": "0",
+            "STATE_SERVICE_LOG_LEVEL": "WARNING",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
+def python_server(script: str, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / script), f"127.0.0.1:{port}", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}", process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def wait_ready(address: str, timeout: float = 20.0) -> None:
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    finally:
+        channel.close()
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.2f}×" if baseline else "n/a"
