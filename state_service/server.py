@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from state_service import metrics
 from state_service.cache import SessionCache
+from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.serving.auth import AuthInterceptor, authenticator_for
 from state_service.serving.health import Readiness
@@ -105,7 +106,10 @@ class StateServer:
             if settings.cache_enabled
             else None
         )
-        store = SessionStore(storage, cache=cache, token_counter=EstimatingTokenCounter())
+        keys = KeyRing(settings.encryption_keys_file) if settings.encryption_keys_file else None
+        store = SessionStore(
+            storage, cache=cache, token_counter=EstimatingTokenCounter(), keys=keys
+        )
 
         def on_readiness(ready: bool) -> None:
             # The cache cannot vouch for anything while Redis is unreachable.

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from state_service import metrics, paging
 from state_service.cache import CachedTail, SessionCache
 from state_service.context import LogEntry, describe, token_window
+from state_service.encryption import KeyRing
 from state_service.serving.errors import EtagMismatch, InvalidArgument, NotFound
 from state_service.storage.redis import (
     ABSENT_ETAG,
@@ -48,9 +49,10 @@ def encode_item(item: pb.Item, now_ms: int) -> bytes:
     return stored.SerializeToString()
 
 
-def decode_entry(raw: bytes) -> pb.Item:
+def decode_entry(raw: bytes, open_payload: Callable[[bytes], bytes] | None = None) -> pb.Item:
+    """A stored log entry "<seq>:<payload>" as an Item; `open_payload` decrypts."""
     seq, _, payload = raw.partition(b":")
-    item = pb.Item.FromString(payload)
+    item = pb.Item.FromString(open_payload(payload) if open_payload else payload)
     item.seq = int(seq)
     return item
 
@@ -63,16 +65,27 @@ class SessionStore:
         cache: SessionCache | None,
         token_counter: TokenCounter,
         cache_window: int = 512,
+        keys: KeyRing | None = None,
     ) -> None:
         self._storage = storage
+        self._keys = keys
         self._cache = cache
         self._tokens = token_counter
         self._cache_window = cache.max_items if cache is not None else cache_window
 
-    def _entries(self, raws: Sequence[bytes]) -> tuple[LogEntry, ...]:
+    def _seal(self, tenant: str, session_id: str, payload: bytes) -> bytes:
+        return payload if self._keys is None else self._keys.seal(tenant, session_id, payload)
+
+    def _decode(self, tenant: str, session_id: str, raw: bytes) -> pb.Item:
+        if self._keys is None:
+            return decode_entry(raw)
+        keys = self._keys
+        return decode_entry(raw, lambda payload: keys.open(tenant, session_id, payload))
+
+    def _entries(self, tenant: str, session_id: str, raws: Sequence[bytes]) -> tuple[LogEntry, ...]:
         entries = []
         for raw in raws:
-            item = decode_entry(raw)
+            item = self._decode(tenant, session_id, raw)
             entries.append(describe(item, self._tokens.count(item.json)))
         return tuple(entries)
 
@@ -92,7 +105,7 @@ class SessionStore:
             outcome = await self._storage.append(
                 tenant,
                 session_id,
-                [encode_item(item, now) for item in items],
+                [self._seal(tenant, session_id, encode_item(item, now)) for item in items],
                 request_id=request_id,
                 expected_etag=etag,
                 new_incarnation=uuid.uuid4().hex[:16],
@@ -124,7 +137,7 @@ class SessionStore:
             metrics.IDEMPOTENT_REPLAYS.labels("pop").inc()
         response = pb.PopItemResponse(etag=outcome.etag)
         if outcome.entry is not None:
-            response.item.CopyFrom(decode_entry(outcome.entry))
+            response.item.CopyFrom(self._decode(tenant, session_id, outcome.entry))
         return response
 
     async def update_session(
@@ -190,11 +203,13 @@ class SessionStore:
             outcome = "hit"
         elif result.mode == "delta" and cached is not None:
             tail = CachedTail(
-                head, cached.start_index, cached.entries + self._entries(result.entries)
+                head,
+                cached.start_index,
+                cached.entries + self._entries(tenant, session_id, result.entries),
             )
             outcome = "partial"
         else:
-            entries = self._entries(result.entries)
+            entries = self._entries(tenant, session_id, result.entries)
             tail = CachedTail(head, head.item_count - len(entries), entries)
             outcome = "miss"
         if self._cache is not None:
@@ -217,7 +232,7 @@ class SessionStore:
             or head.trunc != tail.head.trunc
         ):
             return None
-        older = self._entries(result.entries)
+        older = self._entries(tenant, session_id, result.entries)
         return CachedTail(tail.head, start, older + tail.entries)
 
     async def get_context(
@@ -297,7 +312,7 @@ class SessionStore:
             return pb.ListItemsResponse(etag=ABSENT_ETAG)
         if incarnation and incarnation != head.incarnation:
             raise InvalidArgument("page_token", "the session was deleted since")
-        entries = self._entries(result.entries)
+        entries = self._entries(tenant, session_id, result.entries)
         if newest_first:
             first_index = head.item_count - len(entries) if start_at is None else index_range[0]
             return self._items_page(session_id, order, head, entries, first_index - 1)

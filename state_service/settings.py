@@ -93,6 +93,10 @@ class StateServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="CA for client certificates; set = clients must present one (mTLS)"
     )
+    encryption_keys_file: Path | None = Field(
+        None,
+        description="tenant:key_id:base64 AES-256 keys; set = item content encrypted at rest",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @model_validator(mode="after")
