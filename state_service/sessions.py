@@ -120,7 +120,10 @@ class SessionStore:
             metrics.APPENDS.inc()
             metrics.ITEMS_APPENDED.inc(len(items))
         return pb.AppendItemsResponse(
-            etag=outcome.etag, first_seq=outcome.first_seq, last_seq=outcome.last_seq
+            etag=outcome.etag,
+            first_seq=outcome.first_seq,
+            last_seq=outcome.last_seq,
+            replayed=outcome.replayed,
         )
 
     async def pop(

@@ -101,11 +101,13 @@ async def test_stale_etag_is_aborted_and_writes_nothing(client: StateClient) -> 
 async def test_request_id_replays_first_response(client: StateClient) -> None:
     first = await client.append_items("s", [user("a")], request_id="turn-1")
     again = await client.append_items("s", [user("different")], request_id="turn-1")
-    assert again == first
+    assert not first.replayed
+    assert again.replayed
+    assert (again.etag, again.first_seq, again.last_seq) == (first.etag, 1, 1)
     assert len(await client.all_items("s")) == 1
     # A replay wins over a now-stale etag: the retry of a successful write succeeds.
     replay = await client.append_items("s", [user("a")], request_id="turn-1", etag="0")
-    assert replay == first
+    assert replay == again
 
 
 async def test_get_context_on_missing_session_is_empty(client: StateClient) -> None:

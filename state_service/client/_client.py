@@ -181,7 +181,9 @@ class StateClient:
             etag=etag,
         )
         response = await self._call(self._stub.AppendItems, request, timeout)
-        return AppendResult(response.etag, response.first_seq, response.last_seq)
+        return AppendResult(
+            response.etag, response.first_seq, response.last_seq, replayed=response.replayed
+        )
 
     async def get_context(
         self,

@@ -45,6 +45,8 @@ class AppendResult:
     etag: str
     first_seq: int
     last_seq: int
+    # True when the request_id had been applied before and nothing was appended.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,22 +263,28 @@ class AppendItemsResponse(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     FIRST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     etag: _builtins.str
     """The session's etag after the append."""
     first_seq: _builtins.int
     """Sequence number given to the first appended item (0 if none)."""
     last_seq: _builtins.int
     """Sequence number given to the last appended item (0 if none)."""
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was appended now
+    and the fields above are those of the first application.
+    """
     def __init__(
         self,
         *,
         etag: _builtins.str = ...,
         first_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "first_seq", b"first_seq", "last_seq", b"last_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "first_seq", b"first_seq", "last_seq", b"last_seq", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
