@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from state_service.client.errors import from_rpc_error
+from state_service.client.errors import StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
     Context,
@@ -133,6 +134,8 @@ class StateClient:
                 )
         self._channel = channel
         self._stub = pb_grpc.StateServiceStub(channel)
+        # The health stubs are untyped in types-grpcio-health-checking.
+        self._health: Any = health_pb2_grpc.HealthStub(channel)
 
     async def __aenter__(self) -> StateClient:
         return self
@@ -162,6 +165,20 @@ class StateClient:
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from error
+
+    async def check_ready(self, *, timeout: float | None = None) -> None:
+        """Raises StateUnavailableError unless the state service reports SERVING
+        (grpc.health.v1: reachable, Redis reachable, not draining)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE)
+        response = await self._call(self._health.Check, request, timeout)
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            raise StateUnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the state service reports {status}",
+                "NOT_SERVING",
+                {},
+            )
 
     # -- the log --------------------------------------------------------------
 

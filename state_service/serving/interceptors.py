@@ -195,9 +195,12 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
     -> INTERNAL with a fixed message (logged here, never sent). Also bounds the
     handler by the caller's deadline so backends that hang answer UNAVAILABLE."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(
+        self, domain: str, deadline_error: Callable[[], ServiceError] | None = None
+    ) -> None:
         super().__init__()
         self._domain = domain
+        self._deadline_error = deadline_error or _deadline_error
 
     async def _abort(
         self, context: ServicerContext[Any, Any], error: BaseException, method: str
@@ -220,7 +223,7 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
                 async with asyncio.timeout(self._budget(context)):
                     return await behavior(request, context)
             except TimeoutError:
-                await self._abort(context, _deadline_error(), method)
+                await self._abort(context, self._deadline_error(), method)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as error:

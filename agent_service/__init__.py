@@ -1,0 +1,1 @@
+"""statecar agent service: stateless openai-agents turns over gRPC."""

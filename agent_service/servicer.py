@@ -1,0 +1,118 @@
+"""Where requests enter the agent service: validation, then the turn or
+workflow runner. Errors leave as ServiceErrors (see the proto for reasons)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from agent_service.catalog import AgentCatalog
+from agent_service.settings import AgentServiceSettings
+from agent_service.turns import Deadline, TurnRequest, TurnRunner
+from agent_service.workflows import WorkflowRunner, workflow_message
+from state_service import validation
+from state_service.serving.errors import InvalidArgument
+from statecar.agent.v1 import agent_service_pb2 as pb
+from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        catalog: AgentCatalog,
+        turns: TurnRunner,
+        workflows: WorkflowRunner,
+        settings: AgentServiceSettings,
+    ) -> None:
+        self._catalog = catalog
+        self._turns = turns
+        self._workflows = workflows
+        self._settings = settings
+
+    def _turn_request(self, request: pb.ChatRequest, context: Context) -> TurnRequest:
+        if request.workflow_id:
+            validation.session_id(request.workflow_id, "workflow_id")
+            if request.session_id:
+                raise InvalidArgument(
+                    "session_id", "must be empty with workflow_id (each agent has its own)"
+                )
+        else:
+            validation.session_id(request.session_id)
+        if not request.message.strip():
+            raise InvalidArgument("message", "is required")
+        if len(request.message) > self._settings.max_message_chars:
+            raise InvalidArgument(
+                "message",
+                f"is {len(request.message)} characters; the limit is "
+                f"{self._settings.max_message_chars}",
+            )
+        if request.agent:
+            self._turns.entry(request.agent)
+        return TurnRequest(
+            session_id=request.session_id,
+            message=request.message,
+            agent=request.agent,
+            request_id=validation.request_id(request.request_id),
+            deadline=Deadline(context.time_remaining()),
+        )
+
+    async def Chat(self, request: pb.ChatRequest, context: Context) -> pb.ChatResponse:
+        turn = self._turn_request(request, context)
+        if request.workflow_id:
+            return await self._workflows.chat(request.workflow_id, turn)
+        return await self._turns.chat(turn)
+
+    async def StreamChat(
+        self, request: pb.ChatRequest, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        turn = self._turn_request(request, context)
+        if request.workflow_id:
+            # A workflow turn moves several documents; it is streamed as its result.
+            response = await self._workflows.chat(request.workflow_id, turn)
+            yield pb.ChatEvent(text_delta=response.reply)
+            yield pb.ChatEvent(final=response)
+            return
+        async for event in self._turns.stream(turn):
+            yield event
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        return pb.ListAgentsResponse(
+            agents=[
+                pb.AgentInfo(
+                    name=entry.spec.name,
+                    description=entry.spec.description,
+                    model=entry.model_name,
+                    token_budget=entry.spec.token_budget,
+                    tools=entry.spec.tools,
+                    handoffs=entry.spec.handoffs,
+                )
+                for entry in self._catalog
+            ],
+            default_agent=self._catalog.default,
+        )
+
+    async def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Context) -> pb.Workflow:
+        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        info = await self._workflows.require(workflow_id, Deadline(context.time_remaining()))
+        return workflow_message(info)
+
+    async def UpdateWorkflow(
+        self, request: pb.UpdateWorkflowRequest, context: Context
+    ) -> pb.Workflow:
+        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        if not request.current_stage:
+            raise InvalidArgument("current_stage", "is required")
+        info = await self._workflows.update(
+            workflow_id,
+            stage=request.current_stage,
+            results_json=request.results_json,
+            etag=validation.etag(request.etag),
+            deadline=Deadline(context.time_remaining()),
+        )
+        return workflow_message(info)
