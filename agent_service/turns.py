@@ -109,15 +109,15 @@ class TurnRequest:
     deadline: Deadline
 
 
-def state_request_id(caller_request_id: str, scope: str = "turn") -> str:
+def state_request_id(caller_request_id: str) -> str:
     """The request_id of the turn's append, in its own namespace so a caller's
     direct writes to the state service can never collide with it."""
     if not caller_request_id:
-        return f"{scope}:{uuid.uuid4().hex}"
-    derived = f"{scope}:{caller_request_id}"
+        return f"turn:{uuid.uuid4().hex}"
+    derived = f"turn:{caller_request_id}"
     if len(derived) <= STATE_REQUEST_ID_LIMIT:
         return derived
-    return f"{scope}:sha256:{hashlib.sha256(caller_request_id.encode()).hexdigest()}"
+    return f"turn:sha256:{hashlib.sha256(caller_request_id.encode()).hexdigest()}"
 
 
 def deadline_error() -> ServiceError:

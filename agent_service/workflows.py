@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
 from agent_service.catalog import AgentCatalog
@@ -93,24 +94,29 @@ class WorkflowRunner:
         self._turns.entry(stage)  # NOT_FOUND for an unknown agent, before any work
         sessions = dict(info.agent_sessions) if info else {}
         session = sessions.setdefault(stage, agent_session_id(workflow_id, stage))
+        # The handing agent's turn and the seed of the next agent's session are
+        # stored under one request_id, so a retry is recognised in either.
+        request_id = request.request_id or uuid.uuid4().hex
         response = await self._turns.chat(
-            TurnRequest(session, request.message, stage, request.request_id, request.deadline)
+            TurnRequest(session, request.message, stage, request_id, request.deadline)
         )
         if response.agent != stage:
             sessions.setdefault(response.agent, agent_session_id(workflow_id, response.agent))
-            await self._seed(sessions[response.agent], request, response)
+            await self._seed(sessions[response.agent], request_id, request, response)
         updated = await self._advance(
             workflow_id, response.agent, {response.agent: response.reply}, sessions, request
         )
         response.workflow.CopyFrom(workflow_message(updated))
         return response
 
-    async def _seed(self, session: str, request: TurnRequest, response: pb.ChatResponse) -> None:
+    async def _seed(
+        self, session: str, request_id: str, request: TurnRequest, response: pb.ChatResponse
+    ) -> None:
         """Gives the agent taking over the user's message and its own answer."""
         taken_over = [
             json.loads(item.json) for item in response.items if item.agent == response.agent
         ]
-        seed_id = state_request_id(request.request_id, "handoff")
+        seed_id = state_request_id(request_id)
         metadata = {REQUEST_ID_KEY: seed_id, AGENT_KEY: response.agent}
         items = [
             NewItem({"role": "user", "content": request.message}, metadata),

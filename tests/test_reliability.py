@@ -5,13 +5,8 @@ Each test prints the figures docs/RELIABILITY.md reports (run with -s)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -23,47 +18,10 @@ import redis.asyncio as aioredis
 from state_service.client import StateClient, StateServiceError
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
-from tests.helpers import SERVING, health_status, redis_digest
+from tests.helpers import redis_digest
+from tests.processes import state_service_process, wait_serving
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
-
-
-@contextmanager
-def state_service_process(
-    redis_url: str, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
-        env={
-            **os.environ,
-            "STATE_SERVICE_LISTEN": f"127.0.0.1:{port}",
-            "STATE_SERVICE_REDIS_URL": redis_url,
-            "STATE_SERVICE_METRICS_PORT": "0",
-            "STATE_SERVICE_HEALTH_INTERVAL_SECONDS": "0.2",
-            **env,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield f"127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
-async def wait_serving(address: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if await health_status(address) == SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{address} never became ready")
 
 
 @dataclass
