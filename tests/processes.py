@@ -44,16 +44,16 @@ def _service_process(
 
 
 def state_service_process(
-    redis_url: str, output: int | None = subprocess.DEVNULL, **env: str
+    redis_url: str, env: dict[str, str] | None = None, output: int | None = subprocess.DEVNULL
 ) -> AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
-    env = {"STATE_SERVICE_REDIS_URL": redis_url, **env}
+    env = {"STATE_SERVICE_REDIS_URL": redis_url, **(env or {})}
     return _service_process("state_service", "STATE_SERVICE_", env, output)
 
 
 def agent_service_process(
-    state_target: str, output: int | None = subprocess.DEVNULL, **env: str
+    state_target: str, env: dict[str, str] | None = None, output: int | None = subprocess.DEVNULL
 ) -> AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
-    env = {"AGENT_SERVICE_STATE_TARGET": state_target, **env}
+    env = {"AGENT_SERVICE_STATE_TARGET": state_target, **(env or {})}
     return _service_process("agent_service", "AGENT_SERVICE_", env, output)
 
 

@@ -60,8 +60,8 @@ async def test_two_replicas_share_a_conversation_and_a_kill9_loses_nothing(
     state_server: StateServer, client: StateClient, slow_model: str
 ) -> None:
     with (
-        agent_service_process(state_server.address, **_model_env(slow_model)) as (a, process_a),
-        agent_service_process(state_server.address, **_model_env(slow_model)) as (b, _),
+        agent_service_process(state_server.address, _model_env(slow_model)) as (a, process_a),
+        agent_service_process(state_server.address, _model_env(slow_model)) as (b, _),
     ):
         await asyncio.gather(wait_serving(a), wait_serving(b))
         async with AgentClient([a, b], timeout=10) as agents:
@@ -87,7 +87,7 @@ async def test_two_replicas_share_a_conversation_and_a_kill9_loses_nothing(
 async def test_kill9_mid_turn_stores_the_turn_whole_or_not_at_all(
     state_server: StateServer, client: StateClient, slow_model: str
 ) -> None:
-    with agent_service_process(state_server.address, **_model_env(slow_model)) as (address, proc):
+    with agent_service_process(state_server.address, _model_env(slow_model)) as (address, proc):
         await wait_serving(address)
         async with AgentClient(address, timeout=10) as agents:
             calls = []
@@ -108,7 +108,7 @@ async def test_kill9_mid_turn_stores_the_turn_whole_or_not_at_all(
 async def test_sigterm_drains_in_flight_turns(
     state_server: StateServer, client: StateClient, slow_model: str
 ) -> None:
-    with agent_service_process(state_server.address, **_model_env(slow_model)) as (
+    with agent_service_process(state_server.address, _model_env(slow_model)) as (
         address,
         process,
     ):
