@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/state-service
+	$(BIN)/statecar up
 
 test: $(STAMP) lint protos-check
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,261 @@
+"""The `statecar` command line.
+
+    statecar up                                # embedded Redis + state + agent service
+    statecar chat --session S [--agent A] "message"
+    statecar history --session S
+    statecar sessions
+    statecar agents
+
+`up` reads the same STATE_SERVICE_* / AGENT_SERVICE_* environment as the
+services; the other commands talk to running services (--agent-target,
+--state-target, or STATECAR_AGENT_TARGET / STATECAR_STATE_TARGET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agent_service.client import (
+    AgentClient,
+    AgentServiceError,
+    ChatResult,
+    HandoffEvent,
+    TextDelta,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+from agent_service.config import ConfigError
+from agent_service.server import AgentServer
+from agent_service.settings import AgentServiceSettings
+from state_service.client import StateClient, StateServiceError
+from state_service.server import StateServer
+from state_service.settings import StateServiceSettings
+
+DEFAULT_AGENT_TARGET = "127.0.0.1:50061"
+DEFAULT_STATE_TARGET = "127.0.0.1:50051"
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+async def up(args: argparse.Namespace) -> int:
+    state_overrides: dict[str, Any] = {"data_dir": Path(args.data_dir) / "state"}
+    if args.state_listen:
+        state_overrides["listen"] = args.state_listen
+    state = await StateServer.start(StateServiceSettings(**state_overrides))
+    agent_overrides: dict[str, Any] = {"state_target": state.address}
+    if args.agent_listen:
+        agent_overrides["listen"] = args.agent_listen
+    if args.agents_config:
+        agent_overrides["agents_config"] = Path(args.agents_config)
+    try:
+        agent = await AgentServer.start(AgentServiceSettings(**agent_overrides))
+    except BaseException:
+        await state.stop(grace=0)
+        raise
+    redis = f"embedded redis-server in {state.embedded.data_dir}" if state.embedded else "Redis"
+    console.print("[bold green]statecar is up[/]  (Ctrl-C stops it)")
+    console.print(f"  agent service  {agent.address}")
+    console.print(f"  state service  {state.address}  on {redis}")
+    if agent.metrics_port or state.metrics_port:
+        console.print(
+            f"  metrics        http://127.0.0.1:{agent.metrics_port}/metrics (agent), "
+            f"http://127.0.0.1:{state.metrics_port}/metrics (state)"
+        )
+    console.print('  try            statecar chat --session demo "Hello!"', markup=False)
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    console.print("stopping: draining the agent service, then the state service")
+    await agent.stop()
+    await state.stop()
+    console.print("stopped")
+    return 0
+
+
+async def chat(args: argparse.Namespace) -> int:
+    async with AgentClient(args.agent_target, timeout=args.timeout) as agents:
+        final: ChatResult | None = None
+        async for event in agents.stream_chat(
+            args.session or "",
+            args.message,
+            agent=args.agent or "",
+            request_id=args.request_id,
+            workflow_id=args.workflow or "",
+        ):
+            if isinstance(event, TextDelta):
+                console.print(event.text, end="", markup=False)
+            elif isinstance(event, ToolCallStarted):
+                console.print(Text(f"⚙ {event.name}({event.arguments})", style="dim"))
+            elif isinstance(event, ToolCallFinished):
+                console.print(Text(f"  → {event.output}", style="dim"))
+            elif isinstance(event, HandoffEvent):
+                console.print(Text(f"↪ {event.from_agent} hands off to {event.to_agent}", "dim"))
+            else:
+                final = event
+    if final is not None:
+        console.print()
+        replayed = " · replayed (stored earlier)" if final.replayed else ""
+        console.print(
+            Text(
+                f"[{final.agent} · session {final.session_id} · context {final.context_items} "
+                f"items / {final.context_tokens} tokens · model {final.input_tokens} in / "
+                f"{final.output_tokens} out{replayed}]",
+                style="dim",
+            )
+        )
+    return 0
+
+
+def _item_text(data: dict[str, Any]) -> str:
+    kind = data.get("type", "message")
+    if kind == "message":
+        content = data.get("content")
+        if isinstance(content, list):
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content)
+    if kind == "function_call":
+        return f"{data.get('name')}({data.get('arguments')})"
+    if kind == "function_call_output":
+        return str(data.get("output"))
+    return json.dumps(data)[:200]
+
+
+async def history(args: argparse.Namespace) -> int:
+    async with StateClient(args.state_target) as state:
+        items = await state.all_items(args.session)
+    if args.json:
+        for item in items:
+            console.print_json(json.dumps({"seq": item.seq, "item": item.data}))
+        return 0
+    table = Table(title=f"session {args.session}: {len(items)} items", show_lines=False)
+    table.add_column("seq", justify="right")
+    table.add_column("who")
+    table.add_column("agent")
+    table.add_column("content", overflow="fold")
+    for item in items:
+        who = item.data.get("role") or item.data.get("type", "")
+        table.add_row(
+            str(item.seq), str(who), item.metadata.get("statecar.agent", ""), _item_text(item.data)
+        )
+    console.print(table)
+    return 0
+
+
+async def sessions(args: argparse.Namespace) -> int:
+    async with StateClient(args.state_target) as state:
+        page = await state.list_sessions(page_size=args.limit)
+    table = Table(title=f"{len(page.sessions)} sessions")
+    for column in ("session", "items", "updated (UTC)", "expires (UTC)"):
+        table.add_column(column)
+    for info in page.sessions:
+        expires = info.expire_time.isoformat(timespec="seconds") if info.expire_time else "never"
+        table.add_row(
+            info.session_id,
+            str(info.item_count),
+            info.update_time.isoformat(timespec="seconds"),
+            expires,
+        )
+    console.print(table)
+    if page.next_page_token:
+        console.print(Text(f"(more than {args.limit}; use --limit)", style="dim"))
+    return 0
+
+
+async def agents_command(args: argparse.Namespace) -> int:
+    async with AgentClient(args.agent_target) as client:
+        listed, default = await client.list_agents()
+    table = Table(title="agents")
+    for column in ("name", "model", "budget", "tools", "handoffs", "description"):
+        table.add_column(column)
+    for agent in listed:
+        name = f"{agent.name} (default)" if agent.name == default else agent.name
+        table.add_row(
+            name,
+            agent.model,
+            str(agent.token_budget),
+            ", ".join(agent.tools),
+            ", ".join(agent.handoffs),
+            agent.description,
+        )
+    console.print(table)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="statecar", description=__doc__.split("\n\n")[0])
+    commands = main.add_subparsers(dest="command", required=True)
+    agent_target = os.environ.get("STATECAR_AGENT_TARGET", DEFAULT_AGENT_TARGET)
+    state_target = os.environ.get("STATECAR_STATE_TARGET", DEFAULT_STATE_TARGET)
+
+    run = commands.add_parser("up", help="run Redis, the state and the agent service")
+    run.add_argument("--data-dir", default=".statecar", help="embedded Redis data (AOF)")
+    run.add_argument("--state-listen", help="state service address (default 127.0.0.1:50051)")
+    run.add_argument("--agent-listen", help="agent service address (default 127.0.0.1:50061)")
+    run.add_argument("--agents-config", help="YAML or TOML agents file")
+    run.set_defaults(handler=up)
+
+    talk = commands.add_parser("chat", help="one turn; streams the reply")
+    talk.add_argument("message")
+    talk.add_argument("--session", help="session id (omit with --workflow)")
+    talk.add_argument("--agent", help="agent name (default: the configured default)")
+    talk.add_argument("--workflow", help="run the turn in this multi-agent workflow")
+    talk.add_argument("--request-id", help="retry-safe id of this turn")
+    talk.add_argument("--timeout", type=float, default=120.0)
+    talk.add_argument("--agent-target", default=agent_target)
+    talk.set_defaults(handler=chat)
+
+    show = commands.add_parser("history", help="a session's whole log")
+    show.add_argument("--session", required=True)
+    show.add_argument("--json", action="store_true", help="raw items, one JSON per item")
+    show.add_argument("--state-target", default=state_target)
+    show.set_defaults(handler=history)
+
+    listing = commands.add_parser("sessions", help="sessions, in id order")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--state-target", default=state_target)
+    listing.set_defaults(handler=sessions)
+
+    agents = commands.add_parser("agents", help="the configured agents")
+    agents.add_argument("--agent-target", default=agent_target)
+    agents.set_defaults(handler=agents_command)
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = asyncio.run(args.handler(args))
+    except AgentServiceError as error:
+        errors.print(f"[red]agent service:[/] {error.code.name}: {error.message}", markup=True)
+        code = 1
+    except StateServiceError as error:
+        errors.print(f"[red]state service:[/] {error.code.name}: {error.message}", markup=True)
+        code = 1
+    except ConfigError as error:
+        errors.print(f"[red]config:[/] {error}")
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
