@@ -43,7 +43,7 @@ class ChatRequest(_message.Message):
     request_id: _builtins.str
     """Optional but recommended. Identifies the turn: a retried call with the
     same request_id returns the turn stored the first time and stores
-    nothing again. At most 128 characters from [A-Za-z0-9._:-].
+    nothing again. At most 128 characters from [A-Za-z0-9._:@=-].
     """
     workflow_id: _builtins.str
     """Optional. Runs the turn inside a multi-agent workflow: the agent is the
