@@ -4,6 +4,7 @@ retries across replicas and restarts, and cache coherence."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from state_service.client import EtagMismatchError, StateClient
@@ -67,12 +68,13 @@ async def test_request_id_is_idempotent_across_replicas_and_restarts(
     item = [user("pay invoice 42")]
     async with StateClient(a.address) as via_a, StateClient(b.address) as via_b:
         first = await via_a.append_items("s", item, request_id="req-1")
-        assert await via_a.append_items("s", item, request_id="req-1") == first
-        assert await via_b.append_items("s", item, request_id="req-1") == first
+        replay = dataclasses.replace(first, replayed=True)
+        assert await via_a.append_items("s", item, request_id="req-1") == replay
+        assert await via_b.append_items("s", item, request_id="req-1") == replay
     await a.stop(grace=0.5)
     restarted = await state_server_factory()
     async with StateClient(restarted.address) as via_new:
-        assert await via_new.append_items("s", item, request_id="req-1") == first
+        assert await via_new.append_items("s", item, request_id="req-1") == replay
         assert len(await via_new.all_items("s")) == 1
         second = await via_new.append_items("s", item, request_id="req-2")
         assert second.first_seq == 2
