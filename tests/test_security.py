@@ -23,7 +23,7 @@ from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.certs import CertificateAuthority
 from tests.conftest import StateServerFactory
 from tests.helpers import SERVING, health_status
-from tests.threaded import ThreadedStateServer
+from tests.threaded import threaded_state_server
 
 SESSION_IDS = st.from_regex(r"[A-Za-z0-9._:@=-]{1,40}", fullmatch=True)
 
@@ -74,7 +74,9 @@ async def test_tokens_rotate_without_restart(
 @pytest.fixture
 def two_tenants(redis_server: EmbeddedRedis, tokens_file: Path):  # type: ignore[no-untyped-def]
     with (
-        ThreadedStateServer(redis_server.url, auth="token", auth_tokens_file=tokens_file) as server,
+        threaded_state_server(
+            redis_server.url, auth="token", auth_tokens_file=tokens_file
+        ) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         stub = pb_grpc.StateServiceStub(channel)

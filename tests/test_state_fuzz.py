@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from state_service.storage.embedded import EmbeddedRedis
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
-from tests.threaded import ThreadedStateServer
+from tests.threaded import threaded_state_server
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
 
     with EmbeddedRedis(tmp_path_factory.mktemp("fuzz-redis"), port=free_port()) as server:
         with (
-            ThreadedStateServer(server.url, max_message_bytes=2 * 1024 * 1024) as state,
+            threaded_state_server(server.url, max_message_bytes=2 * 1024 * 1024) as state,
             grpc.insecure_channel(state.address) as channel,
         ):
             digest_client = redis.Redis.from_url(server.url)

@@ -10,13 +10,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc.aio import ServicerContext
 
 from state_service.serving import grpc_metrics
-from state_service.serving.errors import ServiceError, Unavailable, internal_status
+from state_service.serving.errors import (
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+    internal_status,
+)
 
 logger = logging.getLogger("statecar.rpc")
 
@@ -24,6 +30,8 @@ UnaryBehavior = Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
 Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
 StreamWrapper = Callable[[StreamBehavior, str], StreamBehavior]
+Deserializer = Callable[[bytes], Any]
+DeserializerWrapper = Callable[[Deserializer], Deserializer] | None
 
 # Part of a caller's deadline kept back so a slow backend is reported as
 # UNAVAILABLE (retryable, with a clear message) before the caller gives up.
@@ -42,19 +50,23 @@ def wrap_handler(
     method: str,
     unary: Wrapper,
     stream: StreamWrapper,
+    deserializer: DeserializerWrapper = None,
 ) -> Handler | None:
     if handler is None:
         return None
+    request_deserializer = handler.request_deserializer
+    if deserializer is not None and request_deserializer is not None:
+        request_deserializer = deserializer(request_deserializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             unary(cast(UnaryBehavior, handler.unary_unary), method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             stream(cast(StreamBehavior, handler.unary_stream), method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=request_deserializer,
             response_serializer=handler.response_serializer,
         )
     return handler  # client/bidi streaming: statecar has none
@@ -87,6 +99,8 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
     def _applies_to(self, method: str) -> bool:
         return True
 
+    _deserializer: DeserializerWrapper = None
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
@@ -95,7 +109,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
         if self._applies_to(method):
-            handler = wrap_handler(handler, method, self._unary, self._stream)
+            handler = wrap_handler(handler, method, self._unary, self._stream, self._deserializer)
         if handler is not None:
             # Handlers are per method and never change for a running server;
             # unknown methods are not remembered (their names are caller-chosen).
@@ -190,10 +204,37 @@ class LoggingInterceptor(WrappingInterceptor):
         return wrapped
 
 
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not the method's message (bad
+    UTF-8 in a string field, corrupt wire format), so the caller hears
+    INVALID_ARGUMENT instead of gRPC's own UNKNOWN."""
+
+    error: str
+
+
+def _tolerant(deserialize: Deserializer) -> Deserializer:
+    def tolerant(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as error:
+            return UndecodableRequest(str(error))
+
+    return tolerant
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument("request", f"is not a valid protobuf message: {request.error}")
+
+
 class ExceptionToStatusInterceptor(WrappingInterceptor):
     """ServiceError -> its status with an ErrorInfo detail; anything unexpected
     -> INTERNAL with a fixed message (logged here, never sent). Also bounds the
-    handler by the caller's deadline so backends that hang answer UNAVAILABLE."""
+    handler by the caller's deadline so backends that hang answer UNAVAILABLE,
+    and refuses undecodable requests with INVALID_ARGUMENT."""
+
+    _deserializer = staticmethod(_tolerant)
 
     def __init__(
         self, domain: str, deadline_error: Callable[[], ServiceError] | None = None
@@ -220,6 +261,7 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
     def _unary(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
             try:
+                _refuse_undecodable(request)
                 async with asyncio.timeout(self._budget(context)):
                     return await behavior(request, context)
             except TimeoutError:
@@ -234,6 +276,7 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
     def _stream(self, behavior: StreamBehavior, method: str) -> StreamBehavior:
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
+                _refuse_undecodable(request)
                 async for response in behavior(request, context):
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError):
