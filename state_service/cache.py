@@ -39,8 +39,15 @@ class _CountingTTLCache(TTLCache[Any, Any]):
     def popitem(self) -> tuple[Any, Any]:
         # Called only when an insert needs room, not on expiry.
         item = super().popitem()
-        metrics.CACHE_EVICTIONS.labels(CACHE_NAME).inc()
+        metrics.CACHE_EVICTIONS.labels(CACHE_NAME, "size").inc()
         return item
+
+    def expire(self, time: Any = None) -> Any:
+        # Every insert expires idle entries first; so does popitem().
+        expired = super().expire(time)
+        if expired:
+            metrics.CACHE_EVICTIONS.labels(CACHE_NAME, "expired").inc(len(expired))
+        return expired
 
 
 @dataclass
@@ -61,6 +68,9 @@ class SessionCache:
         self._tails: TTLCache[tuple[str, str], CachedTail] = _CountingTTLCache(
             maxsize=self.max_sessions, ttl=self.ttl_seconds
         )
+        metrics.initialize(CACHE_NAME)
+        self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
+        self._size.set(0)
 
     def get(self, tenant: str, session_id: str) -> CachedTail | None:
         return self._tails.get((tenant, session_id))
@@ -70,13 +80,24 @@ class SessionCache:
             cut = len(tail.entries) - self.max_items
             tail = CachedTail(tail.head, tail.start_index + cut, tail.entries[cut:])
         self._tails[(tenant, session_id)] = tail
-        metrics.CACHE_SESSIONS.labels(CACHE_NAME).set(len(self._tails))
+        self._size.set(len(self._tails))
 
-    def drop(self, tenant: str, session_id: str) -> None:
-        self._tails.pop((tenant, session_id), None)
+    def drop(self, tenant: str, session_id: str, reason: str = "deleted") -> None:
+        """Forgets a session that was deleted or found invalid."""
+        if self._tails.pop((tenant, session_id), None) is not None:
+            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc()
+            self._size.set(len(self._tails))
 
-    def clear(self) -> None:
+    def clear(self, reason: str = "redis_unreachable") -> None:
+        flushed = len(self._tails)
         self._tails.clear()
+        self._size.set(0)
+        if flushed:
+            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc(flushed)
+
+    def invalidated(self, reason: str) -> None:
+        """Counts a cached tail the version check found out of date."""
+        metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc()
 
     def record(self, result: str) -> None:
         metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result).inc()

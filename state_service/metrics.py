@@ -1,9 +1,24 @@
-"""The state service's application metrics (prefix statecar_state_). Labels never
-carry session or tenant ids."""
+"""The state service's application metrics (prefix statecar_state_).
+
+Labels never carry session or tenant ids (bounded cardinality); values are in
+base units (seconds, bytes); counters end in _total. gRPC metrics
+(grpc_server_*) come from serving/grpc_metrics.py. The README's "Metrics"
+section lists every series; monitoring/ holds the rules and the dashboard.
+
+Compression metrics belong beside the compression code's owner and are added
+by it; the rules and dashboard in monitoring/ expect these names:
+statecar_state_summary_lag_items (gauge), statecar_state_compression_runs_total
+{outcome}, statecar_state_compression_duration_seconds (histogram) and
+statecar_state_compression_tokens_saved_total.
+"""
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from state_service.serving.build_info import register_build_info
 
 CACHE_LOOKUPS = Counter(
     "statecar_state_cache_lookups_total",
@@ -13,8 +28,17 @@ CACHE_LOOKUPS = Counter(
 )
 CACHE_EVICTIONS = Counter(
     "statecar_state_cache_evictions_total",
-    "Sessions evicted from the local cache for size (not expiry).",
-    ["cache"],
+    "Sessions removed from the local cache to make room (reason=size) or after "
+    "idling past the cache TTL (reason=expired).",
+    ["cache", "reason"],
+)
+CACHE_INVALIDATIONS = Counter(
+    "statecar_state_cache_invalidations_total",
+    "Cached sessions found or made invalid: the version check saw a pop or a "
+    "re-created session (reason=changed), the session was deleted or expired "
+    "(reason=deleted), or Redis became unreachable and the cache was flushed "
+    "(reason=redis_unreachable; counts the sessions flushed).",
+    ["cache", "reason"],
 )
 CACHE_SESSIONS = Gauge(
     "statecar_state_cache_sessions", "Sessions held in the local cache.", ["cache"]
@@ -50,6 +74,44 @@ CONTEXT_TOKENS = Histogram(
     "Tokens of the context returned by GetContext.",
     buckets=(64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
 )
+
+
+REDIS_UP = Gauge(
+    "statecar_state_redis_up",
+    "1 when the last readiness probe reached Redis, else 0.",
+)
+SERVING = Gauge(
+    "statecar_state_serving",
+    "1 when gRPC health reports SERVING (Redis reachable, not draining), else 0.",
+)
+
+CACHE_RESULTS = ("hit", "partial", "miss")
+EVICTION_REASONS = ("size", "expired")
+INVALIDATION_REASONS = ("changed", "deleted", "redis_unreachable")
+WRITE_OPERATIONS = ("append", "pop", "update", "delete", "update_workflow", "delete_workflow")
+REPLAYED_OPERATIONS = ("append", "pop")
+
+
+def initialize(cache_name: str) -> None:
+    """Creates the bounded label sets at zero, so rate() and ratios count
+    from the first scrape and dashboards show every series."""
+    for result in CACHE_RESULTS:
+        CACHE_LOOKUPS.labels(cache_name, result)
+    for reason in EVICTION_REASONS:
+        CACHE_EVICTIONS.labels(cache_name, reason)
+    for reason in INVALIDATION_REASONS:
+        CACHE_INVALIDATIONS.labels(cache_name, reason)
+    CACHE_SESSIONS.labels(cache_name)
+    for operation in WRITE_OPERATIONS:
+        ETAG_CONFLICTS.labels(operation)
+    for operation in REPLAYED_OPERATIONS:
+        IDEMPOTENT_REPLAYS.labels(operation)
+
+
+@functools.cache
+def build_info() -> Gauge:
+    """statecar_state_build_info{version,git_sha} 1 (registered once per process)."""
+    return register_build_info("statecar_state")
 
 
 def observe_redis(operation: str, seconds: float, failed: bool) -> None:

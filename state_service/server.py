@@ -10,19 +10,16 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from state_service import metrics
 from state_service.cache import SessionCache
 from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.serving.auth import AuthInterceptor, authenticator_for
+from state_service.serving.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from state_service.serving.health import Readiness
-from state_service.serving.interceptors import (
-    ExceptionToStatusInterceptor,
-    LoggingInterceptor,
-    MetricsInterceptor,
-)
+from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from state_service.serving.metrics_http import MetricsEndpoint
 from state_service.serving.tls import ReloadingServerCredentials
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
@@ -70,8 +67,12 @@ class StateServer:
     readiness: Readiness
     port: int
     embedded: EmbeddedRedis | None = None
-    metrics_port: int | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     @property
     def address(self) -> str:
@@ -112,6 +113,7 @@ class StateServer:
         )
 
         def on_readiness(ready: bool) -> None:
+            metrics.REDIS_UP.set(1 if ready else 0)
             # The cache cannot vouch for anything while Redis is unreachable.
             if not ready and cache is not None:
                 cache.clear()
@@ -122,8 +124,11 @@ class StateServer:
             interval=settings.health_interval_seconds,
             on_change=on_readiness,
         )
+        metrics.build_info()
+        metrics.SERVING.set_function(lambda: 1.0 if readiness.ready else 0.0)
+        server_metrics().initialize(pb.DESCRIPTOR.services_by_name["StateService"])
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            MetricsInterceptor(),
+            ServerMetricsInterceptor(),
             LoggingInterceptor(),
             ExceptionToStatusInterceptor(ERROR_DOMAIN),
         ]
@@ -155,10 +160,9 @@ class StateServer:
             port = server.add_insecure_port(settings.listen)
         if port == 0:
             raise RuntimeError(f"could not bind {settings.listen}")
-        metrics_port = None
+        endpoint = None
         if settings.metrics_port:
-            http_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
-            metrics_port = http_server.server_port
+            endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
         await server.start()
         await readiness.start()
         instance = cls(
@@ -170,7 +174,7 @@ class StateServer:
             readiness=readiness,
             port=port,
             embedded=embedded,
-            metrics_port=metrics_port,
+            metrics_endpoint=endpoint,
         )
         logger.info("state service listening on %s", instance.address)
         return instance
@@ -184,6 +188,8 @@ class StateServer:
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.readiness.stop()
         await self.storage.close()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.close)
         logger.info("state service stopped")

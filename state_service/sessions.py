@@ -198,6 +198,7 @@ class SessionStore:
         )
         if result.head is None:
             if self._cache is not None:
+                # Deleted through another replica, or expired in Redis.
                 self._cache.drop(tenant, session_id)
             return None
         head = result.head
@@ -215,6 +216,13 @@ class SessionStore:
             entries = self._entries(tenant, session_id, result.entries)
             tail = CachedTail(head, head.item_count - len(entries), entries)
             outcome = "miss"
+            if (
+                self._cache is not None
+                and cached is not None
+                and (head.incarnation, head.trunc) != (cached.head.incarnation, cached.head.trunc)
+            ):
+                # A pop, or a deleted and re-created session: the tail is stale.
+                self._cache.invalidated("changed")
         if self._cache is not None:
             self._cache.record(outcome)
             self._cache.put(tenant, session_id, tail)

@@ -27,10 +27,11 @@ from typing import Any
 from grpc.aio import ServicerContext
 
 from state_service.serving.errors import Unauthenticated
-from state_service.serving.interceptors import (
+from state_service.serving.handlers import (
     StreamBehavior,
     UnaryBehavior,
     WrappingInterceptor,
+    responses,
 )
 
 logger = logging.getLogger("statecar.auth")
@@ -163,7 +164,7 @@ class AuthInterceptor(WrappingInterceptor):
     def _stream(self, behavior: StreamBehavior, method: str) -> StreamBehavior:
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             self._enter(context)
-            async for response in behavior(request, context):
+            async for response in responses(behavior(request, context)):
                 yield response
 
         return wrapped

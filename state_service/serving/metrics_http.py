@@ -1,0 +1,41 @@
+"""/metrics over HTTP on its own port, separate from gRPC, and stoppable.
+
+prometheus_client serves from a daemon thread; scrapes read the registry
+there while the event loop updates it (prometheus_client is thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+logger = logging.getLogger("statecar.metrics")
+
+
+@dataclass
+class MetricsEndpoint:
+    host: str
+    port: int
+    _server: Any
+    _thread: Any
+
+    @classmethod
+    def start(cls, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> MetricsEndpoint:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        endpoint = cls(host, server.server_port, server, thread)
+        logger.info("metrics on http://%s/metrics", endpoint.address)
+        return endpoint
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        host = "::1" if host == "::" else host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
