@@ -85,6 +85,15 @@ def metric(name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def has_series(name: str, **labels: str) -> bool:
+    """Whether the default registry has a sample `name` with (at least) these labels."""
+    return any(
+        sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        for family in REGISTRY.collect()
+        for sample in family.samples
+    )
+
+
 async def scrape(port: int, host: str = "127.0.0.1") -> str:
     """The text of http://host:port/metrics."""
 

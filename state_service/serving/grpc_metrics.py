@@ -9,8 +9,8 @@ Server (``ServerMetricsInterceptor``, first in a grpc.aio server's chain)::
     grpc_server_msg_received_total{grpc_type,grpc_service,grpc_method}
     grpc_server_msg_sent_total{grpc_type,grpc_service,grpc_method}
 
-Client (``ClientMetricsInterceptor``, passed to ``grpc.aio.*_channel(...,
-interceptors=[...])`` or ``StateClient(..., interceptors=[...])``): the same
+Client (``client_interceptors()``, passed to ``grpc.aio.*_channel(...,
+interceptors=...)`` or ``StateClient(..., interceptors=...)``): the same
 five with the ``grpc_client_`` prefix, one observation per call (gRPC's own
 retries of a call happen below interceptors and are not counted again).
 
@@ -357,32 +357,23 @@ def _count_sent(requests: Any, counter: Any) -> Any:
     return counted(requests)
 
 
-class ClientMetricsInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """grpc_client_* metrics for every call made through a grpc.aio channel.
+class _ClientMetrics:
+    """What the four client interceptors share: metrics and pending tasks."""
 
-    Usage: ``grpc.aio.insecure_channel(target, interceptors=[ClientMetricsInterceptor()])``
-    or ``StateClient(target, interceptors=[ClientMetricsInterceptor()])``.
-    """
-
-    def __init__(self, metrics: GrpcMetrics | None = None) -> None:
-        self._metrics = metrics or client_metrics()
-        if self._metrics.side != "client":
-            raise ValueError("ClientMetricsInterceptor needs client-side metrics")
+    def __init__(self, metrics: GrpcMetrics) -> None:
+        if metrics.side != "client":
+            raise ValueError("client interceptors need client-side metrics")
+        self.metrics = metrics
         self._pending: set[asyncio.Task[None]] = set()
 
-    def _labels(self, details: grpc.aio.ClientCallDetails, kind: str) -> RpcLabels:
+    def labels(self, details: grpc.aio.ClientCallDetails, kind: str) -> RpcLabels:
         method = details.method
         name = method.decode() if isinstance(method, bytes) else str(method)
-        return self._metrics.labels(name, kind)
+        return self.metrics.labels(name, kind)
 
-    async def _single(self, labels: RpcLabels, call_started: Awaitable[Any]) -> Any:
-        """Waits for a single-response call to finish, so the caller sees the
-        metrics of a call it has the result of."""
+    async def single(self, labels: RpcLabels, call_started: Awaitable[Any]) -> Any:
+        """Waits for a single-response call to finish, so a caller that has
+        the result also finds it counted."""
         outcome = _CallOutcome(labels)
         code = grpc.StatusCode.UNKNOWN
         try:
@@ -405,7 +396,7 @@ class ClientMetricsInterceptor(
         finally:
             outcome.record(code)
 
-    def _streamed(self, labels: RpcLabels, call: Any) -> AsyncIterator[Any]:
+    def streamed(self, labels: RpcLabels, call: Any) -> AsyncIterator[Any]:
         outcome = _CallOutcome(labels)
 
         def done(finished: Any) -> None:
@@ -438,48 +429,79 @@ class ClientMetricsInterceptor(
             raise
         outcome.record(grpc.StatusCode.OK)
 
+
+Continue = Callable[[grpc.aio.ClientCallDetails, Any], Any]
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, shared: _ClientMetrics) -> None:
+        self._shared = shared
+
     async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
+        self, continuation: Continue, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        labels = self._labels(client_call_details, UNARY)
+        labels = self._shared.labels(client_call_details, UNARY)
         labels.started.inc()
         labels.msg_sent.inc()
-        return await self._single(labels, continuation(client_call_details, request))
+        return await self._shared.single(labels, continuation(client_call_details, request))
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, shared: _ClientMetrics) -> None:
+        self._shared = shared
 
     async def intercept_stream_unary(
         self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        continuation: Continue,
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        labels = self._labels(client_call_details, CLIENT_STREAM)
+        labels = self._shared.labels(client_call_details, CLIENT_STREAM)
         labels.started.inc()
         requests = _count_sent(request_iterator, labels.msg_sent)
-        return await self._single(labels, continuation(client_call_details, requests))
+        return await self._shared.single(labels, continuation(client_call_details, requests))
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, shared: _ClientMetrics) -> None:
+        self._shared = shared
 
     async def intercept_unary_stream(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
+        self, continuation: Continue, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        labels = self._labels(client_call_details, SERVER_STREAM)
+        labels = self._shared.labels(client_call_details, SERVER_STREAM)
         labels.started.inc()
         labels.msg_sent.inc()
         call = await continuation(client_call_details, request)
-        return self._streamed(labels, call)
+        return self._shared.streamed(labels, call)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, shared: _ClientMetrics) -> None:
+        self._shared = shared
 
     async def intercept_stream_stream(
         self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        continuation: Continue,
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        labels = self._labels(client_call_details, BIDI_STREAM)
+        labels = self._shared.labels(client_call_details, BIDI_STREAM)
         labels.started.inc()
         requests = _count_sent(request_iterator, labels.msg_sent)
         call = await continuation(client_call_details, requests)
-        return self._streamed(labels, call)
+        return self._shared.streamed(labels, call)
+
+
+def client_interceptors(metrics: GrpcMetrics | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """grpc_client_* metrics for every call made through a grpc.aio channel:
+    pass all of them, e.g. ``StateClient(target, interceptors=client_interceptors())``
+    or ``grpc.aio.insecure_channel(target, interceptors=client_interceptors())``.
+
+    Four objects, one per RPC kind, because grpc.aio files an interceptor
+    object under the first kind it implements only (an ``elif`` chain in
+    grpc/aio/_channel.py), so one object implementing all four would
+    silently measure unary-unary calls alone.
+    """
+    shared = _ClientMetrics(metrics or client_metrics())
+    return [_UnaryUnary(shared), _UnaryStream(shared), _StreamUnary(shared), _StreamStream(shared)]

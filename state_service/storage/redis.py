@@ -223,6 +223,11 @@ class RedisStorage:
             result = await awaitable
             failed = False
             return result
+        except redis_errors.NoScriptError:
+            # Normal after a Redis restart: the caller loads the script and
+            # retries. A round trip, not an error.
+            failed = False
+            raise
         except redis_errors.ResponseError as exc:
             # Plain commands answer "OOM ..."; inside a script the same refusal is
             # wrapped as "Error running script ... -OOM command not allowed ...".
