@@ -3,7 +3,8 @@ real state-service and agent-service gRPC servers on loopback ephemeral ports.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from state_service.client import StateClient
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis, free_port
+from tests.prometheus import Prometheus, ScrapeTarget, running_prometheus
 
 StateServerFactory = Callable[..., Awaitable[StateServer]]
+PrometheusFactory = Callable[..., Awaitable[Prometheus]]
 
 
 @pytest.fixture
@@ -122,3 +125,20 @@ async def agent_server(agent_server_factory: AgentServerFactory) -> AgentServer:
 async def agents(agent_server: AgentServer) -> AsyncIterator[AgentClient]:
     async with AgentClient(agent_server.address, timeout=10.0) as c:
         yield c
+
+@pytest.fixture
+async def prometheus_factory(tmp_path: Path) -> AsyncIterator[PrometheusFactory]:
+    """Starts real Prometheus servers scraping the given targets (see
+    tests/prometheus.py); stops them after the test. Skips (outside CI) when
+    the prometheus binary is absent."""
+    async with AsyncExitStack() as stack:
+        count = 0
+
+        async def start(targets: Sequence[ScrapeTarget], **options: Any) -> Prometheus:
+            nonlocal count
+            count += 1
+            return await stack.enter_async_context(
+                running_prometheus(tmp_path / f"prometheus-{count}", targets, **options)
+            )
+
+        yield start

@@ -31,16 +31,21 @@ async def health_status(address: str, service: str = "") -> int:
         return int(response.status)
 
 
-async def wait_serving(address: str, timeout: float = 15.0) -> None:
+async def wait_health(address: str, expected: int, timeout: float = 15.0) -> None:
+    """Waits (bounded) until the overall health of `address` is `expected`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if await health_status(address) == SERVING:
+            if await health_status(address) == expected:
                 return
         except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{address} never became ready")
+    raise AssertionError(f"{address} never reported {expected}")
+
+
+async def wait_serving(address: str, timeout: float = 15.0) -> None:
+    await wait_health(address, SERVING, timeout)
 
 
 @contextmanager

@@ -1,9 +1,11 @@
 """A real Prometheus server (and promtool) for tests.
 
-`running_prometheus(tmp_path, [ScrapeTarget("statecar-state", "127.0.0.1:9464"),
-...])` starts the `prometheus` binary on a free loopback port with its own
-storage directory, a 1 s scrape and rule-evaluation interval and, optionally,
-rule files; it yields a client for the HTTP API. Add a target per service.
+`running_prometheus(directory, [ScrapeTarget("statecar-state", "127.0.0.1:9464"),
+...])`, or the `prometheus_factory` fixture in conftest.py, starts the
+`prometheus` binary on a free loopback port with its own storage directory, a
+1 s scrape and rule-evaluation interval and, optionally, rule files; it yields
+a client for the HTTP API. Add a ScrapeTarget per service (job "statecar-agent"
+for the agent service, as the rules in monitoring/ expect).
 
 The binaries come from the Debian `prometheus` package (.ci/run installs it).
 Outside CI (env CI unset) tests that need them are skipped when they are
@@ -171,7 +173,7 @@ class Prometheus:
 
 @asynccontextmanager
 async def running_prometheus(
-    tmp_path: Path,
+    directory: Path,
     targets: Sequence[ScrapeTarget],
     *,
     rule_files: Sequence[Path] = (),
@@ -179,7 +181,7 @@ async def running_prometheus(
     ready_timeout: float = 60.0,
 ) -> AsyncIterator[Prometheus]:
     binary = require_binary("prometheus")
-    home = tmp_path / "prometheus"
+    home = directory
     home.mkdir(parents=True, exist_ok=True)
     config = home / "prometheus.yml"
     # JSON is YAML: no YAML library needed.

@@ -27,7 +27,7 @@ from state_service.serving.grpc_metrics import (
 )
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
-from tests.helpers import NOT_SERVING, SERVING, has_series, health_status, metric, scrape
+from tests.helpers import NOT_SERVING, SERVING, has_series, metric, scrape, wait_health
 from tests.prometheus import promtool
 
 STATE = "statecar.state.v1.StateService"
@@ -427,7 +427,7 @@ async def test_redis_up_and_serving_gauges_follow_redis(
     assert metric("statecar_state_redis_up") == 1
     assert metric("statecar_state_serving") == 1
     redis_server.stop()
-    await eventually_async(lambda: health_status(server.address), NOT_SERVING)
+    await wait_health(server.address, NOT_SERVING)
     assert metric("statecar_state_redis_up") == 0
     assert metric("statecar_state_serving") == 0
     assert (
@@ -440,18 +440,11 @@ async def test_redis_up_and_serving_gauges_follow_redis(
         == 1
     )
     redis_server.start()
-    await eventually_async(lambda: health_status(server.address), SERVING)
+    await wait_health(server.address, SERVING)
     assert metric("statecar_state_redis_up") == 1
     assert metric("statecar_state_serving") == 1
     await server.stop(grace=0.5)
     assert metric("statecar_state_serving") == 0  # draining
-
-
-async def eventually_async(probe: Callable[[], Any], expected: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await probe() != expected:
-        assert time.monotonic() < deadline, f"never became {expected}"
-        await asyncio.sleep(0.05)
 
 
 # -- /metrics over HTTP -----------------------------------------------------------
