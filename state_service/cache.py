@@ -68,7 +68,6 @@ class SessionCache:
         self._tails: TTLCache[tuple[str, str], CachedTail] = _CountingTTLCache(
             maxsize=self.max_sessions, ttl=self.ttl_seconds
         )
-        metrics.initialize(CACHE_NAME)
         self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
         self._size.set(0)
 

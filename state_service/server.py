@@ -12,7 +12,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from state_service import metrics
-from state_service.cache import SessionCache
+from state_service.cache import CACHE_NAME, SessionCache
 from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.serving.auth import AuthInterceptor, authenticator_for
@@ -125,6 +125,7 @@ class StateServer:
             on_change=on_readiness,
         )
         metrics.build_info()
+        metrics.initialize(CACHE_NAME)
         metrics.SERVING.set_function(lambda: 1.0 if readiness.ready else 0.0)
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["StateService"])
         interceptors: list[grpc.aio.ServerInterceptor] = [
