@@ -126,6 +126,7 @@ async def agents(agent_server: AgentServer) -> AsyncIterator[AgentClient]:
     async with AgentClient(agent_server.address, timeout=10.0) as c:
         yield c
 
+
 @pytest.fixture
 async def prometheus_factory(tmp_path: Path) -> AsyncIterator[PrometheusFactory]:
     """Starts real Prometheus servers scraping the given targets (see

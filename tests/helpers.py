@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-
-from state_service.storage.embedded import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,41 +34,6 @@ async def wait_health(address: str, expected: int, timeout: float = 15.0) -> Non
             pass
         await asyncio.sleep(0.05)
     raise AssertionError(f"{address} never reported {expected}")
-
-
-async def wait_serving(address: str, timeout: float = 15.0) -> None:
-    await wait_health(address, SERVING, timeout)
-
-
-@contextmanager
-def state_service_process(
-    redis_url: str, *, log: Path | None = None, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `python -m state_service` process on a loopback port; yields its
-    gRPC address. Its output goes to `log` (or nowhere)."""
-    port = free_port()
-    output: IO[bytes] | int = log.open("wb") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
-        env={
-            **os.environ,
-            "STATE_SERVICE_LISTEN": f"127.0.0.1:{port}",
-            "STATE_SERVICE_REDIS_URL": redis_url,
-            "STATE_SERVICE_METRICS_PORT": "0",
-            "STATE_SERVICE_HEALTH_INTERVAL_SECONDS": "0.2",
-            **env,
-        },
-        stdout=output,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        if not isinstance(output, int):
-            output.close()
 
 
 async def redis_digest(client: Any) -> Any:

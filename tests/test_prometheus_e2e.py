@@ -15,7 +15,8 @@ from state_service.storage.embedded import EmbeddedRedis, free_port
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.conftest import PrometheusFactory
-from tests.helpers import NOT_SERVING, state_service_process, wait_health, wait_serving
+from tests.helpers import NOT_SERVING, wait_health
+from tests.processes import state_service_process, wait_serving
 from tests.prometheus import RULE_FILES, ScrapeTarget, require_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -42,7 +43,7 @@ async def test_prometheus_reports_the_hit_ratio_and_codes_we_caused(
     require_binary("prometheus")
     metrics_port = free_port()
     with state_service_process(
-        redis_server.url, log=tmp_path / "state.log", STATE_SERVICE_METRICS_PORT=str(metrics_port)
+        redis_server.url, {"STATE_SERVICE_METRICS_PORT": str(metrics_port)}
     ) as (address, _):
         await wait_serving(address)
         prometheus = await prometheus_factory(
