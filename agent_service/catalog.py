@@ -75,6 +75,11 @@ class AgentCatalog:
             self._entries[spec.name].agent.handoffs = [
                 self._entries[target].agent for target in spec.handoffs
             ]
+        metrics.initialize(
+            [e.spec.name for e in self._entries.values()],
+            sorted({e.model_name for e in self._entries.values()}),
+            sorted({tool for e in self._entries.values() for tool in e.spec.tools}),
+        )
 
     @property
     def default(self) -> str:

@@ -6,6 +6,22 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from state_service.serving.build_info import register_build_info
+
+BUILD_INFO = register_build_info("statecar_agent")
+
+TURN_OUTCOMES = (
+    "ok",
+    "replayed",
+    "conflict",
+    "model_error",
+    "deadline",
+    "state_unavailable",
+    "invalid",
+    "cancelled",
+    "error",
+)
+
 TURNS = Counter(
     "statecar_agent_turns_total",
     "Chat turns by outcome: ok, replayed, conflict, model_error, deadline, "
@@ -36,3 +52,18 @@ TOOL_CALLS = Counter("statecar_agent_tool_calls_total", "Function tool calls, by
 HANDOFFS = Counter(
     "statecar_agent_handoffs_total", "Handoffs between agents.", ["from_agent", "to_agent"]
 )
+
+
+def initialize(agents: list[str], models: list[str], tools: list[str]) -> None:
+    """Creates every series at zero, so rate() sees a turn's first increase."""
+    for agent in agents:
+        for outcome in TURN_OUTCOMES:
+            TURNS.labels(agent, outcome)
+        TURN_SECONDS.labels(agent)
+    for model in models:
+        for result in ("ok", "error"):
+            MODEL_SECONDS.labels(model, result)
+    for kind in ("input", "output"):
+        TOKENS.labels(kind)
+    for tool in tools:
+        TOOL_CALLS.labels(tool)

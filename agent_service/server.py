@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import grpc
 from agents import set_tracing_disabled
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from agent_service.catalog import AgentCatalog
 from agent_service.config import load_config
@@ -22,12 +21,14 @@ from agent_service.turns import TurnRunner, deadline_error
 from agent_service.workflows import WorkflowRunner
 from state_service.client import StateClient
 from state_service.server import server_options
-from state_service.serving.health import Readiness
-from state_service.serving.interceptors import (
-    ExceptionToStatusInterceptor,
-    LoggingInterceptor,
-    MetricsInterceptor,
+from state_service.serving.grpc_metrics import (
+    ServerMetricsInterceptor,
+    client_interceptors,
+    server_metrics,
 )
+from state_service.serving.health import Readiness
+from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from state_service.serving.metrics_http import MetricsEndpoint
 from state_service.serving.tls import ReloadingServerCredentials, channel_credentials
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
@@ -50,6 +51,8 @@ def state_client(settings: AgentServiceSettings) -> StateClient:
         timeout=settings.state_timeout_seconds,
         bearer_token=token or None,
         credentials=credentials,
+        # grpc_client_* metrics of every call to the state service.
+        interceptors=client_interceptors(),
     )
 
 
@@ -61,8 +64,12 @@ class AgentServer:
     models: ModelFactory
     readiness: Readiness
     port: int
-    metrics_port: int | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     @property
     def address(self) -> str:
@@ -86,9 +93,10 @@ class AgentServer:
             lambda: state.check_ready(timeout=settings.health_interval_seconds),
             interval=settings.health_interval_seconds,
         )
+        server_metrics().initialize(pb.DESCRIPTOR.services_by_name["AgentService"])
         server = grpc.aio.server(
             interceptors=[
-                MetricsInterceptor(),
+                ServerMetricsInterceptor(),
                 LoggingInterceptor(),
                 ExceptionToStatusInterceptor(ERROR_DOMAIN, deadline_error),
             ],
@@ -115,13 +123,12 @@ class AgentServer:
             port = server.add_insecure_port(settings.listen)
         if port == 0:
             raise RuntimeError(f"could not bind {settings.listen}")
-        metrics_port = None
+        endpoint = None
         if settings.metrics_port:
-            http_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
-            metrics_port = http_server.server_port
+            endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
         await server.start()
         await readiness.start()
-        instance = cls(settings, server, state, models, readiness, port, metrics_port)
+        instance = cls(settings, server, state, models, readiness, port, endpoint)
         logger.info(
             "agent service listening on %s (agents: %s; state service: %s)",
             instance.address,
@@ -140,6 +147,8 @@ class AgentServer:
         await self.readiness.stop()
         await self.state.close()
         await self.models.close()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
         logger.info("agent service stopped")
 
     async def wait_for_termination(self) -> None:

@@ -1,6 +1,6 @@
-"""End to end with a real Prometheus server: it scrapes a real state service
-process, evaluates the shipped rules, and its HTTP API reports the cache hit
-ratio and the gRPC codes this test caused."""
+"""End to end with a real Prometheus server: it scrapes real state and agent
+service processes, evaluates the shipped rules, and its HTTP API reports the
+cache hit ratio, the turns and the gRPC codes these tests caused."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from typing import Any
 import grpc
 import pytest
 
+from agent_service.client import AgentClient, AgentServiceError
 from state_service.client import StateClient
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.conftest import PrometheusFactory
 from tests.helpers import NOT_SERVING, wait_health
-from tests.processes import state_service_process, wait_serving
+from tests.processes import agent_service_process, state_service_process, wait_serving
 from tests.prometheus import RULE_FILES, ScrapeTarget, require_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -127,4 +128,72 @@ async def test_prometheus_reports_the_hit_ratio_and_codes_we_caused(
         await prometheus.wait_for(
             'count(ALERTS{alertname="StatecarStateRedisUnreachable",alertstate="pending"})',
             lambda v: v == 1,
+        )
+
+
+AGENT_JOB = "statecar-agent"
+
+
+async def test_prometheus_reports_agent_turns_and_its_state_calls(
+    redis_server: EmbeddedRedis, prometheus_factory: PrometheusFactory
+) -> None:
+    require_binary("prometheus")
+    state_metrics, agent_metrics = free_port(), free_port()
+    with (
+        state_service_process(
+            redis_server.url, {"STATE_SERVICE_METRICS_PORT": str(state_metrics)}
+        ) as (state, _),
+        agent_service_process(state, {"AGENT_SERVICE_METRICS_PORT": str(agent_metrics)}) as (
+            agent,
+            _,
+        ),
+    ):
+        await wait_serving(state)
+        await wait_serving(agent)
+        prometheus = await prometheus_factory(
+            [
+                ScrapeTarget(JOB, f"127.0.0.1:{state_metrics}"),
+                ScrapeTarget(AGENT_JOB, f"127.0.0.1:{agent_metrics}"),
+            ],
+            rule_files=RULE_FILES,
+        )
+        await prometheus.wait_for_targets([JOB, AGENT_JOB])
+        async with AgentClient(agent, timeout=10) as agents:
+            await agents.chat("p1", "Hello")
+            await agents.chat("p1", "What is 6 * 7?")  # a tool round trip
+            await agents.chat("p2", "Hello", request_id="same")
+            await agents.chat("p2", "Hello", request_id="same")  # replayed
+            for _ in range(2):
+                with pytest.raises(AgentServiceError):
+                    await agents.chat("bad id!", "Hello")
+
+        await prometheus.wait_for_scrape_after(AGENT_JOB)
+        turns = await prometheus.values_by(
+            f'sum by (outcome) (statecar_agent_turns_total{{job="{AGENT_JOB}"}})', "outcome"
+        )
+        assert {outcome: n for outcome, n in turns.items() if n} == {"ok": 3, "replayed": 1}
+        chats = await prometheus.values_by(
+            f'sum by (grpc_code) (grpc_server_handled_total{{job="{AGENT_JOB}",'
+            f'grpc_method="Chat"}})',
+            "grpc_code",
+        )
+        assert {code: n for code, n in chats.items() if n} == {"OK": 4, "InvalidArgument": 2}
+        appends = await prometheus.value(
+            f'sum(grpc_client_handled_total{{job="{AGENT_JOB}",grpc_method="AppendItems",'
+            f'grpc_code="OK"}})'
+        )
+        assert appends == 3
+        tools = await prometheus.value(
+            f'sum(statecar_agent_tool_calls_total{{job="{AGENT_JOB}",tool="calculate"}})'
+        )
+        assert tools == 1
+        # The state service saw the same appends from the server side.
+        await prometheus.wait_for_scrape_after(JOB)
+        served = await prometheus.value(
+            f'sum(grpc_server_handled_total{{job="{JOB}",grpc_method="AppendItems",'
+            f'grpc_code="OK"}})'
+        )
+        assert served == 3
+        await prometheus.wait_for(
+            f'job:statecar_agent_turn_error_ratio:rate5m{{job="{AGENT_JOB}"}}', close_to(0)
         )
