@@ -8,16 +8,21 @@ processes on loopback — and serve a real Chat.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
+import sys
+import tempfile
 import tomllib
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
@@ -25,15 +30,16 @@ from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 from agent_service.client import AgentClient
+from agent_service.config import load_config
 from agent_service.server import SERVICE_NAME as AGENT_API
 from agent_service.settings import AgentServiceSettings
 from state_service.client import StateClient
+from state_service.client.errors import StateServiceError
 from state_service.server import SERVICE_NAME as STATE_API
 from state_service.serving.health import LIVENESS_SERVICE
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import free_port
 from tests.manifests import (
-    K8S,
     KUBECTL,
     OVERLAYS,
     ROOT,
@@ -52,6 +58,7 @@ from tests.manifests import (
     of_kind,
     pod_labels,
     pod_spec,
+    render,
     selects,
     start_pod,
     stop_pod,
@@ -90,16 +97,10 @@ RECOMMENDED_LABELS = (
 )
 
 
-def render(path: str) -> tuple[Obj, ...]:
-    from tests.manifests import render as kustomize
-
-    return kustomize(path)
-
-
 def env_names(settings: type[BaseSettings]) -> set[str]:
     """Every environment variable a settings class reads."""
     prefix = str(settings.model_config.get("env_prefix", ""))
-    names = set()
+    names: set[str] = set()
     for name, info in settings.model_fields.items():
         alias = info.validation_alias
         if isinstance(alias, AliasChoices):
@@ -123,8 +124,6 @@ def statecar_containers(objects: tuple[Obj, ...]) -> list[tuple[Obj, Obj, str]]:
 def settings_from(settings: type[BaseSettings], env: dict[str, str]) -> Any:
     """The settings a process with exactly this environment would get."""
     with pytest.MonkeyPatch.context() as patch:
-        import os
-
         for name in list(os.environ):
             if name in env_names(settings):
                 patch.delenv(name)
@@ -182,6 +181,615 @@ def test_the_validator_catches_a_misspelt_field() -> None:
         kubernetes_validate.validate(pod, SCHEMA_VERSIONS[-1], strict=True)
 
 
+# -- references between objects -----------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_selectors_and_ports_match_pods(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    for service in of_kind(objects, "Service"):
+        name = service["metadata"]["name"]
+        selected = [
+            w for w in workloads(objects) if selects(service["spec"]["selector"], pod_labels(w))
+        ]
+        assert selected, f"Service {name} selects no pod"
+        for workload in selected:
+            for port in service["spec"]["ports"]:
+                assert target_container_port(port, pod_spec(workload)) is not None, (
+                    f"Service {name} port {port['name']}: no such container port in "
+                    f"{workload['metadata']['name']}"
+                )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workload_selectors_match_their_pod_templates(overlay: str) -> None:
+    for workload in workloads(render(f"overlays/{overlay}")):
+        selector = workload["spec"]["selector"]
+        assert selects(selector, pod_labels(workload))
+        # Selectors use only name (+ instance), so label changes never orphan pods.
+        assert set(selector["matchLabels"]) == {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+        }
+        for constraint in pod_spec(workload).get("topologySpreadConstraints", []):
+            assert selects(constraint["labelSelector"], pod_labels(workload))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_use_container_ports_and_the_right_health_services(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    for workload in workloads(objects):
+        for container in containers(pod_spec(workload)):
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            ports = container_ports(container)
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                probe = container.get(kind)
+                assert probe is not None, f"{where}: no {kind}"
+                for handler in ("grpc", "tcpSocket", "httpGet"):
+                    if handler in probe:
+                        port = probe[handler]["port"]
+                        assert port in ports or port in ports.values(), f"{where} {kind}: {port}"
+    for workload, container, script in statecar_containers(objects):
+        where = f"{workload['metadata']['name']}/{container['name']}"
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            grpc_probe = container[kind]["grpc"]
+            assert isinstance(grpc_probe["port"], int), "gRPC probes need a numeric port"
+            # Liveness must not follow Redis: an outage would restart every pod.
+            expected = (
+                {"", HEALTH_SERVICES[script]} if kind == "readinessProbe" else {LIVENESS_SERVICE}
+            )
+            assert grpc_probe.get("service", "") in expected, f"{where} {kind}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_map_and_secret_references_exist(overlay: str) -> None:
+    """Secrets: generated in dev and sidecar (example values), declared in
+    production's secrets.example.yaml (created by the operator). Only the model
+    API key is optional (without it the agents use the offline model)."""
+    objects = render(f"overlays/{overlay}")
+    sources = sources_for(overlay)
+    for workload in workloads(objects):
+        spec = pod_spec(workload)
+        for container in containers(spec):
+            try:
+                container_env(container, sources)
+            except MissingReference as missing:
+                pytest.fail(f"{workload['metadata']['name']}/{container['name']}: {missing}")
+            optional = [
+                v["name"]
+                for v in container.get("env", [])
+                if any(ref.get("optional") for ref in v.get("valueFrom", {}).values())
+            ]
+            assert set(optional) <= {"AGENT_SERVICE_MODEL_API_KEY"}
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            claims = {
+                t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])
+            }
+            assert mounted <= {v["name"] for v in spec.get("volumes", [])} | claims
+        for volume in spec.get("volumes", []):
+            try:
+                volume_files(volume, sources)
+            except MissingReference as missing:
+                pytest.fail(f"{workload['metadata']['name']}: {missing}")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_never_travel_in_config_maps(overlay: str) -> None:
+    secret_like = re.compile(r"REDIS_URL$|TOKEN$|API_KEY$|PASSWORD")
+    for _, container, _ in statecar_containers(render(f"overlays/{overlay}")):
+        for var in container.get("env", []):
+            if secret_like.search(var["name"]):
+                assert "secretKeyRef" in var.get("valueFrom", {}), var["name"]
+        config = container_env({"envFrom": container.get("envFrom", [])}, sources_for(overlay))
+        assert not [k for k in config if secret_like.search(k)]
+
+
+# -- what the code reads -----------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_env_var_is_a_setting_the_code_reads(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    sources = sources_for(overlay)
+    containers_seen = set()
+    for _, container, script in statecar_containers(objects):
+        known = env_names(SETTINGS[script])
+        declared = {v["name"] for v in container.get("env", [])}
+        resolved = set(container_env(container, sources))
+        assert declared | resolved <= known, (declared | resolved) - known
+        containers_seen.add(script)
+    assert containers_seen == set(SETTINGS)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_required_setting_is_set_and_consistent(overlay: str) -> None:
+    """The settings each container would get validate, bind where the
+    container's ports and probes expect, and point at things that exist."""
+    objects = render(f"overlays/{overlay}")
+    sources = sources_for(overlay)
+    loopback = loopback_for(objects, free_port)
+    tokens: dict[str, str] = {}
+    bearer_tokens = []
+    for workload, container, script in statecar_containers(objects):
+        where = f"{workload['metadata']['name']}/{container['name']}"
+        env = container_env(container, sources)
+        settings = settings_from(SETTINGS[script], env)
+        ports = {
+            name.removeprefix("state-"): number
+            for number, name in container_ports(container).items()
+        }
+        host, _, port = settings.listen.rpartition(":")
+        assert host in ("[::]", "0.0.0.0"), f"{where}: listens on {settings.listen}"
+        assert int(port) == ports["grpc"] == container["readinessProbe"]["grpc"]["port"]
+        assert settings.metrics_host == "0.0.0.0" and settings.metrics_port == ports["metrics"]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        for name, value in settings.model_dump().items():
+            if isinstance(value, Path) and name != "data_dir":
+                directory, file = str(value.parent), value.name
+                assert directory in mounts, f"{where}: {name}={value} is not on a mounted volume"
+                files = volume_files(volumes[mounts[directory]], sources) or {}
+                assert file in files, f"{where}: {name}={value}: the volume has no {file}"
+                if name == "auth_tokens_file":
+                    for line in files[file].splitlines():
+                        if line.strip() and not line.startswith("#"):
+                            tenant, _, token = line.partition(":")
+                            tokens[token.strip()] = tenant.strip()
+                if name == "agents_config":
+                    # The agent service accepts the file.
+                    with tempfile.TemporaryDirectory() as tmp:
+                        local = Path(tmp) / file
+                        local.write_text(files[file])
+                        assert load_config(local).agents
+        if script == "state-service":
+            # An empty URL would start an embedded redis-server on a read-only root.
+            assert settings.redis_url.startswith(("redis://", "rediss://")), where
+            redis_host = re.sub(r"^\w+://(?:[^@/]*@)?", "", settings.redis_url).rsplit(":", 1)[0]
+            if of_kind(objects, "StatefulSet"):
+                assert loopback.service_name(redis_host) is not None, settings.redis_url
+                password = sources.secrets[
+                    next(v for v in container["env"] if v["name"] == "STATE_SERVICE_REDIS_URL")[
+                        "valueFrom"
+                    ]["secretKeyRef"]["name"]
+                ]["password"]
+                assert f":{password}@" in settings.redis_url
+            assert settings.auth == "token", f"{where}: callers must authenticate"
+        else:
+            target_host, _, target_port = settings.state_target.rpartition(":")
+            if target_host == "127.0.0.1":
+                sidecars = [
+                    c["name"]
+                    for c in containers(pod_spec(workload))
+                    if int(target_port) in container_ports(c)
+                ]
+                assert sidecars == ["state-service"], f"{where}: {settings.state_target}"
+            else:
+                service = loopback.service_name(target_host)
+                assert service is not None, f"{where}: {settings.state_target} is no Service"
+                assert named(objects, "Service", service)["spec"].get("clusterIP") == "None", (
+                    "agents balance per request over a headless Service's DNS records"
+                )
+                assert loopback.services[service][int(target_port)] == 50051
+            bearer_tokens.append(settings.state_bearer_token.get_secret_value())
+    assert bearer_tokens and all(tokens.get(t) == "agents" for t in bearer_tokens)
+
+
+# -- network policies -------------------------------------------------------------
+
+Endpoint = tuple[
+    dict[str, str], dict[str, str] | None
+]  # namespace labels, pod labels (None: outside)
+
+
+def peer_matches(peer: Obj, endpoint: Endpoint, namespace: str) -> bool:
+    namespace_labels, labels = endpoint
+    if "ipBlock" in peer:
+        return labels is None
+    if labels is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif namespace_labels.get("kubernetes.io/metadata.name") != namespace:
+        return False
+    return selects(peer.get("podSelector"), labels)
+
+
+def rule_allows(rule: Obj, side: str, endpoint: Endpoint, port: int, namespace: str) -> bool:
+    peers = rule.get(side)
+    if peers is not None and not any(peer_matches(p, endpoint, namespace) for p in peers):
+        return False
+    ports = rule.get("ports")
+    return ports is None or any(p.get("port") == port for p in ports)
+
+
+def allowed(objects: tuple[Obj, ...], source: Endpoint, destination: Endpoint, port: int) -> bool:
+    """Whether NetworkPolicies let `source` open a connection to `destination`."""
+    policies = of_kind(objects, "NetworkPolicy")
+    namespace = next(o["metadata"]["namespace"] for o in objects if o["kind"] == "Deployment")
+
+    def side_allows(endpoint: Endpoint, direction: str, other: Endpoint) -> bool:
+        namespace_labels, labels = endpoint
+        if labels is None or namespace_labels.get("kubernetes.io/metadata.name") != namespace:
+            return True  # not governed by these policies
+        applying = [
+            p
+            for p in policies
+            if direction in p["spec"].get("policyTypes", ["Ingress"])
+            and selects(p["spec"]["podSelector"], labels)
+        ]
+        key, side = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+        return not applying or any(
+            rule_allows(rule, side, other, port, namespace)
+            for p in applying
+            for rule in p["spec"].get(key, [])
+        )
+
+    return side_allows(source, "Egress", destination) and side_allows(
+        destination, "Ingress", source
+    )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_select_real_pods(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    pods = [pod_labels(w) for w in workloads(objects)]
+    for policy in of_kind(objects, "NetworkPolicy"):
+        spec = policy["spec"]
+        assert any(selects(spec["podSelector"], labels) for labels in pods), policy["metadata"][
+            "name"
+        ]
+        for rule in [*spec.get("ingress", []), *spec.get("egress", [])]:
+            for peer in [*rule.get("from", []), *rule.get("to", [])]:
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert any(selects(peer["podSelector"], labels) for labels in pods), peer
+
+
+@needs_kubectl
+def test_network_policies_allow_only_the_intended_flows() -> None:
+    objects = render("overlays/production")
+    namespace = {"kubernetes.io/metadata.name": "statecar"}
+    agent = (namespace, pod_labels(named(objects, "Deployment", "statecar-agent")))
+    state = (namespace, pod_labels(named(objects, "Deployment", "statecar-state")))
+    caller = ({"kubernetes.io/metadata.name": "shop"}, {"statecar.dev/agent-client": "true"})
+    stranger = ({"kubernetes.io/metadata.name": "shop"}, {"app": "other"})
+    prometheus = ({"kubernetes.io/metadata.name": "monitoring"}, {"app": "prometheus"})
+    outside: Endpoint = ({}, None)
+    assert allowed(objects, caller, agent, 50061)
+    assert not allowed(objects, stranger, agent, 50061)
+    assert not allowed(objects, caller, state, 50051)
+    assert allowed(objects, agent, state, 50051)
+    assert not allowed(objects, state, agent, 50061)
+    assert allowed(objects, state, outside, 6379)  # the external Redis
+    assert not allowed(objects, agent, outside, 6379)
+    assert allowed(objects, agent, outside, 443)  # the model endpoint
+    assert not allowed(objects, state, outside, 443)
+    assert allowed(objects, agent, outside, 53) and allowed(objects, state, outside, 53)
+    assert allowed(objects, prometheus, state, 9464) and allowed(objects, prometheus, agent, 9465)
+    assert not allowed(objects, stranger, state, 9464)
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("overlay", "client"), [("dev", "statecar-state"), ("sidecar", "statecar-agent")]
+)
+def test_only_the_pods_with_a_redis_url_reach_redis(overlay: str, client: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    namespace = {"kubernetes.io/metadata.name": f"statecar-{overlay}"}
+    redis = (namespace, pod_labels(named(objects, "StatefulSet", "statecar-redis")))
+    for workload in workloads(objects):
+        has_url = any(
+            v["name"] == "STATE_SERVICE_REDIS_URL"
+            for c in containers(pod_spec(workload))
+            for v in c.get("env", [])
+        )
+        if workload["kind"] == "Deployment":
+            assert has_url == (workload["metadata"]["name"] == client)
+            assert allowed(objects, (namespace, pod_labels(workload)), redis, 6379) == has_url
+
+
+# -- monitoring ---------------------------------------------------------------------
+
+
+@needs_kubectl
+def test_the_service_monitor_scrapes_each_pod_once_on_a_metrics_port() -> None:
+    objects = render("overlays/production")
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    endpoints = monitor["spec"]["endpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics"]
+    scraped: dict[str, int] = {}
+    for service in of_kind(objects, "Service"):
+        if not selects(monitor["spec"]["selector"], service["metadata"]["labels"]):
+            continue
+        if "metrics" not in [p["name"] for p in service["spec"]["ports"]]:
+            continue
+        for workload in workloads(objects):
+            if selects(service["spec"]["selector"], pod_labels(workload)):
+                name = workload["metadata"]["name"]
+                scraped[name] = scraped.get(name, 0) + 1
+    assert scraped == {"statecar-agent": 1, "statecar-state": 1}
+
+
+@needs_kubectl
+def test_the_prometheus_rules_are_well_formed_and_use_real_metrics(tmp_path: Path) -> None:
+    import shutil
+
+    import prometheus_client
+
+    import agent_service.metrics
+    import state_service.metrics
+    import state_service.serving.grpc_metrics
+
+    del agent_service.metrics, state_service.metrics, state_service.serving.grpc_metrics
+    objects = render("overlays/production")
+    (rule,) = of_kind(objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    groups = rule["spec"]["groups"]
+    assert len({g["name"] for g in groups}) == len(groups)
+    # Counters without children have no samples yet: names from the families.
+    suffixes = ("", "_total", "_bucket", "_count", "_sum")
+    known = {m.name + suffix for m in prometheus_client.REGISTRY.collect() for suffix in suffixes}
+    for group in groups:
+        for entry in group["rules"]:
+            assert ("record" in entry) != ("alert" in entry) and entry["expr"].strip()
+            used = set(re.findall(r"\b(statecar_\w+|grpc_server_\w+)", entry["expr"]))
+            assert used and used <= known, used - known
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: rule syntax not checked")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- scaling, rollouts, hardening ----------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscalers_and_disruption_budgets_fit_the_workloads(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    autoscaled = {}
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        workload = named(objects, target["kind"], target["name"])
+        assert "replicas" not in workload["spec"], "the HPA owns the replica count"
+        assert 1 < hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        autoscaled[target["name"]] = hpa["spec"]["minReplicas"]
+    for workload in workloads(objects):
+        name = workload["metadata"]["name"]
+        replicas = autoscaled.get(name, workload["spec"].get("replicas", 1))
+        budgets = [
+            p
+            for p in of_kind(objects, "PodDisruptionBudget")
+            if selects(p["spec"]["selector"], pod_labels(workload))
+        ]
+        # A budget only where there is more than one replica to keep.
+        assert (len(budgets) == 1) == (replicas > 1), name
+    if overlay == "production":
+        assert set(autoscaled) == {"statecar-agent", "statecar-state"}
+    if overlay == "dev":
+        assert all(w["spec"].get("replicas") == 1 for w in workloads(objects))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_hardened_and_labelled(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        expected = RECOMMENDED_LABELS if obj["kind"] != "Namespace" else RECOMMENDED_LABELS[4:]
+        if obj["kind"] in (
+            "ConfigMap",
+            "Secret",
+            "NetworkPolicy",
+            "ServiceMonitor",
+            "PrometheusRule",
+            "Namespace",
+        ):
+            expected = ("app.kubernetes.io/part-of", "app.kubernetes.io/managed-by")
+        missing = [k for k in expected if k not in labels]
+        assert missing == [], f"{obj['kind']}/{obj['metadata']['name']}"
+    for account in of_kind(objects, "ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+    for workload in workloads(objects):
+        name = workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        assert [k for k in RECOMMENDED_LABELS if k not in pod_labels(workload)] == [], name
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["enableServiceLinks"] is False
+        assert spec["serviceAccountName"] in {
+            a["metadata"]["name"] for a in of_kind(objects, "ServiceAccount")
+        }
+        pod_security = spec["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] > 0
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+        if workload["kind"] == "Deployment":
+            assert workload["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        for container in containers(spec):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"]["drop"] == ["ALL"]
+            resources = container["resources"]
+            for kind in ("requests", "limits"):
+                assert set(resources[kind]) == {"cpu", "memory"}, f"{name}/{container['name']}"
+            assert ":" in container["image"].rsplit("/", 1)[-1], "images carry a tag"
+
+
+def drain_seconds(container: Obj, sources: Sources, script: str) -> float:
+    settings = settings_from(SETTINGS[script], container_env(container, sources))
+    return float(settings.drain_seconds)
+
+
+def pre_stop_seconds(container: Obj) -> float:
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    if not command:
+        return 0.0
+    assert command[0] == "sleep", "preStop only waits for endpoint removal"
+    return float(command[1])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
+    """Main containers get SIGTERM after their preStop; native sidecars only
+    after the main containers exited. All of it within the grace period, with
+    a margin of 5 s for the process to exit after its drain."""
+    objects = render(f"overlays/{overlay}")
+    sources = sources_for(overlay)
+    for workload in workloads(objects):
+        spec = pod_spec(workload)
+        needed = 0.0
+        sidecars = 0.0
+        for container in containers(spec):
+            command = container.get("command", [])
+            drain = drain_seconds(container, sources, command[0]) if command[0] in SETTINGS else 0.0
+            if container in spec.get("initContainers", []):
+                sidecars += drain
+            else:
+                needed = max(needed, pre_stop_seconds(container) + drain)
+        assert needed + sidecars + 5 <= spec["terminationGracePeriodSeconds"], workload["metadata"][
+            "name"
+        ]
+
+
+@needs_kubectl
+def test_the_sidecar_state_container_is_the_base_state_container() -> None:
+    """The sidecar overlay repeats the base's state container; only what a
+    native sidecar needs differently may differ."""
+    base = named(render("base"), "Deployment", "statecar-state")
+    (shared,) = pod_spec(base)["containers"]
+    sidecar_pod = pod_spec(named(render("overlays/sidecar"), "Deployment", "statecar-agent"))
+    (sidecar,) = sidecar_pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+
+    def unhashed(value: Any) -> Any:
+        """Generated ConfigMap/Secret names without their content hash."""
+        return json.loads(re.sub(r'(statecar-[a-z-]+)-[a-z0-9]{10}"', r'\1"', json.dumps(value)))
+
+    for key in ("command", "envFrom", "env", "startupProbe", "livenessProbe", "readinessProbe"):
+        assert unhashed(sidecar.get(key)) == unhashed(shared.get(key)), key
+    for key in ("resources", "securityContext"):
+        assert sidecar[key] == shared[key], key
+    assert sidecar["image"] == shared["image"]
+
+    assert [p["containerPort"] for p in sidecar["ports"]] == [
+        p["containerPort"] for p in shared["ports"]
+    ]
+    assert [m["mountPath"] for m in sidecar["volumeMounts"]] == [
+        m["mountPath"] for m in shared["volumeMounts"]
+    ]
+    # No endpoints route to a sidecar, so no preStop wait before its drain.
+    assert "lifecycle" not in sidecar
+    # Same-pod ports must not clash.
+    all_ports = [p for c in containers(sidecar_pod) for p in container_ports(c)]
+    assert len(all_ports) == len(set(all_ports))
+
+
+# -- the image -----------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's stages, each a list of (INSTRUCTION, arguments)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instruction.upper(), rest.strip()))
+    return stages
+
+
+def test_the_dockerfile_builds_a_slim_non_root_image_with_both_entry_points() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "multi-stage"
+    final = stages[-1]
+    froms = [rest for stage in stages for instruction, rest in stage if instruction == "FROM"]
+    # The virtualenv is copied between stages: both must have the same Python.
+    assert len({f.split(" AS ")[0].split(" as ")[0] for f in froms}) == 1
+    runs = " ".join(rest for instruction, rest in final if instruction == "RUN")
+    assert not re.search(r"apt-get|apk |gcc|build-essential|pip install", runs), runs
+    copies = [rest for instruction, rest in final if instruction == "COPY"]
+    assert copies and all(c.startswith("--from=") for c in copies), "only the built virtualenv"
+    (user,) = [rest for instruction, rest in final if instruction == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root user (runAsNonRoot checks it)"
+    assert re.search(rf"useradd .*--uid {uid}\b", runs)
+    (command,) = [rest for instruction, rest in final if instruction == "CMD"]
+    assert yaml.safe_load(command)[0] in CONSOLE_SCRIPTS
+    env = " ".join(rest for instruction, rest in final if instruction == "ENV")
+    (venv,) = re.findall(r"PATH=(\S+?)/bin:", env)
+    build_runs = " ".join(rest for instruction, rest in stages[0] if instruction == "RUN")
+    assert f"{venv}/bin/pip install ." in build_runs, "the project is installed into that venv"
+
+
+def test_the_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "an allow-list"
+    allowed_paths = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
+    copied: set[str] = set()
+    for stage in dockerfile_stages():
+        for instruction, rest in stage:
+            if instruction == "COPY" and not rest.startswith("--from="):
+                copied.update(s.rstrip("/") for s in shlex.split(rest)[:-1])
+    assert copied <= allowed_paths
+    packages = {
+        p.split("*")[0] for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert (
+        {"state_service", "agent_service"}
+        <= packages
+        <= {"state_service", "agent_service", "statecar"}
+    )
+    assert {"protos", "state_service", "agent_service", "pyproject.toml", "README.md"} <= copied
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_manifests_run_the_image_entry_points_as_its_user(overlay: str) -> None:
+    (user,) = [rest for instruction, rest in dockerfile_stages()[-1] if instruction == "USER"]
+    uid, _, gid = user.partition(":")
+    objects = render(f"overlays/{overlay}")
+    found = statecar_containers(objects)
+    statecar_images = [
+        (w, c)
+        for w in workloads(objects)
+        for c in containers(pod_spec(w))
+        if "statecar" in c["image"]
+    ]
+    assert len(found) == len(statecar_images) >= 2, "every statecar container names its entry point"
+    for workload, _, script in found:
+        assert script in ("state-service", "agent-service")
+        assert CONSOLE_SCRIPTS[script].endswith(":main")
+        assert (Path(sys.executable).parent / script).exists()
+        security = pod_spec(workload)["securityContext"]
+        assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid))
+
+
 # -- running the manifests ---------------------------------------------------------
 
 
@@ -189,6 +797,7 @@ def test_the_validator_catches_a_misspelt_field() -> None:
 async def running_overlay(
     overlay: str, directory: Path
 ) -> AsyncIterator[tuple[PodRunner, list[Pod]]]:
+    """The overlay's pods (one of each workload) as local processes, ready."""
     objects = render(f"overlays/{overlay}")
     runner = PodRunner(objects, sources_for(overlay), loopback_for(objects, free_port), directory)
     pods: list[Pod] = []
@@ -209,6 +818,12 @@ def service_address(runner: PodRunner, service: str, port_name: str) -> str:
     return f"127.0.0.1:{runner.loopback.ports[runner.loopback.services[service][port]]}"
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+        return text
+
+
 @needs_kubectl
 @pytest.mark.slow
 @pytest.mark.parametrize("overlay", ["dev", "sidecar"])
@@ -221,14 +836,27 @@ async def test_the_overlay_runs_and_serves_a_chat(overlay: str, tmp_path: Path) 
             assert "Paris" in result.reply
             math = await agents.chat("k8s-1", "What is (17 + 5) * 3?", request_id="r3")
             assert "66" in math.reply
+            listed, default = await agents.list_agents()
+            assert ([a.name for a in listed], default) == (["assistant"], "assistant")
 
-        # The turns are in Redis, under the tenant of the agent's token.
-        state_pod = next(
-            p for p in pods if any(r.name == "state-service" for r in [*p.main, *p.sidecars])
-        )
-        state = next(r for r in [*state_pod.main, *state_pod.sidecars] if r.name == "state-service")
-        token = state.env and runner.sources.secrets
-        del token
+        # The turns are in Redis, under the tenant of the agent's token; the
+        # state service refuses callers without one.
+        state = runner.loopback.ports[50051]
+        token = runner.sources.secrets[
+            next(s for s in runner.sources.secrets if s.startswith("statecar-tokens"))
+        ]["agent-token"]
+        async with StateClient(f"127.0.0.1:{state}", bearer_token=token, timeout=5.0) as client:
+            assert len(await client.all_items("k8s-1")) == 2 + 2 + 4
+        async with StateClient(f"127.0.0.1:{state}", timeout=5.0) as anonymous:
+            with pytest.raises(StateServiceError) as refused:
+                await anonymous.all_items("k8s-1")
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+        # Metrics where the README says: :9464 state, :9465 agent.
+        assert "grpc_server_handled_total" in scrape(runner.loopback.ports[9464])
+        assert "statecar_agent_turns_total" in scrape(runner.loopback.ports[9465])
+
+        # Pod deletion: SIGTERM, drain, exit 0 within the grace period.
         for pod in pods:
             codes = stop_pod(pod)
             assert set(codes.values()) == {0}, [r.describe() for r in [*pod.main, *pod.sidecars]]
