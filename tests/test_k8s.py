@@ -87,6 +87,19 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "agent-service": AgentServiceSettings,
 }
 HEALTH_SERVICES = {"state-service": STATE_API, "agent-service": AGENT_API}
+COMMON_LABELS = (
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/version",
+)
+SHARED_KINDS = {
+    "ConfigMap",
+    "Secret",
+    "NetworkPolicy",
+    "ServiceMonitor",
+    "PrometheusRule",
+    "Namespace",
+}
 RECOMMENDED_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -590,16 +603,8 @@ def test_pods_are_hardened_and_labelled(overlay: str) -> None:
     objects = render(f"overlays/{overlay}")
     for obj in objects:
         labels = obj["metadata"].get("labels", {})
-        expected = RECOMMENDED_LABELS if obj["kind"] != "Namespace" else RECOMMENDED_LABELS[4:]
-        if obj["kind"] in (
-            "ConfigMap",
-            "Secret",
-            "NetworkPolicy",
-            "ServiceMonitor",
-            "PrometheusRule",
-            "Namespace",
-        ):
-            expected = ("app.kubernetes.io/part-of", "app.kubernetes.io/managed-by")
+        # Objects of one component carry them all; shared ones the common part.
+        expected = RECOMMENDED_LABELS if obj["kind"] not in SHARED_KINDS else COMMON_LABELS
         missing = [k for k in expected if k not in labels]
         assert missing == [], f"{obj['kind']}/{obj['metadata']['name']}"
     for account in of_kind(objects, "ServiceAccount"):
