@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint fmt protos protos-check bench k8s-check clean
+.PHONY: venv run test lint fmt protos protos-check bench k8s-check k8s-rules clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ protos-check: $(STAMP)
 # The k8s/ manifests and the Dockerfile, checked offline (needs kubectl).
 k8s-check: $(STAMP)
 	$(BIN)/pytest tests/test_k8s.py
+
+# Regenerates k8s/components/monitoring/prometheus-rules.yaml from monitoring/rules/.
+k8s-rules: $(STAMP)
+	$(BIN)/python -m tests.manifests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

