@@ -22,6 +22,59 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ContextStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContextStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContextStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTEXT_STRATEGY_UNSPECIFIED: _ContextStrategy.ValueType  # 0
+    """Not set: the session's setting, else the service default."""
+    CONTEXT_STRATEGY_SLIDING_WINDOW: _ContextStrategy.ValueType  # 1
+    """The newest N items (GetContextRequest.max_items, else the service
+    default), starting at a turn boundary, within the budget.
+    """
+    CONTEXT_STRATEGY_TOKEN_WINDOW: _ContextStrategy.ValueType  # 2
+    """The newest items that fit the budget, cut at a turn boundary."""
+    CONTEXT_STRATEGY_SUMMARY: _ContextStrategy.ValueType  # 3
+    """The newest items verbatim plus a running summary of older items. The
+    summary is computed off the request path; until it exists (or while the
+    summarizer fails) the response is a token window.
+    """
+    CONTEXT_STRATEGY_RETRIEVAL: _ContextStrategy.ValueType  # 4
+    """The newest items verbatim plus the older items most relevant to the query."""
+    CONTEXT_STRATEGY_TIERED: _ContextStrategy.ValueType  # 5
+    """The newest items verbatim, a summary of older items and the older items
+    most relevant to the query, the budget split by TierShares.
+    """
+
+class ContextStrategy(_ContextStrategy, metaclass=_ContextStrategyEnumTypeWrapper):
+    """How GetContext chooses what to send to the model. Every strategy keeps the
+    total within the token budget, returns whole turns (a tool call always with
+    its output) and leaves the log untouched.
+    """
+
+CONTEXT_STRATEGY_UNSPECIFIED: ContextStrategy.ValueType  # 0
+"""Not set: the session's setting, else the service default."""
+CONTEXT_STRATEGY_SLIDING_WINDOW: ContextStrategy.ValueType  # 1
+"""The newest N items (GetContextRequest.max_items, else the service
+default), starting at a turn boundary, within the budget.
+"""
+CONTEXT_STRATEGY_TOKEN_WINDOW: ContextStrategy.ValueType  # 2
+"""The newest items that fit the budget, cut at a turn boundary."""
+CONTEXT_STRATEGY_SUMMARY: ContextStrategy.ValueType  # 3
+"""The newest items verbatim plus a running summary of older items. The
+summary is computed off the request path; until it exists (or while the
+summarizer fails) the response is a token window.
+"""
+CONTEXT_STRATEGY_RETRIEVAL: ContextStrategy.ValueType  # 4
+"""The newest items verbatim plus the older items most relevant to the query."""
+CONTEXT_STRATEGY_TIERED: ContextStrategy.ValueType  # 5
+"""The newest items verbatim, a summary of older items and the older items
+most relevant to the query, the budget split by TierShares.
+"""
+Global___ContextStrategy: _TypeAlias = ContextStrategy  # noqa: Y015
+
 class _ItemOrder:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -112,18 +165,30 @@ Global___Item: _TypeAlias = Item  # noqa: Y015
 
 @_typing.final
 class SessionSettings(_message.Message):
-    """Per-session retention settings."""
+    """Per-session settings: retention and context compression."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TTL_FIELD_NUMBER: _builtins.int
     PERSIST_FIELD_NUMBER: _builtins.int
+    CONTEXT_STRATEGY_FIELD_NUMBER: _builtins.int
+    TIER_SHARES_FIELD_NUMBER: _builtins.int
     persist: _builtins.bool
     """Keep the session until it is deleted explicitly."""
+    context_strategy: Global___ContextStrategy.ValueType
+    """The GetContext strategy of this session when a request names none.
+    UNSPECIFIED means the service default (STATE_SERVICE_DEFAULT_CONTEXT_STRATEGY).
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the session lives after its last write. Unset or zero means the
         service default (STATE_SERVICE_DEFAULT_TTL). Ignored when persist is true.
+        """
+
+    @_builtins.property
+    def tier_shares(self) -> Global___TierShares:
+        """How the summary, retrieval and tiered strategies split the token budget
+        for this session. Unset means the service default shares.
         """
 
     def __init__(
@@ -131,14 +196,51 @@ class SessionSettings(_message.Message):
         *,
         ttl: _duration_pb2.Duration | None = ...,
         persist: _builtins.bool = ...,
+        context_strategy: Global___ContextStrategy.ValueType = ...,
+        tier_shares: Global___TierShares | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tier_shares", b"tier_shares", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["persist", b"persist", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_strategy", b"context_strategy", "persist", b"persist", "tier_shares", b"tier_shares", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionSettings: _TypeAlias = SessionSettings  # noqa: Y015
+
+@_typing.final
+class TierShares(_message.Message):
+    """Shares of the token budget for the parts of a compressed context. Each share
+    is in [0, 1] and their sum is in (0, 1]; anything else is INVALID_ARGUMENT.
+    Budget a part does not use goes to the retrieved items, then to the recent
+    items. SUMMARY adds the retrieval share to the summary's; RETRIEVAL adds
+    the summary share to the retrieval's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECENT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    recent: _builtins.float
+    """Minimum share of the newest items, sent verbatim."""
+    summary: _builtins.float
+    """Maximum share of the summary of older items."""
+    retrieval: _builtins.float
+    """Maximum share of the retrieved older items."""
+    def __init__(
+        self,
+        *,
+        recent: _builtins.float = ...,
+        summary: _builtins.float = ...,
+        retrieval: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recent", b"recent", "retrieval", b"retrieval", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierShares: _TypeAlias = TierShares  # noqa: Y015
 
 @_typing.final
 class Session(_message.Message):
@@ -299,29 +401,113 @@ class GetContextRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    TIER_SHARES_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Required. The session to read."""
     query: _builtins.str
     """Optional. What the next turn is about; used by retrieval strategies."""
     token_budget: _builtins.int
-    """Optional. Upper bound on the tokens of the returned items. 0 means the
-    service default (STATE_SERVICE_DEFAULT_TOKEN_BUDGET); negative is
-    INVALID_ARGUMENT.
+    """Optional. Upper bound on the tokens of the returned context (summary,
+    retrieved and recent items together). 0 means the service default
+    (STATE_SERVICE_DEFAULT_TOKEN_BUDGET); negative is INVALID_ARGUMENT.
     """
+    strategy: Global___ContextStrategy.ValueType
+    """Optional. Overrides the session's strategy for this call. A value this
+    service does not know is INVALID_ARGUMENT.
+    """
+    max_items: _builtins.int
+    """Optional. The N of CONTEXT_STRATEGY_SLIDING_WINDOW; 0 means the service
+    default (STATE_SERVICE_SLIDING_WINDOW_ITEMS); negative is INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def tier_shares(self) -> Global___TierShares:
+        """Optional. Overrides the session's budget shares for this call."""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         query: _builtins.str = ...,
         token_budget: _builtins.int = ...,
+        strategy: Global___ContextStrategy.ValueType = ...,
+        tier_shares: Global___TierShares | None = ...,
+        max_items: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tier_shares", b"tier_shares"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "session_id", b"session_id", "token_budget", b"token_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_items", b"max_items", "query", b"query", "session_id", b"session_id", "strategy", b"strategy", "tier_shares", b"tier_shares", "token_budget", b"token_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetContextRequest: _TypeAlias = GetContextRequest  # noqa: Y015
+
+@_typing.final
+class ContextSummary(_message.Message):
+    """A summary of a contiguous range of a session's log, computed off the
+    request path and stored beside the log (the log itself is never changed).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The summary text, one statement per line."""
+    first_seq: _builtins.int
+    """Sequence number of the first item the summary covers."""
+    last_seq: _builtins.int
+    """Sequence number of the last item the summary covers."""
+    token_count: _builtins.int
+    """Tokens of the text as counted by the service."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        token_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "last_seq", b"last_seq", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextSummary: _TypeAlias = ContextSummary  # noqa: Y015
+
+@_typing.final
+class RetrievedItem(_message.Message):
+    """An older item returned because it is relevant to the query."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """Relevance to the query (higher is more relevant; comparable only within
+    one response).
+    """
+    @_builtins.property
+    def item(self) -> Global___Item:
+        """The item, with its seq and metadata, byte for byte as appended."""
+
+    def __init__(
+        self,
+        *,
+        item: Global___Item | None = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrievedItem: _TypeAlias = RetrievedItem  # noqa: Y015
 
 @_typing.final
 class GetContextResponse(_message.Message):
@@ -335,23 +521,53 @@ class GetContextResponse(_message.Message):
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     TOTAL_ITEM_COUNT_FIELD_NUMBER: _builtins.int
     OMITTED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    RETRIEVED_ITEMS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    SUMMARY_LAG_FIELD_NUMBER: _builtins.int
     etag: _builtins.str
     """The session's etag the context was read at ("0" if the session does not
     exist). Send it with the AppendItems of the turn.
     """
     token_count: _builtins.int
-    """Tokens of the returned items as counted by the service; never above the
-    budget.
+    """Tokens of the whole context (summary, retrieved items and items) as
+    counted by the service; never above the budget.
     """
     token_budget: _builtins.int
     """The budget applied (token_budget or the default)."""
     total_item_count: _builtins.int
     """Items in the whole log."""
     omitted_item_count: _builtins.int
-    """Items of the log left out because they did not fit the budget."""
+    """Items of the log sent neither in items nor in retrieved_items (some of
+    them may be covered by the summary).
+    """
+    strategy: Global___ContextStrategy.ValueType
+    """The strategy that was applied (never UNSPECIFIED)."""
+    query: _builtins.str
+    """The query retrieval used: the request's, else the newest user message."""
+    summary_lag: _builtins.int
+    """Items older than items[0] that the stored summary does not cover yet
+    (summary strategies only); the background summarizer catches up.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
-        """The items to send to the model, in chronological order."""
+        """The newest items, verbatim, in chronological order. Send them after the
+        summary and the retrieved items.
+        """
+
+    @_builtins.property
+    def summary(self) -> Global___ContextSummary:
+        """A summary of older items; unset when the strategy uses none, when none is
+        computed yet, or when nothing was left out.
+        """
+
+    @_builtins.property
+    def retrieved_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetrievedItem]:
+        """Older items relevant to the query, in chronological order, each a whole
+        turn part (a tool call always with its output). All of them are older
+        than items[0].
+        """
 
     def __init__(
         self,
@@ -362,10 +578,15 @@ class GetContextResponse(_message.Message):
         token_budget: _builtins.int = ...,
         total_item_count: _builtins.int = ...,
         omitted_item_count: _builtins.int = ...,
+        summary: Global___ContextSummary | None = ...,
+        retrieved_items: _abc.Iterable[Global___RetrievedItem] | None = ...,
+        strategy: Global___ContextStrategy.ValueType = ...,
+        query: _builtins.str = ...,
+        summary_lag: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "items", b"items", "omitted_item_count", b"omitted_item_count", "token_budget", b"token_budget", "token_count", b"token_count", "total_item_count", b"total_item_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "items", b"items", "omitted_item_count", b"omitted_item_count", "query", b"query", "retrieved_items", b"retrieved_items", "strategy", b"strategy", "summary", b"summary", "summary_lag", b"summary_lag", "token_budget", b"token_budget", "token_count", b"token_count", "total_item_count", b"total_item_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -139,8 +139,12 @@ class StateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetContext(self, request, context):
-        """Returns the items to send to the model for the next turn: the newest items
-        that fit token_budget, cut at turn boundaries, in chronological order.
+        """Returns what to send to the model for the next turn, within token_budget:
+        in order, an optional summary of older items (summary), optional older
+        items relevant to the query (retrieved_items), and the newest items
+        verbatim (items), cut at turn boundaries, never a tool call without its
+        output. The strategy (ContextStrategy) comes from the request, else the
+        session's settings, else the service default. Never changes the log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

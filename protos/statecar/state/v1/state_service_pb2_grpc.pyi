@@ -57,8 +57,12 @@ class StateServiceStub:
     Cost is proportional to the items appended, not to the history.
     """
     GetContext: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetContextRequest, _state_service_pb2.GetContextResponse]
-    """Returns the items to send to the model for the next turn: the newest items
-    that fit token_budget, cut at turn boundaries, in chronological order.
+    """Returns what to send to the model for the next turn, within token_budget:
+    in order, an optional summary of older items (summary), optional older
+    items relevant to the query (retrieved_items), and the newest items
+    verbatim (items), cut at turn boundaries, never a tool call without its
+    output. The strategy (ContextStrategy) comes from the request, else the
+    session's settings, else the service default. Never changes the log.
     """
     ListItems: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListItemsRequest, _state_service_pb2.ListItemsResponse]
     """Lists a session's whole log, paged, oldest-first or newest-first."""
@@ -108,8 +112,12 @@ class StateServiceAsyncStub(StateServiceStub):
     Cost is proportional to the items appended, not to the history.
     """
     GetContext: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetContextRequest, _state_service_pb2.GetContextResponse]  # type: ignore[assignment]
-    """Returns the items to send to the model for the next turn: the newest items
-    that fit token_budget, cut at turn boundaries, in chronological order.
+    """Returns what to send to the model for the next turn, within token_budget:
+    in order, an optional summary of older items (summary), optional older
+    items relevant to the query (retrieved_items), and the newest items
+    verbatim (items), cut at turn boundaries, never a tool call without its
+    output. The strategy (ContextStrategy) comes from the request, else the
+    session's settings, else the service default. Never changes the log.
     """
     ListItems: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListItemsRequest, _state_service_pb2.ListItemsResponse]  # type: ignore[assignment]
     """Lists a session's whole log, paged, oldest-first or newest-first."""
@@ -168,8 +176,12 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _state_service_pb2.GetContextRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.GetContextResponse, _abc.Awaitable[_state_service_pb2.GetContextResponse]]:
-        """Returns the items to send to the model for the next turn: the newest items
-        that fit token_budget, cut at turn boundaries, in chronological order.
+        """Returns what to send to the model for the next turn, within token_budget:
+        in order, an optional summary of older items (summary), optional older
+        items relevant to the query (retrieved_items), and the newest items
+        verbatim (items), cut at turn boundaries, never a tool call without its
+        output. The strategy (ContextStrategy) comes from the request, else the
+        session's settings, else the service default. Never changes the log.
         """
 
     @_abc_1.abstractmethod
