@@ -71,8 +71,39 @@ SESSIONS_EXPIRED = Counter(
 )
 CONTEXT_TOKENS = Histogram(
     "statecar_state_context_tokens",
-    "Tokens of the context returned by GetContext.",
+    "Tokens of the context returned by GetContext, by strategy applied.",
+    ["strategy"],
     buckets=(64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+)
+CONTEXT_TOKENS_SAVED = Counter(
+    "statecar_state_context_tokens_saved_total",
+    "Tokens of the whole log minus tokens of the context returned, summed over GetContext "
+    "calls, by strategy applied (what compression kept from being sent).",
+    ["strategy"],
+)
+COMPRESSION_RUNS = Counter(
+    "statecar_state_compression_runs_total",
+    "Background summarizer runs that tried to fold new items into a summary, by result: "
+    "committed, conflict (another replica moved the summary first), stale (the log "
+    "changed), failed (the summarizer failed; reads fall back to a window), dropped "
+    "(queue full).",
+    ["result"],
+)
+COMPRESSION_SECONDS = Histogram(
+    "statecar_state_compression_duration_seconds",
+    "Duration of one summarizer call (folding new items into a summary).",
+    ["summarizer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SUMMARY_LAG = Histogram(
+    "statecar_state_summary_lag_items",
+    "Items older than the verbatim window not yet covered by the stored summary, observed "
+    "by reads that use a summary and by summarizer runs.",
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+EMBEDDING_FAILURES = Counter(
+    "statecar_state_embedding_failures_total",
+    "Calls to the embeddings endpoint that failed (retrieval stayed lexical).",
 )
 
 

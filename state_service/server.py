@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from state_service import metrics
 from state_service.cache import CACHE_NAME, SessionCache
+from state_service.compression.engine import Compression, build_compression
 from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.serving.auth import AuthInterceptor, authenticator_for
@@ -25,7 +26,7 @@ from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.storage.redis import RedisStorage
-from state_service.tokens import EstimatingTokenCounter
+from state_service.tokens import make_token_counter
 from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
@@ -66,6 +67,7 @@ class StateServer:
     cache: SessionCache | None
     readiness: Readiness
     port: int
+    compression: Compression
     embedded: EmbeddedRedis | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -108,15 +110,26 @@ class StateServer:
             else None
         )
         keys = KeyRing(settings.encryption_keys_file) if settings.encryption_keys_file else None
-        store = SessionStore(
-            storage, cache=cache, token_counter=EstimatingTokenCounter(), keys=keys
+        counter = make_token_counter(settings.token_counter, settings.tiktoken_encoding)
+        logger.info("counting tokens with %s", counter.name)
+        store = SessionStore(storage, cache=cache, token_counter=counter, keys=keys)
+        compression = build_compression(
+            settings,
+            storage,
+            counter,
+            store.read_range,
+            seal=keys.seal if keys is not None else None,
+            open_=keys.open if keys is not None else None,
         )
+        store.compression = compression
 
         def on_readiness(ready: bool) -> None:
             metrics.REDIS_UP.set(1 if ready else 0)
-            # The cache cannot vouch for anything while Redis is unreachable.
-            if not ready and cache is not None:
-                cache.clear()
+            # The caches cannot vouch for anything while Redis is unreachable.
+            if not ready:
+                if cache is not None:
+                    cache.clear()
+                compression.clear()
 
         readiness = Readiness(
             [SERVICE_NAME],
@@ -166,6 +179,7 @@ class StateServer:
             endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
         await server.start()
         await readiness.start()
+        compression.start()
         instance = cls(
             settings=settings,
             server=server,
@@ -174,6 +188,7 @@ class StateServer:
             cache=cache,
             readiness=readiness,
             port=port,
+            compression=compression,
             embedded=embedded,
             metrics_endpoint=endpoint,
         )
@@ -187,6 +202,7 @@ class StateServer:
         self._stopped.set()
         await self.readiness.drain()
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
+        await self.compression.stop()
         await self.readiness.stop()
         await self.storage.close()
         if self.metrics_endpoint is not None:

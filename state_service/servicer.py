@@ -17,7 +17,8 @@ from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 Context = ServicerContext[Any, Any]
-SETTINGS_FIELDS = frozenset({"ttl", "persist"})
+RETENTION_FIELDS = frozenset({"ttl", "persist"})
+SETTINGS_FIELDS = RETENTION_FIELDS | {"context_strategy", "tier_shares"}
 
 
 class StateServicer(pb_grpc.StateServiceServicer):
@@ -46,7 +47,21 @@ class StateServicer(pb_grpc.StateServiceServicer):
     ) -> pb.GetContextResponse:
         session_id = validation.session_id(request.session_id)
         budget = validation.token_budget(request.token_budget, self._settings)
-        return await self._store.get_context(tenant_of(context), session_id, token_budget=budget)
+        strategy = validation.strategy(request.strategy, "strategy")
+        shares = (
+            validation.shares(request.tier_shares, "tier_shares")
+            if request.HasField("tier_shares")
+            else None
+        )
+        return await self._store.get_context(
+            tenant_of(context),
+            session_id,
+            token_budget=budget,
+            query=request.query,
+            strategy=strategy,
+            shares=shares,
+            max_items=validation.max_items(request.max_items),
+        )
 
     async def ListItems(
         self, request: pb.ListItemsRequest, context: Context
@@ -85,23 +100,42 @@ class StateServicer(pb_grpc.StateServiceServicer):
         unknown = paths - SETTINGS_FIELDS
         if unknown:
             raise InvalidArgument(
-                "update_mask", f"unknown paths {sorted(unknown)}; known: ttl, persist"
+                "update_mask",
+                f"unknown paths {sorted(unknown)}; known: {', '.join(sorted(SETTINGS_FIELDS))}",
             )
+        everything = not paths
+        strategy_number: int | None = None
+        if everything or "context_strategy" in paths:
+            chosen = validation.strategy(
+                request.settings.context_strategy, "settings.context_strategy"
+            )
+            strategy_number = request.settings.context_strategy if chosen else 0
+        shares = None
+        reset_shares = False
+        if everything or "tier_shares" in paths:
+            if request.settings.HasField("tier_shares"):
+                shares = validation.shares(request.settings.tier_shares, "settings.tier_shares")
+            else:
+                reset_shares = True
         if (
             request.settings.persist
             and request.settings.HasField("ttl")
             and (request.settings.ttl.seconds or request.settings.ttl.nanos)
         ):
             raise InvalidArgument("settings", "set either ttl or persist, not both")
-        # ttl and persist are one stored retention value, so any mask sets it
-        # from both fields: persist wins, else ttl (unset = service default).
+        # ttl and persist are one stored retention value, so a mask naming
+        # either sets it from both fields: persist wins, else ttl (unset =
+        # service default).
         ttl_setting = validation.ttl_seconds(request.settings, "settings")
         return await self._store.update_session(
             tenant_of(context),
             session_id,
-            ttl_setting=ttl_setting,
+            ttl_setting=ttl_setting if everything or paths & RETENTION_FIELDS else None,
             etag=validation.etag(request.etag),
             allow_missing=request.allow_missing,
+            strategy=strategy_number,
+            shares=shares,
+            reset_shares=reset_shares,
         )
 
     async def DeleteSession(

@@ -15,7 +15,12 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from state_service import metrics, paging
 from state_service.cache import CachedTail, SessionCache
-from state_service.context import LogEntry, describe, token_window
+from state_service.compression import strategies
+from state_service.compression.engine import PROTO_OF_STRATEGY, Compression
+from state_service.compression.memory import StaleMemory
+from state_service.compression.strategies import ContextView, Shares, Strategy
+from state_service.compression.text import item_text_of_json
+from state_service.context import LogEntry, describe
 from state_service.encryption import KeyRing
 from state_service.serving.errors import EtagMismatch, InvalidArgument, NotFound
 from state_service.storage.redis import (
@@ -66,12 +71,22 @@ class SessionStore:
         token_counter: TokenCounter,
         cache_window: int = 512,
         keys: KeyRing | None = None,
+        compression: Compression | None = None,
     ) -> None:
         self._storage = storage
         self._keys = keys
         self._cache = cache
         self._tokens = token_counter
         self._cache_window = cache.max_items if cache is not None else cache_window
+        self.compression = compression
+
+    async def read_range(
+        self, tenant: str, session_id: str, start: int, stop: int
+    ) -> tuple[SessionHead | None, tuple[LogEntry, ...]]:
+        """Log indexes start..stop (inclusive) decoded, with the head they were
+        read at (for the retrieval memory's catch-up)."""
+        result = await self._storage.read(tenant, session_id, index_range=(start, stop))
+        return result.head, self._entries(tenant, session_id, result.entries)
 
     def _seal(self, tenant: str, session_id: str, payload: bytes) -> bytes:
         return payload if self._keys is None else self._keys.seal(tenant, session_id, payload)
@@ -110,6 +125,7 @@ class SessionStore:
                 expected_etag=etag,
                 new_incarnation=uuid.uuid4().hex[:16],
                 now_ms=now,
+                tokens=sum(self._tokens.count(item.json) for item in items),
             )
         except EtagMismatch:
             metrics.ETAG_CONFLICTS.labels("append").inc()
@@ -119,6 +135,9 @@ class SessionStore:
         elif outcome.last_seq:
             metrics.APPENDS.inc()
             metrics.ITEMS_APPENDED.inc(len(items))
+            if self.compression is not None and self.compression.compressor is not None:
+                # Summaries and embeddings follow in the background, never here.
+                self.compression.compressor.notify(tenant, session_id)
         return pb.AppendItemsResponse(
             etag=outcome.etag,
             first_seq=outcome.first_seq,
@@ -151,7 +170,12 @@ class SessionStore:
         ttl_setting: int | None,
         etag: str,
         allow_missing: bool,
+        strategy: int | None = None,
+        shares: Shares | None = None,
+        reset_shares: bool = False,
     ) -> pb.UpdateSessionResponse:
+        """None leaves a setting unchanged; strategy 0 and reset_shares go back
+        to the service defaults."""
         try:
             head = await self._storage.update(
                 tenant,
@@ -161,6 +185,8 @@ class SessionStore:
                 allow_missing=allow_missing,
                 new_incarnation=uuid.uuid4().hex[:16],
                 now_ms=_now_ms(),
+                strategy=strategy,
+                shares="" if reset_shares else (shares.encode() if shares else None),
             )
         except EtagMismatch:
             metrics.ETAG_CONFLICTS.labels("update").inc()
@@ -174,6 +200,8 @@ class SessionStore:
     ) -> None:
         if self._cache is not None:
             self._cache.drop(tenant, session_id)
+        if self.compression is not None:
+            self.compression.memories.drop(tenant, session_id)
         try:
             existed = await self._storage.delete(tenant, session_id, expected_etag=etag)
         except EtagMismatch:
@@ -247,13 +275,29 @@ class SessionStore:
         return CachedTail(tail.head, start, older + tail.entries)
 
     async def get_context(
-        self, tenant: str, session_id: str, *, token_budget: int
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        token_budget: int,
+        query: str = "",
+        strategy: Strategy | None = None,
+        shares: Shares | None = None,
+        max_items: int = 0,
     ) -> pb.GetContextResponse:
-        window = max(32, token_budget // 16)
+        compression = self.compression
+        window = max(32, token_budget // 16, max_items)
         tail = await self._current_tail(tenant, session_id, window)
         for _ in range(64):
             if tail is None:
-                return pb.GetContextResponse(etag=ABSENT_ETAG, token_budget=token_budget)
+                applied = strategy or (
+                    compression.default_strategy if compression else Strategy.TOKEN_WINDOW
+                )
+                return pb.GetContextResponse(
+                    etag=ABSENT_ETAG,
+                    token_budget=token_budget,
+                    strategy=PROTO_OF_STRATEGY[applied],
+                )
             if (
                 tail.start_index == 0
                 or len(tail.entries) >= MAX_CONTEXT_ITEMS
@@ -266,18 +310,110 @@ class SessionStore:
             # A pop or delete raced with us: start over from a fresh tail.
             tail = extended or await self._current_tail(tenant, session_id, window)
         assert tail is not None
+        head = tail.head
+        if strategy is None:
+            strategy = compression.strategy_of(head) if compression else Strategy.TOKEN_WINDOW
         entries = tail.entries
-        chosen = token_window(entries, token_budget, at_log_start=tail.start_index == 0)
-        selected = entries[chosen.start :]
-        metrics.CONTEXT_TOKENS.observe(chosen.tokens)
-        return pb.GetContextResponse(
-            items=[e.item for e in selected],
-            etag=tail.head.etag,
-            token_count=chosen.tokens,
+        at_log_start = tail.start_index == 0
+        used_query = ""
+        if strategy is Strategy.SLIDING_WINDOW:
+            n = max_items or (compression.sliding_window_items if compression else 20)
+            view = strategies.sliding_window(entries, token_budget, n, at_log_start=at_log_start)
+        elif strategy is Strategy.TOKEN_WINDOW or compression is None:
+            view = strategies.token_window_view(entries, token_budget, at_log_start=at_log_start)
+        else:
+            used_query = query or _newest_user_text(entries)
+            view = await self._compressed(
+                compression,
+                tenant,
+                session_id,
+                tail,
+                strategy,
+                shares or compression.shares_of(head),
+                token_budget,
+                used_query,
+            )
+        metrics.CONTEXT_TOKENS.labels(view.strategy.value).observe(view.tokens)
+        if head.log_tokens >= 0:
+            metrics.CONTEXT_TOKENS_SAVED.labels(view.strategy.value).inc(
+                max(0, head.log_tokens - view.tokens)
+            )
+        response = pb.GetContextResponse(
+            items=[e.item for e in view.recent],
+            etag=head.etag,
+            token_count=view.tokens,
             token_budget=token_budget,
-            total_item_count=tail.head.item_count,
-            omitted_item_count=tail.head.item_count - len(selected),
+            total_item_count=head.item_count,
+            omitted_item_count=head.item_count - len(view.recent) - len(view.retrieved),
+            strategy=PROTO_OF_STRATEGY[view.strategy],
+            query=used_query,
+            summary_lag=view.summary_lag,
+            retrieved_items=[pb.RetrievedItem(item=e.item, score=s) for e, s in view.retrieved],
         )
+        if view.summary is not None:
+            response.summary.CopyFrom(
+                pb.ContextSummary(
+                    text=view.summary.text,
+                    first_seq=view.summary.first_seq,
+                    last_seq=view.summary.last_seq,
+                    token_count=view.summary.tokens,
+                )
+            )
+        return response
+
+    async def _compressed(
+        self,
+        compression: Compression,
+        tenant: str,
+        session_id: str,
+        tail: CachedTail,
+        strategy: Strategy,
+        shares: Shares,
+        budget: int,
+        query: str,
+    ) -> ContextView:
+        """summary / retrieval / tiered over a verified-current tail."""
+        head = tail.head
+        everything_fits = tail.start_index == 0 and sum(e.tokens for e in tail.entries) <= budget
+        summary = None
+        if strategy.uses_summary and not everything_fits:
+            summary = await compression.summaries.get(tenant, session_id, head)
+        retrieve = None
+        if strategy.uses_retrieval and not everything_fits:
+            try:
+                memory = await compression.memories.sync(
+                    tenant, session_id, head, tail.start_index, tail.entries
+                )
+            except StaleMemory:
+                memory = None  # the log changed meanwhile: serve without retrieval
+            if memory is not None:
+                vector = None
+                if compression.embedder is not None and any(v is not None for v in memory.vectors):
+                    vector = await compression.embed_query(query)
+                if compression.compressor is not None and compression.embedder is not None:
+                    if memory.unembedded(1):
+                        compression.compressor.notify(tenant, session_id, force=True)
+                found = memory
+
+                def retrieve(below: int, room: int) -> list[tuple[LogEntry, float]]:
+                    return found.search(query, below_index=below, budget=room, query_vector=vector)
+
+        view = strategies.compose(
+            strategy,
+            tail.entries,
+            tail.start_index,
+            budget,
+            shares=shares,
+            counter=self._tokens,
+            summary=summary,
+            retrieve=retrieve,
+        )
+        if strategy.uses_summary and not everything_fits:
+            metrics.SUMMARY_LAG.observe(view.summary_lag)
+            compressor = compression.compressor
+            if compressor is not None and view.summary_lag >= compressor.policy.min_batch_items:
+                compressor.notify(tenant, session_id, force=True)
+        return view
 
     async def list_items(
         self,
@@ -411,7 +547,24 @@ class SessionStore:
             session.effective_ttl.CopyFrom(duration_pb2.Duration(seconds=effective))
         if head.pttl_ms >= 0:
             session.expire_time.CopyFrom(_timestamp(_now_ms() + head.pttl_ms))
+        if head.strategy:
+            session.settings.context_strategy = pb.ContextStrategy.ValueType(head.strategy)
+        shares = Shares.decode(head.shares) if head.shares else None
+        if shares is not None:
+            session.settings.tier_shares.CopyFrom(
+                pb.TierShares(
+                    recent=shares.recent, summary=shares.summary, retrieval=shares.retrieval
+                )
+            )
         return session
+
+
+def _newest_user_text(entries: Sequence[LogEntry]) -> str:
+    """The text of the newest user message: the default retrieval query."""
+    for entry in reversed(entries):
+        if entry.starts_turn:
+            return item_text_of_json(entry.item.json)[1]
+    return ""
 
 
 def _not_found(session_id: str) -> NotFound:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,6 +68,77 @@ class StateServiceSettings(BaseSettings):
         300.0, gt=0, description="idle time after which a cached session is dropped"
     )
 
+    default_context_strategy: Literal[
+        "sliding_window", "token_window", "summary", "retrieval", "tiered"
+    ] = Field(
+        "tiered",
+        description="GetContext strategy for sessions and requests that name none",
+    )
+    sliding_window_items: int = Field(
+        20, ge=1, description="N of sliding_window when the request gives none"
+    )
+    tier_recent_share: float = Field(
+        0.4, ge=0, le=1, description="minimum budget share of the newest items (verbatim)"
+    )
+    tier_summary_share: float = Field(
+        0.2, ge=0, le=1, description="maximum budget share of the summary of older items"
+    )
+    tier_retrieval_share: float = Field(
+        0.4, ge=0, le=1, description="maximum budget share of retrieved older items"
+    )
+    token_counter: Literal["auto", "estimate", "tiktoken"] = Field(
+        "auto",
+        description="auto: exact tiktoken counts if the encoding file is available offline, "
+        "else the calibrated estimate",
+    )
+    tiktoken_encoding: str = Field("o200k_base", description="tiktoken encoding to count with")
+    summarizer: Literal["extractive", "llm", "none"] = Field(
+        "extractive",
+        description="extractive (offline), llm (OpenAI-compatible endpoint) or none",
+    )
+    summarizer_base_url: str = Field(
+        "", description="OpenAI-compatible base URL (…/v1) of the llm summarizer"
+    )
+    summarizer_api_key: SecretStr = Field(
+        SecretStr(""), description="API key of the llm summarizer endpoint"
+    )
+    summarizer_model: str = Field("gpt-4o-mini", description="model of the llm summarizer")
+    summarizer_timeout_seconds: float = Field(
+        30.0, gt=0, description="timeout of one llm summarizer call"
+    )
+    summary_max_tokens: int = Field(
+        1500, ge=16, description="largest stored summary; reads cut it to their budget share"
+    )
+    summary_keep_recent_items: int = Field(
+        8, ge=0, description="newest items the background summarizer leaves unsummarized"
+    )
+    summary_min_batch_items: int = Field(
+        8, ge=1, description="uncovered items that trigger a summarizer run"
+    )
+    summary_max_batch_items: int = Field(
+        200, ge=1, description="items folded into the summary by one run"
+    )
+    compression_workers: int = Field(1, ge=1, description="background summarizer tasks per replica")
+    retrieval_max_items: int = Field(
+        20_000, ge=1, description="newest items of a session the retrieval index covers"
+    )
+    retrieval_max_sessions: int = Field(
+        1000, ge=1, description="sessions whose retrieval index this replica keeps in memory"
+    )
+    embeddings_base_url: str = Field(
+        "",
+        description="OpenAI-compatible base URL (…/v1) for /embeddings; set = hybrid retrieval",
+    )
+    embeddings_api_key: SecretStr = Field(
+        SecretStr(""), description="API key of the embeddings endpoint"
+    )
+    embeddings_model: str = Field(
+        "text-embedding-3-small", description="model of the embeddings endpoint"
+    )
+    embeddings_timeout_seconds: float = Field(
+        5.0, gt=0, description="timeout of one embeddings call (the query's is on the read path)"
+    )
+
     metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics port; 0 disables")
     metrics_host: str = Field("127.0.0.1", description="bind address of /metrics")
     health_interval_seconds: float = Field(
@@ -109,4 +180,9 @@ class StateServiceSettings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        shares = self.tier_recent_share + self.tier_summary_share + self.tier_retrieval_share
+        if not 0 < shares <= 1 + 1e-6:
+            raise ValueError("the tier_*_share settings must add up to more than 0, at most 1")
+        if self.summarizer == "llm" and not self.summarizer_base_url:
+            raise ValueError("summarizer=llm needs summarizer_base_url")
         return self

@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from state_service.compression.engine import STRATEGY_OF_PROTO
+from state_service.compression.strategies import Shares, Strategy
 from state_service.serving.errors import InvalidArgument
 from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
@@ -115,3 +117,27 @@ def ttl_seconds(settings_msg: pb.SessionSettings, field: str) -> int:
         raise InvalidArgument(f"{field}.ttl", "must be at most ten years")
     seconds = ttl.seconds + (1 if ttl.nanos else 0)
     return seconds
+
+
+def strategy(value: int, field: str) -> Strategy | None:
+    """A ContextStrategy number as a Strategy; None for UNSPECIFIED."""
+    if value == pb.CONTEXT_STRATEGY_UNSPECIFIED:
+        return None
+    found = STRATEGY_OF_PROTO.get(pb.ContextStrategy.ValueType(value))
+    if found is None:
+        raise InvalidArgument(field, f"{value} is not a known ContextStrategy")
+    return found
+
+
+def shares(value: pb.TierShares, field: str) -> Shares:
+    result = Shares(value.recent, value.summary, value.retrieval)
+    problem = result.problem()
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return result
+
+
+def max_items(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument("max_items", "must not be negative")
+    return value

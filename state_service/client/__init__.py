@@ -13,23 +13,28 @@ from state_service.client.session import StateServiceSession
 from state_service.client.types import (
     AppendResult,
     Context,
+    ContextSummary,
     ItemsPage,
     NewItem,
     PopResult,
+    RetrievedItem,
     SessionInfo,
     SessionsPage,
     StoredItem,
+    TierShares,
     WorkflowInfo,
 )
 
 __all__ = [
     "AppendResult",
     "Context",
+    "ContextSummary",
     "EtagMismatchError",
     "InvalidRequestError",
     "ItemsPage",
     "NewItem",
     "PopResult",
+    "RetrievedItem",
     "SessionInfo",
     "SessionNotFoundError",
     "SessionsPage",
@@ -38,6 +43,7 @@ __all__ = [
     "StateServiceSession",
     "StateUnavailableError",
     "StoredItem",
+    "TierShares",
     "WorkflowInfo",
     "channel_target",
 ]

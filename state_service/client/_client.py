@@ -24,7 +24,9 @@ from state_service.client.types import (
     SessionInfo,
     SessionsPage,
     StoredItem,
+    TierShares,
     WorkflowInfo,
+    strategy_to_proto,
 )
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
@@ -208,11 +210,23 @@ class StateClient:
         *,
         query: str = "",
         token_budget: int = 0,
+        strategy: str | None = None,
+        tier_shares: TierShares | None = None,
+        max_items: int = 0,
         timeout: float | None = None,
     ) -> Context:
+        """What to send the model next. `strategy`: sliding_window, token_window,
+        summary, retrieval or tiered (None: the session's, else the service
+        default); `query` defaults to the newest user message."""
         request = pb.GetContextRequest(
-            session_id=session_id, query=query, token_budget=token_budget
+            session_id=session_id,
+            query=query,
+            token_budget=token_budget,
+            strategy=strategy_to_proto(strategy),
+            max_items=max_items,
         )
+        if tier_shares is not None:
+            request.tier_shares.CopyFrom(tier_shares.to_proto())
         return Context.from_proto(await self._call(self._stub.GetContext, request, timeout))
 
     async def list_items(
@@ -279,18 +293,33 @@ class StateClient:
         *,
         ttl: timedelta | None = None,
         persist: bool = False,
+        context_strategy: str | None = None,
+        tier_shares: TierShares | None = None,
         etag: str = "",
         allow_missing: bool = False,
         timeout: float | None = None,
     ) -> SessionInfo:
-        """Sets the session's retention: `persist`, or `ttl` (None = service default)."""
+        """Sets the session's retention (`persist`, or `ttl`; None = service
+        default) and, when given, its context strategy ("default" resets it)
+        and budget shares. Retention is left alone when only compression
+        settings are given."""
         settings = pb.SessionSettings(persist=persist)
         if ttl is not None:
             settings.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl.total_seconds())))
+        paths = []
+        if context_strategy is not None:
+            paths.append("context_strategy")
+            if context_strategy != "default":
+                settings.context_strategy = strategy_to_proto(context_strategy)
+        if tier_shares is not None:
+            paths.append("tier_shares")
+            settings.tier_shares.CopyFrom(tier_shares.to_proto())
+        if not paths or ttl is not None or persist:
+            paths += ["ttl", "persist"]
         request = pb.UpdateSessionRequest(
             session_id=session_id,
             settings=settings,
-            update_mask=field_mask_pb2.FieldMask(paths=["ttl", "persist"]),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
             etag=etag,
             allow_missing=allow_missing,
         )

@@ -49,17 +49,82 @@ class AppendResult:
     replayed: bool = False
 
 
+STRATEGIES = ("sliding_window", "token_window", "summary", "retrieval", "tiered")
+
+
+def strategy_to_proto(name: str | None) -> pb.ContextStrategy.ValueType:
+    """ "tiered" -> CONTEXT_STRATEGY_TIERED; None -> UNSPECIFIED."""
+    if name is None:
+        return pb.CONTEXT_STRATEGY_UNSPECIFIED
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown context strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return pb.ContextStrategy.Value(f"CONTEXT_STRATEGY_{name.upper()}")
+
+
+def strategy_from_proto(value: int) -> str | None:
+    if value == pb.CONTEXT_STRATEGY_UNSPECIFIED:
+        return None
+    try:
+        name = pb.ContextStrategy.Name(pb.ContextStrategy.ValueType(value))
+    except ValueError:
+        return None
+    return name.removeprefix("CONTEXT_STRATEGY_").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class TierShares:
+    """Budget shares of the compressed strategies (see the API's TierShares)."""
+
+    recent: float
+    summary: float
+    retrieval: float
+
+    def to_proto(self) -> pb.TierShares:
+        return pb.TierShares(recent=self.recent, summary=self.summary, retrieval=self.retrieval)
+
+    @classmethod
+    def from_proto(cls, shares: pb.TierShares) -> TierShares:
+        return cls(shares.recent, shares.summary, shares.retrieval)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSummary:
+    """A summary of log items first_seq..last_seq."""
+
+    text: str
+    first_seq: int
+    last_seq: int
+    token_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievedItem:
+    item: StoredItem
+    score: float
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
+    """What to send the model: summary, then retrieved items, then items."""
+
     items: list[StoredItem]
     etag: str
     token_count: int
     token_budget: int
     total_item_count: int
     omitted_item_count: int
+    strategy: str | None = None
+    summary: ContextSummary | None = None
+    retrieved: list[RetrievedItem] = field(default_factory=list)
+    query: str = ""
+    summary_lag: int = 0
 
     @classmethod
     def from_proto(cls, response: pb.GetContextResponse) -> Context:
+        summary = None
+        if response.HasField("summary"):
+            s = response.summary
+            summary = ContextSummary(s.text, s.first_seq, s.last_seq, s.token_count)
         return cls(
             items=[StoredItem.from_proto(i) for i in response.items],
             etag=response.etag,
@@ -67,7 +132,32 @@ class Context:
             token_budget=response.token_budget,
             total_item_count=response.total_item_count,
             omitted_item_count=response.omitted_item_count,
+            strategy=strategy_from_proto(response.strategy),
+            summary=summary,
+            retrieved=[
+                RetrievedItem(StoredItem.from_proto(r.item), r.score)
+                for r in response.retrieved_items
+            ],
+            query=response.query,
+            summary_lag=response.summary_lag,
         )
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """The context as openai-agents input items, in order: the summary as a
+        system message, the retrieved items, then the recent items."""
+        out: list[dict[str, Any]] = []
+        if self.summary is not None:
+            out.append(
+                {
+                    "role": "system",
+                    "content": "Summary of the earlier conversation "
+                    f"(items {self.summary.first_seq}-{self.summary.last_seq}):\n"
+                    + self.summary.text,
+                }
+            )
+        out.extend(r.item.data for r in self.retrieved)
+        out.extend(i.data for i in self.items)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +190,8 @@ class SessionInfo:
     ttl: timedelta | None
     persist: bool
     effective_ttl: timedelta | None
+    context_strategy: str | None = None
+    tier_shares: TierShares | None = None
 
     @classmethod
     def from_proto(cls, session: pb.Session) -> SessionInfo:
@@ -116,6 +208,10 @@ class SessionInfo:
             ttl=_duration(session.settings.ttl, session.settings.HasField("ttl")),
             persist=session.settings.persist,
             effective_ttl=_duration(session.effective_ttl, session.HasField("effective_ttl")),
+            context_strategy=strategy_from_proto(session.settings.context_strategy),
+            tier_shares=TierShares.from_proto(session.settings.tier_shares)
+            if session.settings.HasField("tier_shares")
+            else None,
         )
 
 

@@ -6,6 +6,7 @@ so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
     <prefix>:{<tenant>:<session>}:m   meta hash (etag parts, counters, settings)
     <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<Item bytes>"
     <prefix>:{<tenant>:<session>}:r   request ids already applied -> response
+    <prefix>:{<tenant>:<session>}:s   the stored summary (text + covered seq range)
     <prefix>:idx:{<tenant>}           sorted set of the tenant's session ids
 
 The log list only changes at its tail (append, pop) or as a whole (delete,
@@ -49,10 +50,26 @@ class SessionHead:
     create_ms: int
     update_ms: int
     pttl_ms: int
+    strategy: int = 0
+    shares: str = ""
+    log_tokens: int = -1
+    summary_upto: int = 0
 
     @property
     def etag(self) -> str:
         return f"{self.incarnation}.{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRecord:
+    """A stored summary: `text` (sealed if encryption is on) covers seqs
+    first_seq..last_seq of incarnation `incarnation`."""
+
+    incarnation: str
+    first_seq: int
+    last_seq: int
+    text: bytes
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +130,10 @@ class SessionKeys:
     meta: str
     log: str
     requests: str
+    summary: str
 
     def as_list(self) -> list[str]:
-        return [self.meta, self.log, self.requests]
+        return [self.meta, self.log, self.requests, self.summary]
 
 
 def _load_scripts() -> dict[str, str]:
@@ -136,11 +154,28 @@ async def _reraise(error: Exception) -> None:
     raise error
 
 
+HEAD_FIELDS = (
+    "inc",
+    "ver",
+    "last",
+    "n",
+    "trunc",
+    "ttl",
+    "ctime",
+    "mtime",
+    "strat",
+    "shares",
+    "tok",
+)
+
+
 def _parse_head(raw: Sequence[Any]) -> SessionHead | None:
+    """A head from the HEAD_FIELDS values, then PTTL, then the summary's upto."""
     if not raw or raw[0] is None:
         return None
-    inc, ver, last, count, trunc, ttl, ctime, mtime = raw[:8]
-    pttl = int(raw[8]) if len(raw) > 8 and raw[8] is not None else -1
+    inc, ver, last, count, trunc, ttl, ctime, mtime, strat, shares, tok = raw[:11]
+    pttl = int(raw[11]) if len(raw) > 11 and raw[11] is not None else -1
+    upto = int(raw[12]) if len(raw) > 12 and raw[12] is not None else 0
     return SessionHead(
         incarnation=inc.decode(),
         version=int(ver or 0),
@@ -151,6 +186,10 @@ def _parse_head(raw: Sequence[Any]) -> SessionHead | None:
         create_ms=int(ctime or 0),
         update_ms=int(mtime or ctime or 0),
         pttl_ms=pttl,
+        strategy=int(strat or 0),
+        shares=shares.decode() if shares else "",
+        log_tokens=int(tok) if tok is not None else -1,
+        summary_upto=upto,
     )
 
 
@@ -209,7 +248,9 @@ class RedisStorage:
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
         base = f"{self._prefix}:{{{tenant}:{session_id}}}"
-        return SessionKeys(meta=f"{base}:m", log=f"{base}:l", requests=f"{base}:r")
+        return SessionKeys(
+            meta=f"{base}:m", log=f"{base}:l", requests=f"{base}:r", summary=f"{base}:s"
+        )
 
     def index_key(self, tenant: str) -> str:
         return f"{self._prefix}:idx:{{{tenant}}}"
@@ -290,6 +331,7 @@ class RedisStorage:
         expected_etag: str,
         new_incarnation: str,
         now_ms: int,
+        tokens: int = 0,
     ) -> AppendOutcome:
         keys = self.keys(tenant, session_id)
         args: list[bytes | str | int] = [
@@ -298,6 +340,7 @@ class RedisStorage:
             self.default_ttl_seconds,
             now_ms,
             new_incarnation,
+            tokens,
             *payloads,
         ]
         # The index entry goes first (in the same round trip): a crash between
@@ -335,7 +378,11 @@ class RedisStorage:
         allow_missing: bool,
         new_incarnation: str,
         now_ms: int,
+        strategy: int | None = None,
+        shares: str | None = None,
     ) -> SessionHead | None:
+        """Changes settings; None leaves a setting as it is (strategy 0 and
+        shares "" reset to the service default)."""
         keys = self.keys(tenant, session_id)
         args: list[str | int] = [
             expected_etag,
@@ -344,6 +391,8 @@ class RedisStorage:
             new_incarnation,
             "1" if allow_missing else "0",
             "" if ttl_setting is None else str(ttl_setting),
+            "" if strategy is None else str(strategy),
+            "" if shares is None else (shares or "-"),
         ]
         may_create = allow_missing and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
@@ -398,7 +447,7 @@ class RedisStorage:
         pipe = self._redis.pipeline(transaction=False)
         for session_id in session_ids:
             meta = self.keys(tenant, session_id).meta
-            pipe.hmget(meta, "inc", "ver", "last", "n", "trunc", "ttl", "ctime", "mtime")
+            pipe.hmget(meta, *HEAD_FIELDS)
             pipe.pttl(meta)
         replies = await self._call("heads", pipe.execute())
         return [_parse_head([*replies[i], replies[i + 1]]) for i in range(0, len(replies), 2)]
@@ -415,6 +464,51 @@ class RedisStorage:
     async def index_remove(self, tenant: str, session_ids: Sequence[str]) -> None:
         if session_ids:
             await self._call("index_remove", self._redis.zrem(self.index_key(tenant), *session_ids))
+
+    # -- summaries ------------------------------------------------------------
+
+    async def summary(self, tenant: str, session_id: str) -> SummaryRecord | None:
+        """The stored summary of the session (of whichever incarnation wrote it)."""
+        key = self.keys(tenant, session_id).summary
+        values: list[Any] = await self._call(
+            "summary_get", self._redis.hmget(key, "inc", "from", "upto", "text", "tok")
+        )
+        inc, first, upto, text, tok = values
+        if inc is None or upto is None:
+            return None
+        return SummaryRecord(
+            inc.decode(), int(first or 1), int(upto), bytes(text or b""), int(tok or 0)
+        )
+
+    async def commit_summary(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        incarnation: str,
+        trunc: int,
+        expected_upto: int,
+        first_seq: int,
+        last_seq: int,
+        text: bytes,
+        tokens: int,
+    ) -> str:
+        """Stores a summary of first_seq..last_seq if the stored one still covers
+        exactly up to `expected_upto` (compare-and-set). Returns "ok",
+        "conflict" (another writer moved it) or "stale" (the log changed)."""
+        keys = self.keys(tenant, session_id)
+        args: list[bytes | str | int] = [
+            incarnation,
+            trunc,
+            expected_upto,
+            last_seq,
+            first_seq,
+            text,
+            tokens,
+        ]
+        reply = await self._script("summary_commit", keys.as_list(), args)
+        status: str = reply[0].decode()
+        return status
 
     # -- workflows ------------------------------------------------------------
 

@@ -2,9 +2,14 @@
 -- this file at the "--- name" markers. Every script takes the session's keys in
 -- the same order, all in one hash slot:
 --   KEYS[1] meta hash   KEYS[2] log list   KEYS[3] request-id hash
+--   KEYS[4] summary hash (inc, upto, from, text, tok: a summary of seqs
+--           from..upto of incarnation inc; beside the log, never part of it)
 -- meta fields: inc (incarnation id), ver (version), last (newest seq ever
 -- assigned), n (items in the log), trunc (count of pops, so caches know whether
--- the log only grew), ttl (0 default, -1 persist, >0 seconds), ctime, mtime (ms).
+-- the log only grew), ttl (0 default, -1 persist, >0 seconds), ctime, mtime (ms),
+-- strat (context strategy number, absent = service default), shares (tier
+-- shares "recent,summary,retrieval", absent = service default), tok (tokens
+-- of the items appended, as counted by the service).
 -- The etag of a session is inc .. "." .. ver; of a missing session "0".
 
 --- common
@@ -15,7 +20,7 @@ end
 
 local function apply_ttl(ttl_setting, default_ttl)
   local ttl = tonumber(ttl_setting) or 0
-  for i = 1, 3 do
+  for i = 1, #KEYS do
     if ttl < 0 then
       redis.call('PERSIST', KEYS[i])
     else
@@ -25,13 +30,19 @@ local function apply_ttl(ttl_setting, default_ttl)
 end
 
 local function head()
-  local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'trunc', 'ttl', 'ctime', 'mtime')
-  if h[1] then h[9] = redis.call('PTTL', KEYS[1]) end
+  local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'trunc', 'ttl', 'ctime',
+    'mtime', 'strat', 'shares', 'tok')
+  if h[1] then
+    h[12] = redis.call('PTTL', KEYS[1])
+    local s = redis.call('HMGET', KEYS[4], 'inc', 'upto')
+    h[13] = (s[1] == h[1] and s[2]) or '0'
+  end
   return h
 end
 
 --- append
--- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation, payload...
+-- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
+--       tokens of the payloads, payload...
 -- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}.
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local field = 'a:' .. request_id
@@ -43,7 +54,7 @@ local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'ttl')
 local inc = h[1]
 local current = etag_of(inc, h[2])
 if expected ~= '' and expected ~= current then return {'conflict', current} end
-local count = #ARGV - 5
+local count = #ARGV - 6
 local response
 if count == 0 then
   response = current .. ' 0 0'
@@ -58,13 +69,13 @@ if inc then
   ver, last, n, ttl = tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
 else
   -- A new incarnation never inherits what an expiring predecessor left behind.
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
   inc = ARGV[5]
   redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
 end
 local batch = {}
 for i = 1, count do
-  batch[#batch + 1] = (last + i) .. ':' .. ARGV[5 + i]
+  batch[#batch + 1] = (last + i) .. ':' .. ARGV[6 + i]
   if #batch == 500 then
     redis.call('RPUSH', KEYS[2], unpack(batch))
     batch = {}
@@ -73,6 +84,7 @@ end
 if #batch > 0 then redis.call('RPUSH', KEYS[2], unpack(batch)) end
 ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver, 'last', last + count, 'n', n + count, 'mtime', now)
+redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
 response = etag_of(inc, ver) .. ' ' .. (last + 1) .. ' ' .. (last + count)
 if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
 apply_ttl(ttl, default_ttl)
@@ -101,6 +113,10 @@ else
   local ver = tonumber(h[2]) + 1
   redis.call('HSET', KEYS[1], 'ver', ver, 'n', tonumber(h[3]) - 1,
     'trunc', tonumber(h[4]) + 1, 'mtime', now)
+  -- A summary that covers the popped item no longer describes the log.
+  local s = redis.call('HMGET', KEYS[4], 'inc', 'upto')
+  local popped = tonumber(string.match(entry, '^(%d+):'))
+  if s[1] == inc and popped and tonumber(s[2]) >= popped then redis.call('DEL', KEYS[4]) end
   response = etag_of(inc, ver) .. ' ' .. entry
 end
 if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
@@ -109,7 +125,9 @@ return {'ok', response}
 
 --- update
 -- ARGV: expected etag, default ttl (s), now (ms), new incarnation,
---       allow_missing ('1'|'0'), new ttl setting ('' = unchanged).
+--       allow_missing ('1'|'0'), new ttl setting ('' = unchanged),
+--       strategy ('' = unchanged, '0' = service default), shares ('' =
+--       unchanged, '-' = service default).
 -- Returns {'ok', head} or {'conflict', etag} or {'missing', ''}.
 local expected, default_ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
@@ -120,13 +138,17 @@ local ver, ttl = 0, 0
 if inc then
   ver, ttl = tonumber(h[2]), tonumber(h[3])
 elseif ARGV[5] == '1' then
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
   redis.call('HSET', KEYS[1], 'inc', ARGV[4], 'ctime', now, 'trunc', 0, 'last', 0, 'n', 0)
 else
   return {'missing', ''}
 end
 if ARGV[6] ~= '' then ttl = tonumber(ARGV[6]) end
 redis.call('HSET', KEYS[1], 'ver', ver + 1, 'ttl', ttl, 'mtime', now)
+if ARGV[7] == '0' then redis.call('HDEL', KEYS[1], 'strat')
+elseif ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'strat', ARGV[7]) end
+if ARGV[8] == '-' then redis.call('HDEL', KEYS[1], 'shares')
+elseif ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'shares', ARGV[8]) end
 apply_ttl(ttl, default_ttl)
 return {'ok', head()}
 
@@ -136,7 +158,7 @@ local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
 local current = etag_of(h[1], h[2])
 if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
 if not h[1] then return {'missing', current} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {'ok', current}
 
 --- read
@@ -174,6 +196,26 @@ if not entries then
 end
 for i = 1, #entries do result[i + 2] = entries[i] end
 return result
+
+--- summary_commit
+-- ARGV: incarnation, trunc, expected covered-up-to seq ('0' = none yet), new
+--       covered-up-to seq, first covered seq, summary text, its tokens.
+-- The compare-and-set of the background summarizer: commits only if the
+-- session is still the incarnation (and pop count) the summary was built
+-- from, and the stored summary still covers exactly what it was folded onto.
+-- Returns {'ok', upto} or {'conflict', current upto} or {'stale', ''}.
+local h = redis.call('HMGET', KEYS[1], 'inc', 'trunc', 'last')
+if not h[1] or h[1] ~= ARGV[1] or (h[2] or '0') ~= ARGV[2] then return {'stale', ''} end
+if tonumber(ARGV[4]) > tonumber(h[3]) then return {'stale', ''} end
+local s = redis.call('HMGET', KEYS[4], 'inc', 'upto')
+local upto = '0'
+if s[1] == ARGV[1] then upto = s[2] end
+if upto ~= ARGV[3] then return {'conflict', upto} end
+redis.call('HSET', KEYS[4], 'inc', ARGV[1], 'upto', ARGV[4], 'from', ARGV[5], 'text', ARGV[6],
+  'tok', ARGV[7])
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > 0 then redis.call('PEXPIRE', KEYS[4], pttl) else redis.call('PERSIST', KEYS[4]) end
+return {'ok', ARGV[4]}
 
 --- workflow_update
 -- KEYS[1] workflow hash (inc, ver, body, ctime, mtime).

@@ -1,0 +1,171 @@
+"""The compression parts a state service runs with, built from its settings,
+and the mapping between the API's ContextStrategy numbers and Strategy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from state_service.compression.embeddings import Embedder, EmbeddingError
+from state_service.compression.memory import MemoryStore, RangeReader
+from state_service.compression.strategies import Shares, Strategy
+from state_service.compression.summarizer import (
+    ExtractiveSummarizer,
+    LLMSummarizer,
+    Summarizer,
+)
+from state_service.compression.worker import (
+    CompressionPolicy,
+    Compressor,
+    SummaryCodec,
+    SummaryReader,
+)
+from state_service.settings import StateServiceSettings
+from state_service.storage.redis import RedisStorage, SessionHead
+from state_service.tokens import TokenCounter
+from statecar.state.v1 import state_service_pb2 as pb
+
+STRATEGY_OF_PROTO: dict[pb.ContextStrategy.ValueType, Strategy] = {
+    pb.CONTEXT_STRATEGY_SLIDING_WINDOW: Strategy.SLIDING_WINDOW,
+    pb.CONTEXT_STRATEGY_TOKEN_WINDOW: Strategy.TOKEN_WINDOW,
+    pb.CONTEXT_STRATEGY_SUMMARY: Strategy.SUMMARY,
+    pb.CONTEXT_STRATEGY_RETRIEVAL: Strategy.RETRIEVAL,
+    pb.CONTEXT_STRATEGY_TIERED: Strategy.TIERED,
+}
+PROTO_OF_STRATEGY = {strategy: number for number, strategy in STRATEGY_OF_PROTO.items()}
+
+
+@dataclass
+class Compression:
+    default_strategy: Strategy
+    default_shares: Shares
+    sliding_window_items: int
+    memories: MemoryStore
+    summaries: SummaryReader
+    compressor: Compressor | None
+    embedder: Embedder | None
+    embed_timeout: float
+
+    def strategy_of(self, head: SessionHead | None) -> Strategy:
+        if head is not None and head.strategy:
+            found = STRATEGY_OF_PROTO.get(pb.ContextStrategy.ValueType(head.strategy))
+            if found is not None:
+                return found
+        return self.default_strategy
+
+    def shares_of(self, head: SessionHead | None) -> Shares:
+        if head is not None and head.shares:
+            decoded = Shares.decode(head.shares)
+            if decoded is not None and decoded.problem() is None:
+                return decoded
+        return self.default_shares
+
+    async def embed_query(self, query: str) -> Sequence[float] | None:
+        """The query's vector, or None (no endpoint, or it failed or was slow:
+        retrieval then stays lexical)."""
+        if self.embedder is None or not query:
+            return None
+        try:
+            (vector,) = await asyncio.wait_for(self.embedder.embed([query]), self.embed_timeout)
+        except (EmbeddingError, TimeoutError):
+            return None
+        return vector
+
+    def start(self) -> None:
+        if self.compressor is not None:
+            self.compressor.start()
+
+    async def stop(self) -> None:
+        if self.compressor is not None:
+            await self.compressor.stop()
+
+    def clear(self) -> None:
+        self.memories.clear()
+
+
+def _openai_client(base_url: str, api_key: str, timeout: float) -> Any:
+    from openai import AsyncOpenAI
+
+    # Retries are ours to decide (the summarizer just lags); keep calls bounded.
+    return AsyncOpenAI(
+        base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=0
+    )
+
+
+def build_compression(
+    settings: StateServiceSettings,
+    storage: RedisStorage,
+    counter: TokenCounter,
+    read_range: RangeReader,
+    *,
+    seal: Callable[[str, str, bytes], bytes] | None = None,
+    open_: Callable[[str, str, bytes], bytes] | None = None,
+    summarizer: Summarizer | None = None,
+) -> Compression:
+    default_strategy = Strategy(settings.default_context_strategy)
+    memories = MemoryStore(
+        read_range,
+        max_sessions=settings.retrieval_max_sessions,
+        ttl_seconds=settings.cache_ttl_seconds,
+        max_items=settings.retrieval_max_items,
+    )
+    codec = SummaryCodec(seal, open_)
+    summaries = SummaryReader(storage, codec, settings.retrieval_max_sessions)
+    embedder = None
+    if settings.embeddings_base_url:
+        embedder = Embedder(
+            _openai_client(
+                settings.embeddings_base_url,
+                settings.embeddings_api_key.get_secret_value(),
+                settings.embeddings_timeout_seconds,
+            ),
+            model=settings.embeddings_model,
+            timeout=settings.embeddings_timeout_seconds,
+        )
+    if summarizer is None and settings.summarizer == "extractive":
+        summarizer = ExtractiveSummarizer(counter, max_tokens=settings.summary_max_tokens)
+    elif summarizer is None and settings.summarizer == "llm":
+        summarizer = LLMSummarizer(
+            _openai_client(
+                settings.summarizer_base_url,
+                settings.summarizer_api_key.get_secret_value(),
+                settings.summarizer_timeout_seconds,
+            ),
+            model=settings.summarizer_model,
+            counter=counter,
+            max_tokens=settings.summary_max_tokens,
+            timeout=settings.summarizer_timeout_seconds,
+        )
+    compression = Compression(
+        default_strategy=default_strategy,
+        default_shares=Shares(
+            settings.tier_recent_share, settings.tier_summary_share, settings.tier_retrieval_share
+        ),
+        sliding_window_items=settings.sliding_window_items,
+        memories=memories,
+        summaries=summaries,
+        compressor=None,
+        embedder=embedder,
+        embed_timeout=settings.embeddings_timeout_seconds,
+    )
+    if summarizer is not None or embedder is not None:
+        compression.compressor = Compressor(
+            storage,
+            memories,
+            summaries,
+            summarizer,
+            codec,
+            counter,
+            policy=CompressionPolicy(
+                keep_recent_items=settings.summary_keep_recent_items,
+                min_batch_items=settings.summary_min_batch_items,
+                max_batch_items=settings.summary_max_batch_items,
+            ),
+            wants_summary=lambda head: compression.strategy_of(head).uses_summary,
+            wants_embeddings=lambda head: compression.strategy_of(head).uses_retrieval,
+            embedder=embedder,
+            workers=settings.compression_workers,
+        )
+    return compression

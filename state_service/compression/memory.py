@@ -1,0 +1,209 @@
+"""Per-session retrieval memory held in process: every item of a session's log
+(up to a limit) with its text, a BM25 index and, when an embeddings endpoint
+is configured, its vector.
+
+Like the tail cache, it holds only immutable things (log entries at indexes of
+one incarnation and pop count) and is never the authority: it is rebuilt from
+Redis when lost, stale or evicted, and caught up incrementally otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import TTLCache
+
+from state_service.compression import text as textlib
+from state_service.compression.bm25 import BM25Index
+from state_service.compression.summarizer import SummaryInput
+from state_service.context import LogEntry
+from state_service.storage.redis import SessionHead
+
+# Reads an inclusive index range of the log: the head at that moment and the
+# decoded entries.
+RangeReader = Callable[
+    [str, str, int, int], Awaitable[tuple[SessionHead | None, tuple[LogEntry, ...]]]
+]
+FETCH_CHUNK = 1000
+HYBRID_LEXICAL_WEIGHT = 0.5
+
+
+class StaleMemory(Exception):
+    """The log changed under a catch-up (pop, delete): try again from scratch."""
+
+
+def _describe_text(entry: LogEntry) -> tuple[str, str]:
+    try:
+        data: Any = json.loads(entry.item.json)
+    except ValueError:
+        return "other", ""
+    return textlib.item_role(data), textlib.item_text(data)
+
+
+@dataclass
+class SessionMemory:
+    incarnation: str
+    trunc: int
+    start_index: int
+    entries: list[LogEntry] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    index: BM25Index = field(default_factory=BM25Index)
+    vectors: list[list[float] | None] = field(default_factory=list)
+    # call_id -> positions of the call and its outputs (a retrieval unit).
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    total_tokens: int = 0
+
+    @property
+    def end_index(self) -> int:
+        return self.start_index + len(self.entries)
+
+    def extend(self, entries: Sequence[LogEntry]) -> None:
+        for entry in entries:
+            position = len(self.entries)
+            role, text = _describe_text(entry)
+            self.entries.append(entry)
+            self.roles.append(role)
+            self.texts.append(text)
+            self.vectors.append(None)
+            self.index.add(textlib.terms(text))
+            self.total_tokens += entry.tokens
+            key = entry.call_id or entry.output_of
+            if key:
+                self.groups.setdefault(key, []).append(position)
+
+    def position_of(self, log_index: int) -> int:
+        return log_index - self.start_index
+
+    def inputs(self, positions: Sequence[int]) -> list[SummaryInput]:
+        return [SummaryInput(self.entries[p].seq, self.roles[p], self.texts[p]) for p in positions]
+
+    def unembedded(self, limit: int) -> list[int]:
+        return [p for p, v in enumerate(self.vectors) if v is None][:limit]
+
+    def unit(self, position: int) -> list[int]:
+        entry = self.entries[position]
+        key = entry.call_id or entry.output_of
+        if not key:
+            return [position]
+        return sorted(self.groups.get(key, [position]))
+
+    def search(
+        self,
+        query: str,
+        *,
+        below_index: int,
+        budget: int,
+        query_vector: Sequence[float] | None = None,
+    ) -> list[tuple[LogEntry, float]]:
+        """The most relevant older items (log index < below_index) that fit
+        `budget` tokens, as whole units (a call with its outputs), in log order."""
+        below = self.position_of(below_index)
+        if below <= 0 or budget <= 0:
+            return []
+        scores = self.index.scores(textlib.terms(query), below=below)
+        if query_vector is not None:
+            scores = self._hybrid(scores, query_vector, below)
+        units: dict[tuple[int, ...], float] = {}
+        for position, score in scores.items():
+            if score <= 0:
+                continue
+            members = tuple(self.unit(position))
+            if members[-1] >= below or members[0] < 0:
+                continue  # would split a call from its output across the cut
+            units[members] = max(units.get(members, 0.0), score)
+        chosen: list[tuple[int, float]] = []
+        used = 0
+        for members, score in sorted(units.items(), key=lambda u: (-u[1], -u[0][0])):
+            cost = sum(self.entries[p].tokens for p in members)
+            if used + cost > budget:
+                continue
+            used += cost
+            chosen.extend((p, score) for p in members)
+        chosen.sort()
+        return [(self.entries[p], score) for p, score in chosen]
+
+    def _hybrid(
+        self, lexical: dict[int, float], query_vector: Sequence[float], below: int
+    ) -> dict[int, float]:
+        top = max(lexical.values(), default=0.0) or 1.0
+        combined = {p: HYBRID_LEXICAL_WEIGHT * s / top for p, s in lexical.items()}
+        dense_weight = 1.0 - HYBRID_LEXICAL_WEIGHT
+        for position in range(below):
+            vector = self.vectors[position]
+            if vector is None:
+                continue
+            cosine = sum(a * b for a, b in zip(vector, query_vector, strict=False))
+            if cosine > 0:
+                combined[position] = combined.get(position, 0.0) + dense_weight * cosine
+        return combined
+
+
+class MemoryStore:
+    """The retrieval memories of this replica's recently used sessions."""
+
+    def __init__(
+        self,
+        read_range: RangeReader,
+        *,
+        max_sessions: int = 1000,
+        ttl_seconds: float = 300.0,
+        max_items: int = 20_000,
+    ) -> None:
+        self._read_range = read_range
+        self._memories: TTLCache[tuple[str, str], SessionMemory] = TTLCache(
+            maxsize=max_sessions, ttl=ttl_seconds
+        )
+        self.max_items = max_items
+
+    def get(self, tenant: str, session_id: str) -> SessionMemory | None:
+        return self._memories.get((tenant, session_id))
+
+    def drop(self, tenant: str, session_id: str) -> None:
+        self._memories.pop((tenant, session_id), None)
+
+    def clear(self) -> None:
+        self._memories.clear()
+
+    async def sync(
+        self,
+        tenant: str,
+        session_id: str,
+        head: SessionHead,
+        tail_start: int | None = None,
+        tail: Sequence[LogEntry] = (),
+    ) -> SessionMemory:
+        """The session's memory caught up to `head` (whose newest entries from
+        log index `tail_start` on are `tail`, already read)."""
+        key = (tenant, session_id)
+        memory = self._memories.get(key)
+        if (
+            memory is None
+            or memory.incarnation != head.incarnation
+            or memory.trunc != head.trunc
+            or head.item_count - memory.start_index > 2 * self.max_items
+        ):
+            memory = SessionMemory(
+                head.incarnation, head.trunc, max(0, head.item_count - self.max_items)
+            )
+            self._memories[key] = memory
+        fetch_until = head.item_count if tail_start is None else tail_start
+        while memory.end_index < fetch_until:
+            begin = memory.end_index
+            stop = min(fetch_until, begin + FETCH_CHUNK) - 1
+            now, entries = await self._read_range(tenant, session_id, begin, stop)
+            if now is None or now.incarnation != head.incarnation or now.trunc != head.trunc:
+                self.drop(tenant, session_id)
+                raise StaleMemory(session_id)
+            if memory.end_index == begin:  # nobody caught up meanwhile
+                memory.extend(entries)
+            if not entries:
+                break
+        if tail_start is not None and memory.end_index >= tail_start:
+            memory.extend(tail[memory.end_index - tail_start :])
+        # Keep the map fresh for LRU/TTL purposes.
+        self._memories[key] = memory
+        return memory

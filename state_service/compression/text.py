@@ -1,0 +1,117 @@
+"""The text of log items, as summarizers and retrievers see it."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_WORD = re.compile(r"[0-9a-z]+(?:['’.][0-9a-z]+)*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9#])|\n+")
+
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it
+    its itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself yourselves
+    s t don't i'm it's let's ok okay yes yeah please thanks thank hi hello hey""".split()
+)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text") or part.get("refusal") or ""
+                if isinstance(text, str):
+                    parts.append(text)
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(p for p in parts if p)
+    return ""
+
+
+def item_role(data: Any) -> str:
+    """user, assistant, system, tool (a call or its output) or other."""
+    if not isinstance(data, dict):
+        return "other"
+    kind = data.get("type")
+    if isinstance(kind, str) and (kind.endswith("_call") or kind.endswith("_call_output")):
+        return "tool"
+    role = data.get("role")
+    return role if isinstance(role, str) and role else "other"
+
+
+def item_text(data: Any) -> str:
+    """The human-readable text of one openai-agents input item ("" if none)."""
+    if not isinstance(data, dict):
+        return ""
+    kind = data.get("type")
+    if isinstance(kind, str) and kind.endswith("_call_output"):
+        output = data.get("output")
+        return output if isinstance(output, str) else _content_text(output)
+    if isinstance(kind, str) and kind.endswith("_call"):
+        name = data.get("name") if isinstance(data.get("name"), str) else kind
+        arguments = data.get("arguments")
+        return f"{name}({arguments if isinstance(arguments, str) else ''})"
+    if kind == "reasoning":
+        summary = data.get("summary")
+        return _content_text(summary)
+    return _content_text(data.get("content"))
+
+
+def item_text_of_json(raw: bytes) -> tuple[str, str]:
+    """(role, text) of an item's JSON."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return "other", ""
+    return item_role(data), item_text(data)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (numbers kept, trailing punctuation dropped)."""
+    return _WORD.findall(text.lower())
+
+
+def terms(text: str) -> list[str]:
+    """The words of `text` that carry meaning for retrieval (no stopwords),
+    lightly stemmed so "flights" finds "flight"."""
+    out = []
+    for word in words(text):
+        if word in STOPWORDS:
+            continue
+        out.append(stem(word))
+    return out
+
+
+def stem(word: str) -> str:
+    """A tiny English suffix stripper: enough for plurals and -ing/-ed forms."""
+    if word.isdigit() or len(word) <= 3:
+        return word
+    for suffix, keep in (
+        ("'s", ""),
+        ("’s", ""),
+        ("ies", "y"),
+        ("sses", "ss"),
+        ("ing", ""),
+        ("ed", ""),
+        ("es", ""),
+        ("s", ""),
+    ):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            if suffix == "s" and word.endswith("ss"):
+                return word
+            return word[: len(word) - len(suffix)] + keep
+    return word
+
+
+def sentences(text: str) -> list[str]:
+    """`text` split into sentences and lines, stripped, empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]

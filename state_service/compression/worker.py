@@ -1,0 +1,257 @@
+"""The background summarizer: folds new log items into a session's stored
+summary, off the request path.
+
+Appends (and reads that find the summary lagging) call `notify`; a few worker
+tasks per replica drain a de-duplicated queue. One run reads the session head,
+folds only the items after the stored summary's covered-up-to seq (leaving the
+newest few for the verbatim window), and commits with a compare-and-set on
+covered-up-to in Redis: of two replicas folding the same range, one commits and
+the other finds a conflict and starts over from the new summary. A summarizer
+failure only means the summary lags: appends and reads never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from state_service import metrics
+from state_service.compression.embeddings import Embedder, EmbeddingError
+from state_service.compression.memory import MemoryStore, SessionMemory, StaleMemory
+from state_service.compression.strategies import StoredSummary
+from state_service.compression.summarizer import Summarizer
+from state_service.storage.redis import RedisStorage, SessionHead
+from state_service.tokens import TokenCounter
+
+logger = logging.getLogger("statecar.state.compression")
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionPolicy:
+    keep_recent_items: int = 8
+    min_batch_items: int = 8
+    max_batch_items: int = 200
+    failure_backoff_seconds: float = 5.0
+
+
+class SummaryCodec:
+    """Seals and opens summary text (encryption at rest when configured)."""
+
+    def __init__(
+        self,
+        seal: Callable[[str, str, bytes], bytes] | None = None,
+        open_: Callable[[str, str, bytes], bytes] | None = None,
+    ) -> None:
+        self._seal = seal
+        self._open = open_
+
+    def seal(self, tenant: str, session_id: str, text: str) -> bytes:
+        raw = text.encode()
+        return raw if self._seal is None else self._seal(tenant, session_id, raw)
+
+    def open(self, tenant: str, session_id: str, stored: bytes) -> str:
+        raw = stored if self._open is None else self._open(tenant, session_id, stored)
+        return raw.decode()
+
+
+class SummaryReader:
+    """Stored summaries through a small local cache keyed by (incarnation,
+    covered-up-to): a summary with both fixed never changes."""
+
+    def __init__(self, storage: RedisStorage, codec: SummaryCodec, max_sessions: int) -> None:
+        self._storage = storage
+        self._codec = codec
+        self._cache: LRUCache[tuple[str, str], tuple[str, int, StoredSummary]] = LRUCache(
+            maxsize=max_sessions
+        )
+
+    async def get(self, tenant: str, session_id: str, head: SessionHead) -> StoredSummary | None:
+        if head.summary_upto <= 0:
+            return None
+        key = (tenant, session_id)
+        cached = self._cache.get(key)
+        if cached is not None and cached[:2] == (head.incarnation, head.summary_upto):
+            return cached[2]
+        record = await self._storage.summary(tenant, session_id)
+        if record is None or record.incarnation != head.incarnation:
+            return None
+        summary = StoredSummary(
+            self._codec.open(tenant, session_id, record.text), record.first_seq, record.last_seq
+        )
+        self._cache[key] = (record.incarnation, record.last_seq, summary)
+        return summary
+
+
+class Compressor:
+    def __init__(
+        self,
+        storage: RedisStorage,
+        memories: MemoryStore,
+        summaries: SummaryReader,
+        summarizer: Summarizer | None,
+        codec: SummaryCodec,
+        counter: TokenCounter,
+        *,
+        policy: CompressionPolicy,
+        wants_summary: Callable[[SessionHead], bool],
+        wants_embeddings: Callable[[SessionHead], bool],
+        embedder: Embedder | None = None,
+        workers: int = 1,
+        max_pending: int = 10_000,
+    ) -> None:
+        self._storage = storage
+        self._memories = memories
+        self._summaries = summaries
+        self._summarizer = summarizer
+        self._codec = codec
+        self._counter = counter
+        self.policy = policy
+        self._wants_summary = wants_summary
+        self._wants_embeddings = wants_embeddings
+        self._embedder = embedder
+        self._workers = workers
+        self._queue: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(max_pending)
+        self._pending: set[tuple[str, str]] = set()
+        self._backoff_until: dict[tuple[str, str], float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._busy = 0
+
+    def notify(self, tenant: str, session_id: str, *, force: bool = False) -> None:
+        """Schedules a look at the session (never blocks, never fails)."""
+        key = (tenant, session_id)
+        if key in self._pending:
+            return
+        if self._backoff_until.get(key, 0.0) > time.monotonic():
+            return
+        try:
+            self._queue.put_nowait((tenant, session_id, force))
+        except asyncio.QueueFull:
+            metrics.COMPRESSION_RUNS.labels("dropped").inc()
+            return
+        self._pending.add(key)
+        self._idle.clear()
+
+    def start(self) -> None:
+        for n in range(self._workers):
+            self._tasks.append(asyncio.create_task(self._run(), name=f"compressor-{n}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def idle(self) -> None:
+        """Waits until nothing is queued or running (tests, benchmarks)."""
+        while not (self._queue.empty() and self._busy == 0):
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            tenant, session_id, force = await self._queue.get()
+            self._pending.discard((tenant, session_id))
+            self._busy += 1
+            try:
+                await self.run_once(tenant, session_id, force=force)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("compression of a session failed")
+            finally:
+                self._busy -= 1
+                if self._queue.empty() and self._busy == 0:
+                    self._idle.set()
+
+    async def run_once(self, tenant: str, session_id: str, *, force: bool = False) -> str:
+        """One look at a session: embed new items, fold new items into the
+        summary. Returns the summary outcome: committed, conflict, stale,
+        failed or skipped."""
+        key = (tenant, session_id)
+        head = (await self._storage.read(tenant, session_id, window=0)).head
+        if head is None:
+            return "skipped"
+        summarizer = self._summarizer
+        want_summary = summarizer is not None and (force or self._wants_summary(head))
+        want_vectors = self._embedder is not None and (force or self._wants_embeddings(head))
+        if not (want_summary or want_vectors):
+            return "skipped"
+        try:
+            memory = await self._memories.sync(tenant, session_id, head)
+        except StaleMemory:
+            self.notify(tenant, session_id, force=force)
+            return "stale"
+        if want_vectors and self._embedder is not None:
+            await self._embed(memory)
+        if summarizer is None or not want_summary:
+            return "skipped"
+        covered = head.summary_upto
+        last_eligible = memory.end_index - self.policy.keep_recent_items
+        positions = [
+            p
+            for p in range(max(0, memory.position_of(last_eligible)))
+            if memory.entries[p].seq > covered
+        ]
+        metrics.SUMMARY_LAG.observe(len(positions))
+        if len(positions) < self.policy.min_batch_items:
+            return "skipped"
+        batch = positions[: self.policy.max_batch_items]
+        previous = await self._summaries.get(tenant, session_id, head)
+        if covered and previous is None:
+            return "stale"
+        started = time.perf_counter()
+        try:
+            text = await summarizer.fold(previous.text if previous else "", memory.inputs(batch))
+        except Exception:
+            metrics.COMPRESSION_RUNS.labels("failed").inc()
+            metrics.COMPRESSION_SECONDS.labels(summarizer.name).observe(
+                time.perf_counter() - started
+            )
+            self._backoff_until[key] = time.monotonic() + self.policy.failure_backoff_seconds
+            logger.warning("summarizer failed; the summary of a session lags", exc_info=True)
+            return "failed"
+        metrics.COMPRESSION_SECONDS.labels(summarizer.name).observe(time.perf_counter() - started)
+        first_seq = previous.first_seq if previous else memory.entries[batch[0]].seq
+        if previous is None and memory.start_index > 0:
+            first_seq = memory.entries[0].seq
+        status = await self._storage.commit_summary(
+            tenant,
+            session_id,
+            incarnation=head.incarnation,
+            trunc=head.trunc,
+            expected_upto=covered,
+            first_seq=first_seq,
+            last_seq=memory.entries[batch[-1]].seq,
+            text=self._codec.seal(tenant, session_id, text),
+            tokens=self._counter.count(text.encode()),
+        )
+        result = "committed" if status == "ok" else status
+        metrics.COMPRESSION_RUNS.labels(result).inc()
+        self._backoff_until.pop(key, None)
+        if result != "committed" or len(positions) > len(batch):
+            # More to fold, or someone else moved the summary: look again.
+            self.notify(tenant, session_id, force=force)
+        return result
+
+    async def _embed(self, memory: SessionMemory) -> None:
+        assert self._embedder is not None
+        while True:
+            positions = memory.unembedded(self._embedder.batch)
+            if not positions:
+                return
+            try:
+                vectors = await self._embedder.embed([memory.texts[p] for p in positions])
+            except EmbeddingError:
+                metrics.EMBEDDING_FAILURES.inc()
+                logger.warning("embeddings endpoint failed; retrieval stays lexical")
+                return
+            for position, vector in zip(positions, vectors, strict=True):
+                if position < len(memory.vectors):
+                    memory.vectors[position] = vector
