@@ -63,15 +63,16 @@ def _safe_cuts(entries: Sequence[LogEntry]) -> list[bool]:
     unsafe_through = -1
     safe = []
     for i, entry in enumerate(entries):
+        orphan = entry.output_of is not None and entry.output_of not in open_calls
+        if orphan:
+            # Its call is older than `entries`: nothing up to here (itself
+            # included) may lead.
+            unsafe_through = i
         safe.append(not open_calls and i > unsafe_through)
         if entry.call_id and output_at.get(entry.call_id, -1) > i:
             open_calls.add(entry.call_id)
-        if entry.output_of:
-            if entry.output_of in open_calls:
-                open_calls.discard(entry.output_of)
-            else:
-                # Its call is older than `entries`: nothing up to here may lead.
-                unsafe_through = i
+        if entry.output_of and not orphan:
+            open_calls.discard(entry.output_of)
     return safe
 
 

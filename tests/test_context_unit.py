@@ -63,6 +63,12 @@ def test_output_whose_call_is_outside_the_window_never_leads() -> None:
     assert token_window(log, 15, at_log_start=False).start == 3
 
 
+def test_orphan_output_never_leads_even_when_no_turn_fits() -> None:
+    log = entries(out("old"), call("b"), out("b"), A)
+    # No user turn at all: the newest safe cut, never the orphan output.
+    assert token_window(log, 1000, at_log_start=False).start == 1
+
+
 def test_nothing_fits() -> None:
     log = entries(U, A, tokens=500)
     window = token_window(log, 100, at_log_start=True)

@@ -126,12 +126,14 @@ async def test_get_context_fits_budget_at_turn_boundaries(client: StateClient) -
                 assistant(f"answer {turn} " + "z" * 100),
             ],
         )
-    context = await client.get_context("s", token_budget=500)
+    context = await client.get_context("s", token_budget=500, strategy="token_window")
+    assert context.strategy == "token_window"
     assert 0 < context.token_count <= 500
     assert context.items[0].data["role"] == "user"
     seqs = [i.seq for i in context.items]
     assert seqs == list(range(seqs[0], 81))
     assert context.omitted_item_count == 80 - len(seqs)
+    assert context.summary is None and context.retrieved == []
     whole = await client.get_context("s", token_budget=1_000_000)
     assert len(whole.items) == 80
 

@@ -145,6 +145,39 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
          allow_missing=True,
      ),
      INVALID, "workflow.agent_sessions['a']"),
+    ("unknown strategy", "GetContext",
+     pb.GetContextRequest(session_id="exists", strategy=99),  # type: ignore[arg-type]
+     INVALID, "strategy"),
+    ("shares above one", "GetContext",
+     pb.GetContextRequest(
+         session_id="exists", tier_shares=pb.TierShares(recent=0.6, summary=0.3, retrieval=0.3)
+     ),
+     INVALID, "tier_shares"),
+    ("negative share", "GetContext",
+     pb.GetContextRequest(session_id="exists", tier_shares=pb.TierShares(recent=-0.1, summary=0.5)),
+     INVALID, "tier_shares"),
+    ("NaN share", "GetContext",
+     pb.GetContextRequest(session_id="exists", tier_shares=pb.TierShares(recent=float("nan"))),
+     INVALID, "tier_shares"),
+    ("zero shares", "GetContext",
+     pb.GetContextRequest(session_id="exists", tier_shares=pb.TierShares()),
+     INVALID, "tier_shares"),
+    ("negative max_items", "GetContext", pb.GetContextRequest(session_id="exists", max_items=-1),
+     INVALID, "max_items"),
+    ("update unknown strategy", "UpdateSession",
+     pb.UpdateSessionRequest(
+         session_id="exists",
+         settings=pb.SessionSettings(context_strategy=42),  # type: ignore[arg-type]
+         update_mask=field_mask_pb2.FieldMask(paths=["context_strategy"]),
+     ),
+     INVALID, "settings.context_strategy"),
+    ("update bad shares", "UpdateSession",
+     pb.UpdateSessionRequest(
+         session_id="exists",
+         settings=pb.SessionSettings(tier_shares=pb.TierShares(recent=2.0)),
+         update_mask=field_mask_pb2.FieldMask(paths=["tier_shares"]),
+     ),
+     INVALID, "settings.tier_shares"),
 ]  # fmt: skip
 
 
