@@ -13,13 +13,16 @@ from typing import Any
 
 # Words the fake embedding model treats as one meaning (what lexical search misses).
 SYNONYMS = {"automobile": "car", "vehicle": "car", "physician": "doctor", "medic": "doctor"}
-DIMENSIONS = 64
+DIMENSIONS = 256
+STOPWORDS = frozenset("a an and do i is it my of on the that to what who you your me".split())
 
 
 def embed(text: str) -> list[float]:
-    """A bag of (synonym-folded) words hashed into DIMENSIONS buckets."""
+    """A bag of (synonym-folded) content words hashed into DIMENSIONS buckets."""
     vector = [0.0] * DIMENSIONS
-    for word in re.findall(r"[a-z0-9]+", text.lower()):
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in STOPWORDS:
+            continue
         word = SYNONYMS.get(word, word)
         bucket = int(hashlib.sha1(word.encode()).hexdigest(), 16) % DIMENSIONS
         vector[bucket] += 1.0
@@ -32,6 +35,7 @@ class FakeOpenAI:
     summary_prefix: str = "LLM SUMMARY"
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _server: asyncio.Server | None = None
+    _connections: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -46,6 +50,9 @@ class FakeOpenAI:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
 
     def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -85,6 +92,9 @@ class FakeOpenAI:
         return 404, {"error": {"message": f"no route {path}"}}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
         try:
             while True:
                 request_line = await reader.readline()
@@ -109,7 +119,8 @@ class FakeOpenAI:
                     + payload
                 )
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
+            self._connections.discard(task)
             writer.close()

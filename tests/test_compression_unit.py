@@ -16,8 +16,8 @@ from state_service.compression.memory import SessionMemory
 from state_service.compression.strategies import (
     ContextView,
     Shares,
-    Strategy,
     StoredSummary,
+    Strategy,
     compose,
     sliding_window,
     token_window_view,
@@ -262,9 +262,7 @@ def test_tiered_fills_parts_by_share() -> None:
     log = make_log(random_log(random.Random(9), 200))
     memory = SessionMemory("inc", 0, 0)
     memory.extend(log)
-    summary = StoredSummary(
-        "\n".join(f"#{n} user: Fact {n} is 42." for n in range(1, 100)), 1, 300
-    )
+    summary = StoredSummary("\n".join(f"#{n} user: Fact {n} is 42." for n in range(1, 100)), 1, 300)
     view = compose(
         Strategy.TIERED,
         log[-300:],
@@ -285,9 +283,7 @@ def test_tiered_fills_parts_by_share() -> None:
 
 def test_whole_log_that_fits_is_sent_verbatim() -> None:
     log = make_log([user("a"), assistant("b"), user("c")])
-    view = compose(
-        Strategy.TIERED, log, 0, 1000, shares=Shares(0.4, 0.2, 0.4), counter=COUNTER
-    )
+    view = compose(Strategy.TIERED, log, 0, 1000, shares=Shares(0.4, 0.2, 0.4), counter=COUNTER)
     assert list(view.recent) == log and view.summary is None and not view.retrieved
 
 

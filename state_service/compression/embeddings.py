@@ -24,6 +24,9 @@ class Embedder:
         self._timeout = timeout
         self.batch = batch
 
+    async def close(self) -> None:
+        await self._client.close()
+
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Unit-length vectors of `texts`, in order."""
         if not texts:

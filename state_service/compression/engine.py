@@ -4,8 +4,8 @@ and the mapping between the API's ContextStrategy numbers and Strategy."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from state_service.compression.embeddings import Embedder, EmbeddingError
@@ -47,6 +47,7 @@ class Compression:
     compressor: Compressor | None
     embedder: Embedder | None
     embed_timeout: float
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def strategy_of(self, head: SessionHead | None) -> Strategy:
         if head is not None and head.strategy:
@@ -80,6 +81,8 @@ class Compression:
     async def stop(self) -> None:
         if self.compressor is not None:
             await self.compressor.stop()
+        for close in self.closers:
+            await close()
 
     def clear(self) -> None:
         self.memories.clear()
@@ -138,6 +141,11 @@ def build_compression(
             max_tokens=settings.summary_max_tokens,
             timeout=settings.summarizer_timeout_seconds,
         )
+    closers: list[Callable[[], Awaitable[None]]] = []
+    if embedder is not None:
+        closers.append(embedder.close)
+    if isinstance(summarizer, LLMSummarizer):
+        closers.append(summarizer.close)
     compression = Compression(
         default_strategy=default_strategy,
         default_shares=Shares(
@@ -149,6 +157,7 @@ def build_compression(
         compressor=None,
         embedder=embedder,
         embed_timeout=settings.embeddings_timeout_seconds,
+        closers=closers,
     )
     if summarizer is not None or embedder is not None:
         compression.compressor = Compressor(

@@ -51,7 +51,7 @@ _MONTHS = (
 _DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
 _RELATIVE = "today tomorrow tonight yesterday weekend week month year morning evening".split()
 _DECISION = (
-    "decide decided decision agree agreed chose choose chosen going plan planned book booked "
+    "decide decided decision agree agreed chose choose chosen plan planned book booked "
     "schedule scheduled confirm confirmed settle settled pick picked deadline due budget "
     "order ordered reserve reserved appointment meeting"
 ).split()
@@ -78,6 +78,7 @@ _NOT_NAMES = frozenset(
     + [m.capitalize() for m in _MONTHS + _DAYS]
 )
 _NUMBER = re.compile(r"\d")
+_IDENTIFIER = re.compile(r"\b(?=[A-Za-z-]*\d)(?=\d*[A-Za-z])[A-Za-z0-9-]{3,}\b")
 _CONTACT = re.compile(r"@|https?://|\$|€|£|%")
 _CAPITALIZED = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)?\b")
 _LINE = re.compile(r"#(\d+) (\w+): (.*)")
@@ -96,7 +97,7 @@ def score_sentence(sentence: str) -> tuple[float, bool]:
     if _NUMBER.search(sentence):
         score += 2.0
         kinds.add("number")
-    if _CONTACT.search(sentence):
+    if _CONTACT.search(sentence) or _IDENTIFIER.search(sentence):
         score += 1.0
     for word in words:
         feature = _FEATURE_WORDS.get(word)
@@ -107,6 +108,8 @@ def score_sentence(sentence: str) -> tuple[float, bool]:
     # A capitalized word that does not start the sentence is likely a name.
     if names and not (len(names) == 1 and sentence.startswith(names[0])):
         score += 1.5
+    if sentence.rstrip().endswith("?"):
+        score *= 0.5  # questions ask for facts more often than they state them
     return score, "correction" in kinds
 
 
@@ -266,6 +269,9 @@ class LLMSummarizer:
         self._counter = counter
         self.max_tokens = max_tokens
         self._timeout = timeout
+
+    async def close(self) -> None:
+        await self._client.close()
 
     async def fold(self, previous: str, items: Sequence[SummaryInput]) -> str:
         new = "\n".join(f"#{i.seq} {i.role}: {i.text}" for i in items if i.text)
