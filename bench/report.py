@@ -14,17 +14,24 @@ from bench.common import ROOT
 BEGIN = "<!-- performance:begin -->"
 END = "<!-- performance:end -->"
 RESULTS = ROOT / "bench" / "results"
+# Blocks of BENCHMARKS.md: marker name -> heading. A run rewrites only the
+# blocks it produced sections for.
+BLOCKS = {"performance": "## Performance", "quality": "## Context quality"}
 
 
 @dataclass
 class Report:
     sections: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    blocks: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, title: str, text: str) -> None:
-        block = f"### {title}\n\n{text.strip()}\n"
-        print("\n" + block, flush=True)
-        self.sections.append(block)
+    def add(self, title: str, text: str, block: str = "performance") -> None:
+        section = f"### {title}\n\n{text.strip()}\n"
+        print("\n" + section, flush=True)
+        if block == "performance":
+            self.sections.append(section)
+        else:
+            self.blocks.setdefault(block, []).append(section)
 
     def plot(self, name: str, draw: Any) -> str:
         import matplotlib
@@ -49,12 +56,16 @@ class Report:
             f"took {time.time() - self.started:.0f} s. Client, servers and Redis share the "
             "machine, so absolute figures are pessimistic; the ratios are the point.\n"
         )
-        body = "\n".join([BEGIN, "## Performance", "", header, *self.sections, END])
-        existing = path.read_text() if path.exists() else "# statecar benchmarks\n"
-        if BEGIN in existing and END in existing:
-            before, rest = existing.split(BEGIN, 1)
-            after = rest.split(END, 1)[1]
-            text = before + body + after
-        else:
-            text = existing.rstrip() + "\n\n" + body + "\n"
+        text = path.read_text() if path.exists() else "# statecar benchmarks\n"
+        blocks = dict(self.blocks)
+        if self.sections:
+            blocks["performance"] = self.sections
+        for name, sections in blocks.items():
+            begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+            body = "\n".join([begin, BLOCKS[name], "", header, *sections, end])
+            if begin in text and end in text:
+                before, rest = text.split(begin, 1)
+                text = before + body + rest.split(end, 1)[1]
+            else:
+                text = text.rstrip() + "\n\n" + body + "\n"
         path.write_text(text)
