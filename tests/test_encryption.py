@@ -79,3 +79,28 @@ async def test_sealed_items_are_bound_to_their_session(
         with pytest.raises(StateServiceError) as raised:
             await client.get_context("b")
         assert raised.value.reason == "ENCRYPTION_INTEGRITY"
+
+
+async def test_summaries_are_encrypted_at_rest_too(
+    state_server_factory: StateServerFactory, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"*:k1:{key()}\n")
+    server = await state_server_factory(
+        encryption_keys_file=keys_file, summary_keep_recent_items=0, summary_min_batch_items=1
+    )
+    async with StateClient(server.address) as client:
+        await client.append_items("s", [{"role": "user", "content": f"Remember: {SECRET}."}])
+        for n in range(20):
+            await client.append_items("s", [{"role": "user", "content": f"filler {n} " * 20}])
+        compressor = server.compression.compressor
+        assert compressor is not None
+        await compressor.idle()
+        context = await client.get_context("s", token_budget=400, strategy="summary")
+    assert context.summary is not None and SECRET in context.summary.text
+    r = aioredis.from_url(redis_server.url)
+    try:
+        stored = await r.hget("statecar:{default:s}:s", "text")
+    finally:
+        await r.aclose()
+    assert stored and SECRET.encode() not in stored
