@@ -325,7 +325,9 @@ class TurnRunner:
         streamed: bool,
     ) -> AsyncIterator[pb.ChatEvent]:
         user_item: TResponseInputItem = {"role": "user", "content": request.message}
-        model_input: list[TResponseInputItem] = [item.data for item in context.items]  # type: ignore[misc]
+        # The compressed context: summary (as a system message), retrieved older
+        # items, then the newest items.
+        model_input: list[TResponseInputItem] = context.input_items()  # type: ignore[assignment]
         model_input.append(user_item)
         turn_context = TurnContext(
             request.session_id,
