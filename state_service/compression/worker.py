@@ -122,6 +122,7 @@ class Compressor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = 0
+        self._stopping = False
 
     def notify(self, tenant: str, session_id: str, *, force: bool = False) -> None:
         """Schedules a look at the session (never blocks, never fails)."""
@@ -143,9 +144,16 @@ class Compressor:
             self._tasks.append(asyncio.create_task(self._run(), name=f"compressor-{n}"))
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # A client library may turn a cancellation into an error of its own
+            # (redis-py: a timeout); the flag ends the loop then, and the wait
+            # is bounded either way.
+            _, pending = await asyncio.wait(self._tasks, timeout=5)
+            for task in pending:
+                task.cancel()
         self._tasks.clear()
 
     async def idle(self) -> None:
@@ -155,7 +163,7 @@ class Compressor:
             await self._idle.wait()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             tenant, session_id, force = await self._queue.get()
             self._pending.discard((tenant, session_id))
             self._busy += 1
@@ -164,6 +172,8 @@ class Compressor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 logger.exception("compression of a session failed")
             finally:
                 self._busy -= 1
@@ -182,6 +192,11 @@ class Compressor:
         want_summary = summarizer is not None and (force or self._wants_summary(head))
         want_vectors = self._embedder is not None and (force or self._wants_embeddings(head))
         if not (want_summary or want_vectors):
+            return "skipped"
+        # Seqs bound the uncovered items from above: skip the catch-up when
+        # even that bound is below a batch (the common case after an append).
+        uncovered = head.last_seq - head.summary_upto - self.policy.keep_recent_items
+        if not want_vectors and uncovered < self.policy.min_batch_items:
             return "skipped"
         try:
             memory = await self._memories.sync(tenant, session_id, head)
