@@ -5,11 +5,12 @@ base units (seconds, bytes); counters end in _total. gRPC metrics
 (grpc_server_*) come from serving/grpc_metrics.py. The README's "Metrics"
 section lists every series; monitoring/ holds the rules and the dashboard.
 
-Compression metrics belong beside the compression code's owner and are added
-by it; the rules and dashboard in monitoring/ expect these names:
-statecar_state_summary_lag_items (gauge), statecar_state_compression_runs_total
-{outcome}, statecar_state_compression_duration_seconds (histogram) and
-statecar_state_compression_tokens_saved_total.
+Compression (state_service/compression/) reports
+statecar_state_compression_lag_items (gauge), statecar_state_compression_runs_total
+{outcome}, statecar_state_compression_duration_seconds{summarizer} (histogram),
+statecar_state_compression_tokens_saved_total{strategy} and
+statecar_state_embedding_failures_total; the rules and dashboard in
+monitoring/ use these names.
 """
 
 from __future__ import annotations
@@ -71,23 +72,24 @@ SESSIONS_EXPIRED = Counter(
 )
 CONTEXT_TOKENS = Histogram(
     "statecar_state_context_tokens",
-    "Tokens of the context returned by GetContext, by strategy applied.",
-    ["strategy"],
+    "Tokens of the context returned by GetContext.",
     buckets=(64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
 )
-CONTEXT_TOKENS_SAVED = Counter(
-    "statecar_state_context_tokens_saved_total",
+COMPRESSION_TOKENS_SAVED = Counter(
+    "statecar_state_compression_tokens_saved_total",
     "Tokens of the whole log minus tokens of the context returned, summed over GetContext "
-    "calls, by strategy applied (what compression kept from being sent).",
+    "calls, by strategy applied (what compression kept from being sent; the whole log is "
+    "counted at append, pops not subtracted).",
     ["strategy"],
 )
+COMPRESSION_OUTCOMES = ("ok", "conflict", "stale", "failed", "dropped")
 COMPRESSION_RUNS = Counter(
     "statecar_state_compression_runs_total",
-    "Background summarizer runs that tried to fold new items into a summary, by result: "
-    "committed, conflict (another replica moved the summary first), stale (the log "
+    "Background summarizer runs that folded new items into a summary, by outcome: ok "
+    "(committed), conflict (another replica moved the summary first), stale (the log "
     "changed), failed (the summarizer failed; reads fall back to a window), dropped "
     "(queue full).",
-    ["result"],
+    ["outcome"],
 )
 COMPRESSION_SECONDS = Histogram(
     "statecar_state_compression_duration_seconds",
@@ -95,11 +97,10 @@ COMPRESSION_SECONDS = Histogram(
     ["summarizer"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-SUMMARY_LAG = Histogram(
-    "statecar_state_summary_lag_items",
-    "Items older than the verbatim window not yet covered by the stored summary, observed "
-    "by reads that use a summary and by summarizer runs.",
-    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+SUMMARY_LAG = Gauge(
+    "statecar_state_compression_lag_items",
+    "Items not yet covered by a summary, summed over the sessions this replica's background "
+    "summarizer has looked at recently (older than the verbatim window it leaves alone).",
 )
 EMBEDDING_FAILURES = Counter(
     "statecar_state_embedding_failures_total",
@@ -137,6 +138,8 @@ def initialize(cache_name: str) -> None:
         ETAG_CONFLICTS.labels(operation)
     for operation in REPLAYED_OPERATIONS:
         IDEMPOTENT_REPLAYS.labels(operation)
+    for outcome in COMPRESSION_OUTCOMES:
+        COMPRESSION_RUNS.labels(outcome)
 
 
 @functools.cache

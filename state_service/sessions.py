@@ -333,9 +333,9 @@ class SessionStore:
                 token_budget,
                 used_query,
             )
-        metrics.CONTEXT_TOKENS.labels(view.strategy.value).observe(view.tokens)
+        metrics.CONTEXT_TOKENS.observe(view.tokens)
         if head.log_tokens >= 0:
-            metrics.CONTEXT_TOKENS_SAVED.labels(view.strategy.value).inc(
+            metrics.COMPRESSION_TOKENS_SAVED.labels(view.strategy.value).inc(
                 max(0, head.log_tokens - view.tokens)
             )
         response = pb.GetContextResponse(
@@ -409,10 +409,11 @@ class SessionStore:
             retrieve=retrieve,
         )
         if strategy.uses_summary and not everything_fits:
-            metrics.SUMMARY_LAG.observe(view.summary_lag)
             compressor = compression.compressor
-            if compressor is not None and view.summary_lag >= compressor.policy.min_batch_items:
-                compressor.notify(tenant, session_id, force=True)
+            if compressor is not None:
+                compressor.record_lag(tenant, session_id, view.summary_lag)
+                if view.summary_lag >= compressor.policy.min_batch_items:
+                    compressor.notify(tenant, session_id, force=True)
         return view
 
     async def list_items(

@@ -30,7 +30,7 @@ RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
 # these names. (The agent service's metrics are checked against
 # agent_service/metrics.py itself.)
 COMPRESSION_METRICS = {
-    "statecar_state_summary_lag_items",  # gauge
+    "statecar_state_compression_lag_items",  # gauge
     "statecar_state_compression_runs_total",  # {outcome}
     "statecar_state_compression_duration_seconds",  # histogram
     "statecar_state_compression_tokens_saved_total",

@@ -123,6 +123,12 @@ class Compressor:
         self._idle.set()
         self._busy = 0
         self._stopping = False
+        # Uncovered items per recently seen session: the summary-lag gauge.
+        self._lags: LRUCache[tuple[str, str], int] = LRUCache(maxsize=max_pending)
+        metrics.SUMMARY_LAG.set_function(lambda: float(sum(self._lags.values())))
+
+    def record_lag(self, tenant: str, session_id: str, lag: int) -> None:
+        self._lags[(tenant, session_id)] = lag
 
     def notify(self, tenant: str, session_id: str, *, force: bool = False) -> None:
         """Schedules a look at the session (never blocks, never fails)."""
@@ -185,7 +191,9 @@ class Compressor:
         summary. Returns the summary outcome: committed, conflict, stale,
         failed or skipped."""
         key = (tenant, session_id)
-        head = (await self._storage.read(tenant, session_id, window=0)).head
+        head = (
+            await self._storage.read(tenant, session_id, window=0, operation="compression_head")
+        ).head
         if head is None:
             return "skipped"
         summarizer = self._summarizer
@@ -214,7 +222,7 @@ class Compressor:
             for p in range(max(0, memory.position_of(last_eligible)))
             if memory.entries[p].seq > covered
         ]
-        metrics.SUMMARY_LAG.observe(len(positions))
+        self.record_lag(tenant, session_id, len(positions))
         if len(positions) < self.policy.min_batch_items:
             return "skipped"
         batch = positions[: self.policy.max_batch_items]
@@ -248,7 +256,9 @@ class Compressor:
             tokens=self._counter.count(text.encode()),
         )
         result = "committed" if status == "ok" else status
-        metrics.COMPRESSION_RUNS.labels(result).inc()
+        metrics.COMPRESSION_RUNS.labels(status).inc()
+        if status == "ok":
+            self.record_lag(tenant, session_id, len(positions) - len(batch))
         self._backoff_until.pop(key, None)
         if result != "committed" or len(positions) > len(batch):
             # More to fold, or someone else moved the summary: look again.

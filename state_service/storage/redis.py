@@ -293,17 +293,19 @@ class RedisStorage:
         args: Sequence[bytes | str | int],
         *,
         index_add: tuple[str, str] | None = None,
+        operation: str | None = None,
     ) -> Any:
         """Runs a script by hash (loading it on NOSCRIPT), optionally preceded, in
         the same round trip, by adding a session id to a tenant index."""
         body, sha = self._scripts[name]
+        label = operation or name
         if index_add is None:
             # The common case: one command, no pipeline bookkeeping.
             try:
-                return await self._call(name, self._redis.evalsha(sha, len(keys), *keys, *args))
+                return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
             except redis_errors.NoScriptError:
                 await self._call("script_load", self._redis.script_load(body))
-                return await self._call(name, self._redis.evalsha(sha, len(keys), *keys, *args))
+                return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
         for attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
             if index_add is not None:
@@ -426,6 +428,7 @@ class RedisStorage:
         known: CacheKnowledge | None = None,
         window: int = 0,
         index_range: tuple[int, int] | None = None,
+        operation: str = "read",
     ) -> ReadResult:
         """Reads the head and, atomically with it, either an index range (inclusive,
         negative counts from the end) or what `known` lacks of the newest `window`."""
@@ -437,7 +440,7 @@ class RedisStorage:
         )
         args.append(window)
         args.extend(index_range if index_range is not None else ("", ""))
-        reply = await self._script("read", keys.as_list(), args)
+        reply = await self._script("read", keys.as_list(), args, operation=operation)
         return ReadResult(_parse_head(reply[0]), reply[1].decode(), list(reply[2:]))
 
     async def heads(self, tenant: str, session_ids: Sequence[str]) -> list[SessionHead | None]:
