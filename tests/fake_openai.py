@@ -1,32 +1,60 @@
 """A fake OpenAI-compatible HTTP server on loopback, so tests drive the real
-`openai` client and openai-agents' own OpenAI models.
+`openai` client: openai-agents' own OpenAI models, the LLM summarizer and the
+embeddings of the state service.
 
-It speaks the Responses API (POST /v1/responses, plain and SSE-streamed) and
-Chat Completions (POST /v1/chat/completions, plain), answers from a script of
-steps, and records every request body.
+It speaks the Responses API (POST /v1/responses, plain and SSE-streamed),
+Chat Completions (POST /v1/chat/completions, plain) and Embeddings
+(POST /v1/embeddings: a deterministic bag of synonym-folded words), answers
+from a script of steps, and records every request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# Words the fake embedding model treats as one meaning (what lexical search misses).
+SYNONYMS = {"automobile": "car", "vehicle": "car", "physician": "doctor", "medic": "doctor"}
+DIMENSIONS = 256
+EMBEDDING_STOPWORDS = frozenset(
+    "a an and do i is it my of on the that to what who you your me".split()
+)
+
+
+def embed(text: str) -> list[float]:
+    """A bag of (synonym-folded) content words hashed into DIMENSIONS buckets."""
+    vector = [0.0] * DIMENSIONS
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in EMBEDDING_STOPWORDS:
+            continue
+        word = SYNONYMS.get(word, word)
+        bucket = int(hashlib.sha1(word.encode()).hexdigest(), 16) % DIMENSIONS
+        vector[bucket] += 1.0
+    return vector
+
 
 @dataclass
 class Step:
-    """One model answer: text, or a function call, or an HTTP error; after `delay`."""
+    """One model answer: text (fixed, or computed from the request body), or a
+    function call, or an HTTP error; after `delay`."""
 
     text: str | None = None
     call: tuple[str, dict[str, Any]] | None = None
     status: int = 200
     delay: float = 0.0
+    text_from: Callable[[dict[str, Any]], str] | None = None
+
+    def answer(self, body: dict[str, Any]) -> str:
+        return self.text_from(body) if self.text_from is not None else self.text or ""
 
 
 @dataclass
@@ -34,15 +62,25 @@ class FakeOpenAI:
     steps: list[Step] = field(default_factory=list)
     # Answer when the script is empty.
     default: Step = field(default_factory=lambda: Step(text="default fake reply"))
+    # Request bodies, and the path each was posted to.
     requests: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    base_url: str = ""
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next_step(self, body: dict[str, Any]) -> tuple[Step, int]:
+    def next_step(self, path: str, body: dict[str, Any]) -> tuple[Step, int]:
         with self._lock:
             self.requests.append(body)
+            self.paths.append(path)
             step = self.steps.pop(0) if self.steps else self.default
             return step, next(self._ids)
+
+    def bodies(self, path_suffix: str) -> list[dict[str, Any]]:
+        """The request bodies posted to paths ending in `path_suffix`."""
+        return [
+            b for p, b in zip(self.paths, self.requests, strict=True) if p.endswith(path_suffix)
+        ]
 
     @contextmanager
     def serve(self) -> Iterator[str]:
@@ -55,11 +93,13 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                step, n = fake.next_step(body)
+                step, n = fake.next_step(self.path, body)
                 if step.delay:
                     time.sleep(step.delay)
                 if step.status != 200:
                     self._json(step.status, {"error": {"message": "fake failure", "type": "x"}})
+                elif self.path.endswith("/embeddings"):
+                    self._json(200, _embeddings(body))
                 elif self.path.endswith("/chat/completions"):
                     self._json(200, _chat_completion(step, n, body))
                 elif body.get("stream"):
@@ -88,7 +128,8 @@ class FakeOpenAI:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+            self.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+            yield self.base_url
         finally:
             server.shutdown()
             server.server_close()
@@ -131,7 +172,7 @@ def _output(step: Step, n: int) -> list[dict[str, Any]]:
             "id": f"msg_{n}",
             "role": "assistant",
             "status": "completed",
-            "content": [{"type": "output_text", "text": step.text or "", "annotations": []}],
+            "content": [{"type": "output_text", "text": step.answer({}), "annotations": []}],
         }
     ]
 
@@ -191,7 +232,7 @@ def _stream_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _chat_completion(step: Step, n: int, body: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": step.text}
+    message: dict[str, Any] = {"role": "assistant", "content": step.answer(body)}
     if step.call is not None:
         name, arguments = step.call
         message = {
@@ -218,4 +259,18 @@ def _chat_completion(step: Step, n: int, body: dict[str, Any]) -> dict[str, Any]
             }
         ],
         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body["input"]
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    return {
+        "object": "list",
+        "model": body.get("model", "fake"),
+        "data": [
+            {"object": "embedding", "index": i, "embedding": embed(text)}
+            for i, text in enumerate(inputs)
+        ],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
     }
