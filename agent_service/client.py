@@ -120,6 +120,8 @@ class ChatResult:
     model_requests: int
     context_items: int
     context_tokens: int
+    summary_used: bool
+    retrieval_used: bool
     etag: str
     replayed: bool
     workflow: Workflow | None = None
@@ -137,6 +139,8 @@ class ChatResult:
             model_requests=response.usage.model_requests,
             context_items=response.context.items,
             context_tokens=response.context.tokens,
+            summary_used=response.context.summary_used,
+            retrieval_used=response.context.retrieval_used,
             etag=response.etag,
             replayed=response.replayed,
             workflow=Workflow.from_proto(response.workflow)

@@ -180,10 +180,14 @@ def _reply_of(items: Sequence[tuple[dict[str, Any], str]]) -> tuple[str, str]:
 
 def _context_stats(context: Context) -> pb.ContextStats:
     return pb.ContextStats(
-        items=len(context.items),
+        items=len(context.items) + len(context.retrieved),
         tokens=context.token_count,
         token_budget=context.token_budget,
         omitted_items=context.omitted_item_count,
+        summary_used=context.summary is not None,
+        retrieval_used=bool(context.retrieved),
+        strategy=context.strategy or "",
+        retrieved_items=len(context.retrieved),
     )
 
 

@@ -181,3 +181,21 @@ async def test_items_are_json_objects_a_session_adapter_can_read(
     assert result.items[1].data["name"] == "current_time"
     for item in await client.all_items("s1"):
         json.dumps(item.data)
+
+
+async def test_compressed_context_reaches_the_model(
+    agent_server_factory: AgentServerFactory, tmp_path: Path
+) -> None:
+    # A budget far below the conversation: the state service's default tiered
+    # strategy retrieves the old fact into the context the model is given.
+    config = write_agents_file(tmp_path, "agents:\n  - name: small\n    token_budget: 400\n")
+    server = await agent_server_factory(agents_config=config)
+    async with AgentClient(server.address) as agents:
+        await agents.chat("long", "My locker code is 4471 and my locker is in hall B.")
+        for n in range(40):
+            await agents.chat("long", f"Chit-chat number {n}: the weather is mild and grey today.")
+        result = await agents.chat("long", "What is my locker code?")
+    assert "4471" in result.reply
+    assert result.retrieval_used
+    assert result.raw.context.strategy == "tiered"
+    assert result.context_tokens <= 400

@@ -143,7 +143,8 @@ def _recall(question: str, earlier: list[_Said]) -> str | None:
         return None
     best, best_score = None, 0
     for said in reversed(earlier):  # newest first: a later correction wins a tie
-        if said.role not in ("user", "assistant") or said.text.startswith(PREFIX):
+        # "system" items in the input are the state service's summaries.
+        if said.role not in ("user", "assistant", "system") or said.text.startswith(PREFIX):
             continue
         for sentence in _SENTENCE_END.split(said.text):
             score = len(wanted & _words(sentence))

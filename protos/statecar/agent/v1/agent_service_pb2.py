@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%statecar/agent/v1/agent_service.proto\x12\x11statecar.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\"B\n\x08TurnItem\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\r\n\x05\x61gent\x18\x04 \x01(\t\"g\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x16\n\x0emodel_requests\x18\x04 \x01(\x05\"\x88\x01\n\x0c\x43ontextStats\x12\r\n\x05items\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\x12\x15\n\romitted_items\x18\x04 \x01(\x03\x12\x14\n\x0csummary_used\x18\x05 \x01(\x08\x12\x16\n\x0eretrieval_used\x18\x06 \x01(\x08\"\x9b\x02\n\x0c\x43hatResponse\x12\r\n\x05reply\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12*\n\x05items\x18\x03 \x03(\x0b\x32\x1b.statecar.agent.v1.TurnItem\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.statecar.agent.v1.TokenUsage\x12\x30\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x1f.statecar.agent.v1.ContextStats\x12\x0c\n\x04\x65tag\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12-\n\x08workflow\x18\t \x01(\x0b\x32\x1b.statecar.agent.v1.Workflow\"\x8f\x02\n\tChatEvent\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12?\n\x11tool_call_started\x18\x02 \x01(\x0b\x32\".statecar.agent.v1.ToolCallStartedH\x00\x12\x41\n\x12tool_call_finished\x18\x03 \x01(\x0b\x32#.statecar.agent.v1.ToolCallFinishedH\x00\x12-\n\x07handoff\x18\x04 \x01(\x0b\x32\x1a.statecar.agent.v1.HandoffH\x00\x12\x30\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1f.statecar.agent.v1.ChatResponseH\x00\x42\x07\n\x05\x65vent\"C\n\x0fToolCallStarted\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"3\n\x10ToolCallFinished\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"/\n\x07Handoff\x12\x12\n\nfrom_agent\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"Y\n\x12ListAgentsResponse\x12,\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1c.statecar.agent.v1.AgentInfo\x12\x15\n\rdefault_agent\x18\x02 \x01(\t\"t\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\x05\x12\r\n\x05tools\x18\x05 \x03(\t\x12\x10\n\x08handoffs\x18\x06 \x03(\t\"\xba\x02\n\x08Workflow\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_stage\x18\x02 \x01(\t\x12\x14\n\x0cresults_json\x18\x03 \x01(\x0c\x12\x46\n\x0e\x61gent_sessions\x18\x04 \x03(\x0b\x32..statecar.agent.v1.Workflow.AgentSessionsEntry\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x34\n\x12\x41gentSessionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15UpdateWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_stage\x18\x02 \x01(\t\x12\x14\n\x0cresults_json\x18\x03 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t2\xac\x03\n\x0c\x41gentService\x12G\n\x04\x43hat\x12\x1e.statecar.agent.v1.ChatRequest\x1a\x1f.statecar.agent.v1.ChatResponse\x12L\n\nStreamChat\x12\x1e.statecar.agent.v1.ChatRequest\x1a\x1c.statecar.agent.v1.ChatEvent0\x01\x12Y\n\nListAgents\x12$.statecar.agent.v1.ListAgentsRequest\x1a%.statecar.agent.v1.ListAgentsResponse\x12Q\n\x0bGetWorkflow\x12%.statecar.agent.v1.GetWorkflowRequest\x1a\x1b.statecar.agent.v1.Workflow\x12W\n\x0eUpdateWorkflow\x12(.statecar.agent.v1.UpdateWorkflowRequest\x1a\x1b.statecar.agent.v1.Workflowb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%statecar/agent/v1/agent_service.proto\x12\x11statecar.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\"B\n\x08TurnItem\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\r\n\x05\x61gent\x18\x04 \x01(\t\"g\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x16\n\x0emodel_requests\x18\x04 \x01(\x05\"\xb3\x01\n\x0c\x43ontextStats\x12\r\n\x05items\x18\x01 \x01(\x05\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\x12\x15\n\romitted_items\x18\x04 \x01(\x03\x12\x14\n\x0csummary_used\x18\x05 \x01(\x08\x12\x16\n\x0eretrieval_used\x18\x06 \x01(\x08\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x17\n\x0fretrieved_items\x18\x08 \x01(\x05\"\x9b\x02\n\x0c\x43hatResponse\x12\r\n\x05reply\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12*\n\x05items\x18\x03 \x03(\x0b\x32\x1b.statecar.agent.v1.TurnItem\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.statecar.agent.v1.TokenUsage\x12\x30\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x1f.statecar.agent.v1.ContextStats\x12\x0c\n\x04\x65tag\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12-\n\x08workflow\x18\t \x01(\x0b\x32\x1b.statecar.agent.v1.Workflow\"\x8f\x02\n\tChatEvent\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12?\n\x11tool_call_started\x18\x02 \x01(\x0b\x32\".statecar.agent.v1.ToolCallStartedH\x00\x12\x41\n\x12tool_call_finished\x18\x03 \x01(\x0b\x32#.statecar.agent.v1.ToolCallFinishedH\x00\x12-\n\x07handoff\x18\x04 \x01(\x0b\x32\x1a.statecar.agent.v1.HandoffH\x00\x12\x30\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1f.statecar.agent.v1.ChatResponseH\x00\x42\x07\n\x05\x65vent\"C\n\x0fToolCallStarted\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"3\n\x10ToolCallFinished\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"/\n\x07Handoff\x12\x12\n\nfrom_agent\x18\x01 \x01(\t\x12\x10\n\x08to_agent\x18\x02 \x01(\t\"\x13\n\x11ListAgentsRequest\"Y\n\x12ListAgentsResponse\x12,\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1c.statecar.agent.v1.AgentInfo\x12\x15\n\rdefault_agent\x18\x02 \x01(\t\"t\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\x05\x12\r\n\x05tools\x18\x05 \x03(\t\x12\x10\n\x08handoffs\x18\x06 \x03(\t\"\xba\x02\n\x08Workflow\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_stage\x18\x02 \x01(\t\x12\x14\n\x0cresults_json\x18\x03 \x01(\x0c\x12\x46\n\x0e\x61gent_sessions\x18\x04 \x03(\x0b\x32..statecar.agent.v1.Workflow.AgentSessionsEntry\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x34\n\x12\x41gentSessionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"g\n\x15UpdateWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_stage\x18\x02 \x01(\t\x12\x14\n\x0cresults_json\x18\x03 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t2\xac\x03\n\x0c\x41gentService\x12G\n\x04\x43hat\x12\x1e.statecar.agent.v1.ChatRequest\x1a\x1f.statecar.agent.v1.ChatResponse\x12L\n\nStreamChat\x12\x1e.statecar.agent.v1.ChatRequest\x1a\x1c.statecar.agent.v1.ChatEvent0\x01\x12Y\n\nListAgents\x12$.statecar.agent.v1.ListAgentsRequest\x1a%.statecar.agent.v1.ListAgentsResponse\x12Q\n\x0bGetWorkflow\x12%.statecar.agent.v1.GetWorkflowRequest\x1a\x1b.statecar.agent.v1.Workflow\x12W\n\x0eUpdateWorkflow\x12(.statecar.agent.v1.UpdateWorkflowRequest\x1a\x1b.statecar.agent.v1.Workflowb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,31 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENUSAGE']._serialized_start=269
   _globals['_TOKENUSAGE']._serialized_end=372
   _globals['_CONTEXTSTATS']._serialized_start=375
-  _globals['_CONTEXTSTATS']._serialized_end=511
-  _globals['_CHATRESPONSE']._serialized_start=514
-  _globals['_CHATRESPONSE']._serialized_end=797
-  _globals['_CHATEVENT']._serialized_start=800
-  _globals['_CHATEVENT']._serialized_end=1071
-  _globals['_TOOLCALLSTARTED']._serialized_start=1073
-  _globals['_TOOLCALLSTARTED']._serialized_end=1140
-  _globals['_TOOLCALLFINISHED']._serialized_start=1142
-  _globals['_TOOLCALLFINISHED']._serialized_end=1193
-  _globals['_HANDOFF']._serialized_start=1195
-  _globals['_HANDOFF']._serialized_end=1242
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1244
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1263
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1265
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1354
-  _globals['_AGENTINFO']._serialized_start=1356
-  _globals['_AGENTINFO']._serialized_end=1472
-  _globals['_WORKFLOW']._serialized_start=1475
-  _globals['_WORKFLOW']._serialized_end=1789
-  _globals['_WORKFLOW_AGENTSESSIONSENTRY']._serialized_start=1737
-  _globals['_WORKFLOW_AGENTSESSIONSENTRY']._serialized_end=1789
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1791
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1832
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=1834
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=1937
-  _globals['_AGENTSERVICE']._serialized_start=1940
-  _globals['_AGENTSERVICE']._serialized_end=2368
+  _globals['_CONTEXTSTATS']._serialized_end=554
+  _globals['_CHATRESPONSE']._serialized_start=557
+  _globals['_CHATRESPONSE']._serialized_end=840
+  _globals['_CHATEVENT']._serialized_start=843
+  _globals['_CHATEVENT']._serialized_end=1114
+  _globals['_TOOLCALLSTARTED']._serialized_start=1116
+  _globals['_TOOLCALLSTARTED']._serialized_end=1183
+  _globals['_TOOLCALLFINISHED']._serialized_start=1185
+  _globals['_TOOLCALLFINISHED']._serialized_end=1236
+  _globals['_HANDOFF']._serialized_start=1238
+  _globals['_HANDOFF']._serialized_end=1285
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1287
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1306
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1308
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1397
+  _globals['_AGENTINFO']._serialized_start=1399
+  _globals['_AGENTINFO']._serialized_end=1515
+  _globals['_WORKFLOW']._serialized_start=1518
+  _globals['_WORKFLOW']._serialized_end=1832
+  _globals['_WORKFLOW_AGENTSESSIONSENTRY']._serialized_start=1780
+  _globals['_WORKFLOW_AGENTSESSIONSENTRY']._serialized_end=1832
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1834
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1875
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=1877
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=1980
+  _globals['_AGENTSERVICE']._serialized_start=1983
+  _globals['_AGENTSERVICE']._serialized_end=2411
 # @@protoc_insertion_point(module_scope)

@@ -144,8 +144,12 @@ class ContextStats(_message.Message):
     OMITTED_ITEMS_FIELD_NUMBER: _builtins.int
     SUMMARY_USED_FIELD_NUMBER: _builtins.int
     RETRIEVAL_USED_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    RETRIEVED_ITEMS_FIELD_NUMBER: _builtins.int
     items: _builtins.int
-    """Items of the session log sent to the model (before this turn's input)."""
+    """Items of the session log sent to the model (before this turn's input):
+    retrieved older items plus the recent ones.
+    """
     tokens: _builtins.int
     """Tokens of those items, as counted by the state service."""
     token_budget: _builtins.int
@@ -156,6 +160,10 @@ class ContextStats(_message.Message):
     """Whether a summary of older items was part of the context."""
     retrieval_used: _builtins.bool
     """Whether older items were retrieved into the context by relevance."""
+    strategy: _builtins.str
+    """The context strategy the state service applied ("tiered", "token_window", ...)."""
+    retrieved_items: _builtins.int
+    """Older items retrieved into the context (counted in `items`)."""
     def __init__(
         self,
         *,
@@ -165,10 +173,12 @@ class ContextStats(_message.Message):
         omitted_items: _builtins.int = ...,
         summary_used: _builtins.bool = ...,
         retrieval_used: _builtins.bool = ...,
+        strategy: _builtins.str = ...,
+        retrieved_items: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "omitted_items", b"omitted_items", "retrieval_used", b"retrieval_used", "summary_used", b"summary_used", "token_budget", b"token_budget", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "omitted_items", b"omitted_items", "retrieval_used", b"retrieval_used", "retrieved_items", b"retrieved_items", "strategy", b"strategy", "summary_used", b"summary_used", "token_budget", b"token_budget", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
