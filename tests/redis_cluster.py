@@ -87,6 +87,10 @@ class EmbeddedRedisCluster:
                         # disconnected (tests kill primaries on purpose).
                         "--cluster-replica-validity-factor",
                         "0",
+                        # Shards that still have a primary keep serving while
+                        # another fails over (what docs/RELIABILITY.md advises).
+                        "--cluster-require-full-coverage",
+                        "no",
                         *self.extra_args,
                     ),
                 )
@@ -125,18 +129,19 @@ class EmbeddedRedisCluster:
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
+    def wait_healthy(self, timeout: float = 30.0, *, replicas: bool = True) -> None:
         """Until every live node reports cluster_state:ok and the expected
-        number of primaries, each with its replicas attached."""
+        number of primaries serve slots (each with its replicas attached, if
+        `replicas`)."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._healthy():
+            if self._healthy(replicas=replicas):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not become healthy in time")
             time.sleep(0.1)
 
-    def _healthy(self) -> bool:
+    def _healthy(self, *, replicas: bool) -> bool:
         live = [n for n in self.nodes if n.process is not None and n.process.poll() is None]
         try:
             for node in live:
@@ -148,7 +153,7 @@ class EmbeddedRedisCluster:
             primaries = self.primary_ports()
             if len(primaries) != self.primaries:
                 return False
-            for port in primaries:
+            for port in primaries if replicas else []:
                 with self.client(port) as r:
                     replication = r.info("replication")
                     online = [
@@ -157,11 +162,26 @@ class EmbeddedRedisCluster:
                         if k.startswith("slave") and isinstance(v, dict)
                         if v.get("state") == "online"
                     ]
-                    if len(online) < min(self.replicas, len(live) - self.primaries):
+                    if len(online) < self.replicas:
                         return False
         except (redis.RedisError, OSError):
             return False
         return True
+
+    def wait_failover(self, old_primary: int, timeout: float = 30.0) -> None:
+        """Until a replica has replaced the primary on `old_primary` (which is
+        down) and every slot is served again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                primaries = self.primary_ports()
+                if old_primary not in primaries and self._healthy(replicas=False):
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("no replica took over in time")
+            time.sleep(0.05)
 
     def primary_ports(self) -> list[int]:
         """Ports of the primaries that serve slots, as a live node sees them."""

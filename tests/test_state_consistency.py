@@ -1,5 +1,6 @@
 """Two state-service replicas on one real Redis (one node, and a Redis Cluster):
-retries across replicas and restarts, and cache coherence."""
+concurrent writers, idempotent retries across replicas and restarts, and cache
+coherence."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
+from redis.backoff import ExponentialBackoff
 
 from state_service.serving.errors import EtagMismatch, ResourceExhausted, Unavailable
 
@@ -61,7 +61,13 @@ _CLUSTER_TRANSIENT = (
     redis_errors.ClusterError,
     redis_errors.RedisClusterException,
 )
-_CLUSTER_ATTEMPTS = 5
+# Scripts on a cluster retry for about 4 s with backoff: a failover (node
+# timeout + election) fits, so a caller with a longer deadline sees it as
+# latency, not as an error; a caller with a shorter one gets UNAVAILABLE at its
+# deadline (servicer-side bound). Other commands use redis-py's own retries,
+# which re-read the topology but do not back off, so they fail sooner.
+_CLUSTER_ATTEMPTS = 12
+_CLUSTER_RETRIES = 3
 
 
 class ReplicationTimeout(Unavailable):
@@ -186,6 +192,17 @@ def _load_scripts() -> dict[str, str]:
     return {name: common + "\n" + "\n".join(body) for name, body in sections.items()}
 
 
+def _raised_inside_redis_client(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is in redis-py or asyncio's streams."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/redis/" in filename or "/asyncio/" in filename
+
+
 async def _reraise(error: Exception) -> None:
     raise error
 
@@ -287,7 +304,9 @@ class RedisStorage:
                 url,
                 **connection,
                 max_connections=options.max_connections,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+                retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), retries=_CLUSTER_RETRIES),
+                # Serve the slots that have a primary while another fails over.
+                require_full_coverage=False,
             )
             return cls(cluster, **kwargs)
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -364,6 +383,13 @@ class RedisStorage:
                 "the state store (Redis Cluster) is failing over or resharding",
                 reason="BACKEND_FAILOVER",
             ) from exc
+        except (AttributeError, TypeError) as exc:
+            # redis-py's asyncio connections can leak these instead of a
+            # ConnectionError when a peer closes a connection under a write
+            # (redis/redis-py#3546, #4287; seen when a cluster node is killed).
+            if not _raised_inside_redis_client(exc):
+                raise
+            raise Unavailable("the state store (Redis) is unreachable") from exc
         finally:
             if self._on_command is not None:
                 self._on_command(operation, time.perf_counter() - started, failed)
@@ -388,8 +414,9 @@ class RedisStorage:
         if index_add is not None and self._cluster is not None:
             await self._index_add(*index_add)
             index_add = None
-        if index_add is None and not wait:
-            # The common case: one command, no pipeline bookkeeping.
+        if index_add is None and not wait and self._cluster is None:
+            # The common case on one node: one command, no pipeline bookkeeping.
+            # (On a cluster, scripts take _on_one_connection's failover retries.)
             try:
                 return await self._call(name, self._redis.evalsha(sha, len(keys), *keys, *args))
             except redis_errors.NoScriptError:
