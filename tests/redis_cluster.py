@@ -51,13 +51,16 @@ class EmbeddedRedisCluster:
         primaries: int = 3,
         replicas: int = 1,
         node_timeout_ms: int = 1000,
+        password: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = Path(base_dir)
         self.primaries = primaries
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
-        self.extra_args = extra_args
+        self.password = password
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
+        self.extra_args = (*auth, *extra_args)
         self.nodes: list[EmbeddedRedis] = []
 
     @property
@@ -115,6 +118,7 @@ class EmbeddedRedisCluster:
                 "--cluster-replicas",
                 str(self.replicas),
                 "--cluster-yes",
+                *(["-a", self.password, "--no-auth-warning"] if self.password else []),
             ],
             capture_output=True,
             timeout=timeout,
@@ -127,7 +131,7 @@ class EmbeddedRedisCluster:
         self.wait_healthy(deadline - time.monotonic())
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, password=self.password)
 
     def wait_healthy(self, timeout: float = 30.0, *, replicas: bool = True) -> None:
         """Until every live node reports cluster_state:ok and the expected

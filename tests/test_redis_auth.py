@@ -22,6 +22,7 @@ from state_service.server import StartupError, StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import state_settings
 from tests.helpers import NOT_SERVING, health_status
+from tests.redis_cluster import EmbeddedRedisCluster
 from tests.test_reliability import wait_serving
 
 PASSWORD = "pw-Zq8-never-in-logs"
@@ -205,3 +206,24 @@ async def test_password_never_appears_in_logs(acl_redis: EmbeddedRedis, tmp_path
         assert process.returncode == 0, text
         assert "listening on" in text  # the log was really captured
         assert PASSWORD not in text
+
+
+@pytest.mark.slow
+async def test_cluster_with_requirepass(tmp_path: Path) -> None:
+    """Credentials reach every node of a cluster; wrong ones stop startup."""
+    with EmbeddedRedisCluster(tmp_path / "cluster", password=PASSWORD) as cluster:
+        with pytest.raises(StartupError):
+            await StateServer.start(
+                state_settings(cluster.url, redis_cluster=True, redis_password="wrong")
+            )
+        server = await StateServer.start(
+            state_settings(cluster.url, redis_cluster=True, redis_password=PASSWORD)
+        )
+        try:
+            async with StateClient(server.address, timeout=5.0) as client:
+                for n in range(6):  # sessions on several primaries
+                    await client.append_items(f"s{n}", [{"role": "user", "content": "x"}])
+                listed = (await client.list_sessions()).sessions
+                assert [s.session_id for s in listed] == [f"s{n}" for n in range(6)]
+        finally:
+            await server.stop(grace=0.5)

@@ -192,6 +192,15 @@ def _load_scripts() -> dict[str, str]:
     return {name: common + "\n" + "\n".join(body) for name, body in sections.items()}
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _raised_inside_redis_client(exc: BaseException) -> bool:
     """Whether the innermost frame of `exc` is in redis-py or asyncio's streams."""
     tb = exc.__traceback__
@@ -379,6 +388,12 @@ class RedisStorage:
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise Unavailable("the state store (Redis) is unreachable") from exc
         except _CLUSTER_TRANSIENT as exc:
+            if _caused_by(exc, redis_errors.AuthenticationError):
+                # No node of the cluster accepted our credentials.
+                raise Unavailable(
+                    "the state store (Redis) refused statecar's credentials",
+                    reason="BACKEND_AUTH",
+                ) from exc
             raise Unavailable(
                 "the state store (Redis Cluster) is failing over or resharding",
                 reason="BACKEND_FAILOVER",
