@@ -192,3 +192,69 @@ async def test_wait_with_too_few_replicas_is_unavailable_and_retry_safe(
     finally:
         await plain.close()
         await strict.close()
+
+
+async def test_wait_on_one_primary_with_a_replica(tmp_path: Path) -> None:
+    """WAIT without a cluster: a primary with one replica acknowledges writes
+    (one round trip with the index step); with the replica frozen, the same
+    write answers REPLICATION_TIMEOUT and its retry replays it."""
+    from state_service.storage.embedded import EmbeddedRedis, free_port
+    from state_service.storage.redis import ReplicationTimeout
+
+    with EmbeddedRedis(tmp_path / "primary", port=free_port()) as primary:
+        replica = EmbeddedRedis(
+            tmp_path / "replica",
+            port=free_port(),
+            extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
+        )
+        with replica:
+            storage = RedisStorage.from_url(
+                primary.url,
+                options=RedisConnectOptions(wait_replicas=1, wait_timeout_seconds=0.2),
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while True:  # until the replica has synced and acknowledges
+                    try:
+                        first = await storage.append(
+                            "default",
+                            "s",
+                            [b"a"],
+                            request_id="r-0",
+                            expected_etag="",
+                            new_incarnation="i",
+                            now_ms=1,
+                        )
+                        break
+                    except ReplicationTimeout:
+                        assert time.monotonic() < deadline, "the replica never synced"
+                        await asyncio.sleep(0.1)
+                assert first.first_seq == 1
+                replica.pause()
+                try:
+                    for _ in range(2):
+                        with pytest.raises(ReplicationTimeout):
+                            await storage.append(
+                                "default",
+                                "s",
+                                [b"b"],
+                                request_id="r-1",
+                                expected_etag=first.etag,
+                                new_incarnation="unused",
+                                now_ms=2,
+                            )
+                finally:
+                    replica.resume()
+                replayed = await storage.append(
+                    "default",
+                    "s",
+                    [b"b"],
+                    request_id="r-1",
+                    expected_etag="",
+                    new_incarnation="unused",
+                    now_ms=3,
+                )
+                assert replayed.replayed and replayed.last_seq == 2
+                assert await storage.index_page("default", "", 10) == ["s"]
+            finally:
+                await storage.close()
