@@ -21,8 +21,8 @@ from redis.asyncio.cluster import RedisCluster
 from state_service.client import StateClient, StateServiceError
 from state_service.sessions import decode_entry
 from state_service.storage.redis import RedisConnectOptions, RedisStorage
+from tests.processes import state_service_process, wait_serving
 from tests.redis_cluster import EmbeddedRedisCluster
-from tests.test_reliability import state_service_process, wait_serving
 
 SESSIONS = [f"fo-{n}" for n in range(6)]
 
@@ -94,7 +94,7 @@ async def test_primary_kill9_during_load(tmp_path: Path, wait_replicas: int) -> 
             "STATE_SERVICE_REDIS_WAIT_TIMEOUT_SECONDS": "0.5",
             "STATE_SERVICE_REDIS_TIMEOUT_SECONDS": "1.0",
         }
-        with state_service_process(cluster.url, **env) as (address, _):
+        with state_service_process(cluster.url, env) as (address, _):
             await wait_serving(address)
             async with StateClient(address) as client:
                 load = SpreadLoad(client)

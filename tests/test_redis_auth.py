@@ -22,8 +22,8 @@ from state_service.server import StartupError, StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import state_settings
 from tests.helpers import NOT_SERVING, health_status
+from tests.processes import wait_serving
 from tests.redis_cluster import EmbeddedRedisCluster
-from tests.test_reliability import wait_serving
 
 PASSWORD = "pw-Zq8-never-in-logs"
 ADMIN_PASSWORD = "admin-pw-Zq8"
