@@ -363,7 +363,9 @@ class RedisStorage:
             # wrapped as "Error running script ... -OOM command not allowed ...".
             # Scripts only write after all reads, so the refused write is the
             # script's first: nothing of it was applied.
-            if "OOM command not allowed" in str(exc):
+            if isinstance(exc, redis_errors.OutOfMemoryError) or (
+                "OOM command not allowed" in str(exc)
+            ):
                 raise ResourceExhausted(
                     "the state store is out of memory; nothing was written",
                     reason="BACKEND_FULL",
@@ -450,10 +452,14 @@ class RedisStorage:
             if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
                 await self._call("script_load", self._redis.script_load(body))
                 continue
-            for item in replies:
-                if isinstance(item, Exception):
-                    await self._call(name, _reraise(item))
+            if isinstance(reply, Exception):
+                await self._call(name, _reraise(reply))  # the script wrote nothing
+            # A refused index entry (e.g. out of memory) while the script ran
+            # is not an error here: a step that created a session adds its
+            # entry again afterwards (see append, update).
             if wait:
+                if isinstance(replies[-1], Exception):
+                    await self._call(name, _reraise(replies[-1]))
                 self._check_replicas(int(replies[-1]))
             return reply
         raise AssertionError("unreachable")
@@ -513,6 +519,21 @@ class RedisStorage:
             error = redirected
         raise error
 
+    async def _index_created(self, tenant: str, session_id: str) -> None:
+        """The index step after a write that created a session: re-adds the
+        entry if a concurrent prune removed it (a read first: the common case
+        writes nothing, which also keeps it working at maxmemory)."""
+        index = self.index_key(tenant)
+        try:
+            if await self._call("index_check", self._redis.zscore(index, session_id)) is None:
+                await self._index_add(index, session_id)
+        except (Unavailable, ResourceExhausted) as error:
+            raise Unavailable(
+                "the write was applied, but the new session could not be added to the "
+                "session index; retry with the same request_id to complete it",
+                reason="INDEX_PENDING",
+            ) from error
+
     async def _index_add(self, index: str, session_id: str) -> None:
         commands: list[tuple[Any, ...]] = [("ZADD", index, "NX", 0, session_id)]
         if self.wait_replicas > 0:
@@ -561,7 +582,7 @@ class RedisStorage:
             # This step created the session (or replays the one that did): add
             # the entry again, in case a concurrent prune (which saw no session
             # yet) removed it between our two steps.
-            await self._index_add(self.index_key(tenant), session_id)
+            await self._index_created(tenant, session_id)
         return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
 
     async def pop(
@@ -606,7 +627,7 @@ class RedisStorage:
             return None
         head = _parse_head(reply[1])
         if may_create and head is not None and head.version == 1:
-            await self._index_add(self.index_key(tenant), session_id)  # as in append
+            await self._index_created(tenant, session_id)  # as in append
         return head
 
     async def delete(self, tenant: str, session_id: str, *, expected_etag: str) -> bool:
