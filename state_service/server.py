@@ -34,6 +34,9 @@ from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 logger = logging.getLogger("statecar.state")
 
 
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
 class StartupError(RuntimeError):
     """A configuration the service cannot run with (message safe to log)."""
 
@@ -205,7 +208,12 @@ class StateServer:
         await self.readiness.drain()
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.readiness.stop()
-        await self.storage.close()
+        try:
+            # Bounded: a shutdown must not hang on a Redis node that does not
+            # answer (seen once with a cluster under load).
+            await asyncio.wait_for(self.storage.close(), _CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            logger.warning("closing the Redis connections timed out; exiting anyway")
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
         if self.embedded is not None:
