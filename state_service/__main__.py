@@ -8,7 +8,7 @@ import sys
 
 from pydantic_settings import CliApp
 
-from state_service.server import serve
+from state_service.server import StartupError, serve
 from state_service.settings import StateServiceSettings
 
 
@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        logging.getLogger("statecar.state").error("cannot start: %s", error)
+        sys.exit(78)  # EX_CONFIG
 
 
 if __name__ == "__main__":

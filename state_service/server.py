@@ -17,6 +17,7 @@ from state_service.compression.engine import Compression, build_compression
 from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.serving.auth import AuthInterceptor, authenticator_for
+from state_service.serving.errors import Unavailable
 from state_service.serving.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from state_service.serving.health import Readiness
 from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
@@ -25,13 +26,21 @@ from state_service.serving.tls import ReloadingServerCredentials
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis
-from state_service.storage.redis import RedisStorage
+from state_service.storage.redis import RedisConnectOptions, RedisStorage
 from state_service.tokens import make_token_counter
 from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("statecar.state")
+
+
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class StartupError(RuntimeError):
+    """A configuration the service cannot run with (message safe to log)."""
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StateService"].full_name
 ERROR_DOMAIN = "state.statecar.dev"
@@ -93,13 +102,24 @@ class StateServer:
             logger.info("embedded redis-server at %s (data in %s)", redis_url, settings.data_dir)
         storage = RedisStorage.from_url(
             redis_url,
-            max_connections=settings.redis_max_connections,
-            socket_timeout=settings.redis_timeout_seconds,
-            connect_timeout=settings.redis_connect_timeout_seconds,
+            options=RedisConnectOptions(
+                cluster=settings.redis_cluster,
+                max_connections=settings.redis_max_connections,
+                socket_timeout=settings.redis_timeout_seconds,
+                connect_timeout=settings.redis_connect_timeout_seconds,
+                username=settings.redis_username or None,
+                password=settings.redis_password_value(),
+                tls_ca_file=settings.redis_tls_ca_file,
+                tls_cert_file=settings.redis_tls_cert_file,
+                tls_key_file=settings.redis_tls_key_file,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_seconds=settings.redis_wait_timeout_seconds,
+            ),
             key_prefix=settings.key_prefix,
             default_ttl_seconds=settings.default_ttl_seconds,
             on_command=metrics.observe_redis,
         )
+        await _check_redis(storage, settings, embedded)
         cache = (
             SessionCache(
                 max_sessions=settings.cache_max_sessions,
@@ -204,7 +224,12 @@ class StateServer:
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.compression.stop()
         await self.readiness.stop()
-        await self.storage.close()
+        try:
+            # Bounded: a shutdown must not hang on a Redis node that does not
+            # answer (seen once with a cluster under load).
+            await asyncio.wait_for(self.storage.close(), _CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            logger.warning("closing the Redis connections timed out; exiting anyway")
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
         if self.embedded is not None:
@@ -213,6 +238,29 @@ class StateServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+async def _check_redis(
+    storage: RedisStorage, settings: StateServiceSettings, embedded: EmbeddedRedis | None
+) -> None:
+    """Refuses to start on credentials Redis rejects (a config error that will
+    not heal); an unreachable Redis only delays readiness."""
+    timeout = settings.redis_connect_timeout_seconds + settings.redis_timeout_seconds
+    try:
+        await asyncio.wait_for(storage.ping(), timeout)
+    except Unavailable as error:
+        if error.reason in ("BACKEND_AUTH", "BACKEND_PERMISSION"):
+            await storage.close()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.close)
+            user = settings.redis_username or "the URL's or default user"
+            raise StartupError(
+                f"Redis rejected statecar's credentials ({error.message}; user: {user}); "
+                "check STATE_SERVICE_REDIS_USERNAME and STATE_SERVICE_REDIS_PASSWORD"
+            ) from None
+        logger.warning("Redis is not reachable yet; readiness stays NOT_SERVING until it is")
+    except TimeoutError:
+        logger.warning("Redis did not answer yet; readiness stays NOT_SERVING until it does")
 
 
 async def serve(settings: StateServiceSettings) -> None:

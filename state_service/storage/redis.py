@@ -12,19 +12,35 @@ so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
 The log list only changes at its tail (append, pop) or as a whole (delete,
 expiry), so an index into it stays valid for as long as the entry exists; the
 meta field ``trunc`` counts pops so a cache can tell "only grew" from "changed".
+
+The tenant index lives in another slot than the sessions, so on Redis Cluster
+no script may touch both. It is kept by separate steps whose order makes it
+safe (see ``append`` and ``index_remove``): an index entry is written before
+any step that may create a session and again after one that did; an entry is
+removed only after its session is gone, and put back if a re-check finds the
+session alive. So every live session is always listed; an entry whose session
+died (crash between steps, expiry) is pruned when ListSessions meets it.
+
+Durability on failover: with ``wait_replicas`` set, every write step is
+followed by ``WAIT`` on the same connection, and a write that too few replicas
+confirmed is answered as unavailable (it may or may not survive a failover;
+retrying it with the same request_id is safe).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -35,6 +51,50 @@ T = TypeVar("T")
 ABSENT_ETAG = "0"
 TTL_PERSIST = -1
 TTL_DEFAULT = 0
+
+# Cluster redirections and outages: the slot is moving or has no primary yet
+# (failover in progress). Retried a few times, then reported as unavailable.
+_CLUSTER_TRANSIENT = (
+    redis_errors.MovedError,
+    redis_errors.AskError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+)
+# Scripts on a cluster retry for about 4 s with backoff: a failover (node
+# timeout + election) fits, so a caller with a longer deadline sees it as
+# latency, not as an error; a caller with a shorter one gets UNAVAILABLE at its
+# deadline (servicer-side bound). Other commands use redis-py's own retries,
+# which re-read the topology but do not back off, so they fail sooner.
+_CLUSTER_ATTEMPTS = 12
+_CLUSTER_RETRIES = 3
+
+
+class ReplicationTimeout(Unavailable):
+    """A write the primary applied but fewer replicas than required confirmed."""
+
+    default_reason = "REPLICATION_TIMEOUT"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConnectOptions:
+    """How to reach Redis: one node or a cluster, credentials, TLS, durability."""
+
+    cluster: bool = False
+    max_connections: int = 64
+    socket_timeout: float = 2.0
+    connect_timeout: float = 1.0
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    wait_replicas: int = 0
+    wait_timeout_seconds: float = 0.5
+
+    def __repr__(self) -> str:  # never show the password
+        return f"RedisConnectOptions(cluster={self.cluster}, username={self.username!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +210,26 @@ def _load_scripts() -> dict[str, str]:
     return {name: common + "\n" + "\n".join(body) for name, body in sections.items()}
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _raised_inside_redis_client(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is in redis-py or asyncio's streams."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/redis/" in filename or "/asyncio/" in filename
+
+
 async def _reraise(error: Exception) -> None:
     raise error
 
@@ -198,15 +278,20 @@ class RedisStorage:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         key_prefix: str = "statecar",
         default_ttl_seconds: int = 86400,
         on_command: Callable[[str, float, bool], None] | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_seconds: float = 0.5,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain hash-tag braces")
-        self._redis = client
+        self._redis: Any = client
+        self._cluster: RedisCluster | None = client if isinstance(client, RedisCluster) else None
+        self.wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(wait_timeout_seconds * 1000))
         self._prefix = key_prefix
         self.default_ttl_seconds = default_ttl_seconds
         self._on_command = on_command
@@ -223,23 +308,68 @@ class RedisStorage:
         max_connections: int = 64,
         socket_timeout: float = 2.0,
         connect_timeout: float = 1.0,
+        options: RedisConnectOptions | None = None,
         **kwargs: Any,
     ) -> RedisStorage:
+        """A storage on one Redis node (redis://, rediss://, unix://) or, with
+        ``options.cluster``, on the Redis Cluster that node belongs to."""
+        options = options or RedisConnectOptions(
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+        )
+        connection: dict[str, Any] = {
+            "socket_timeout": options.socket_timeout,
+            "socket_connect_timeout": options.connect_timeout,
+            "health_check_interval": 30,
+        }
         if not url.startswith("unix:"):
-            kwargs.setdefault("socket_keepalive", True)
-        pool_options = {k: kwargs.pop(k) for k in ("socket_keepalive",) if k in kwargs}
+            connection["socket_keepalive"] = True
+        # Explicit credentials win over any in the URL (keep secrets out of URLs,
+        # which end up in process listings and error messages).
+        if options.username:
+            connection["username"] = options.username
+        if options.password is not None:
+            connection["password"] = options.password
+        tls_files = (options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
+        if any(f is not None for f in tls_files):
+            if not url.startswith("rediss://"):
+                raise ValueError("Redis TLS files need a rediss:// URL")
+            connection.update(
+                ssl_ca_certs=str(options.tls_ca_file) if options.tls_ca_file else None,
+                ssl_certfile=str(options.tls_cert_file) if options.tls_cert_file else None,
+                ssl_keyfile=str(options.tls_key_file) if options.tls_key_file else None,
+            )
+        kwargs.setdefault("wait_replicas", options.wait_replicas)
+        kwargs.setdefault("wait_timeout_seconds", options.wait_timeout_seconds)
+        if options.cluster:
+            if not url.startswith(("redis://", "rediss://")):
+                raise ValueError("a Redis Cluster URL is redis:// or rediss://")
+            # Retries here cover redirections and a failover in progress (the
+            # cluster re-reads its topology between attempts); the caller's
+            # deadline bounds the whole call. max_connections is per node.
+            cluster = RedisCluster.from_url(
+                url,
+                **connection,
+                max_connections=options.max_connections,
+                retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), retries=_CLUSTER_RETRIES),
+                # Serve the slots that have a primary while another fails over.
+                require_full_coverage=False,
+            )
+            return cls(cluster, **kwargs)
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
-            **pool_options,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            health_check_interval=30,
+            **connection,
+            max_connections=options.max_connections,
+            timeout=options.socket_timeout,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
         return cls(aioredis.Redis(connection_pool=pool), **kwargs)
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._cluster is not None
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -274,13 +404,49 @@ class RedisStorage:
             # wrapped as "Error running script ... -OOM command not allowed ...".
             # Scripts only write after all reads, so the refused write is the
             # script's first: nothing of it was applied.
-            if "OOM command not allowed" in str(exc):
+            if isinstance(exc, redis_errors.OutOfMemoryError) or (
+                "OOM command not allowed" in str(exc)
+            ):
                 raise ResourceExhausted(
                     "the state store is out of memory; nothing was written",
                     reason="BACKEND_FULL",
                 ) from exc
+            if isinstance(exc, redis_errors.NoPermissionError):
+                raise Unavailable(
+                    "the state store (Redis) refused a command: its ACL user lacks a "
+                    "permission statecar needs",
+                    reason="BACKEND_PERMISSION",
+                ) from exc
+            if isinstance(exc, _CLUSTER_TRANSIENT):
+                raise Unavailable(
+                    "the state store (Redis Cluster) is failing over or resharding",
+                    reason="BACKEND_FAILOVER",
+                ) from exc
             raise
+        except redis_errors.AuthenticationError as exc:
+            raise Unavailable(
+                "the state store (Redis) refused statecar's credentials",
+                reason="BACKEND_AUTH",
+            ) from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise Unavailable("the state store (Redis) is unreachable") from exc
+        except _CLUSTER_TRANSIENT as exc:
+            if _caused_by(exc, redis_errors.AuthenticationError):
+                # No node of the cluster accepted our credentials.
+                raise Unavailable(
+                    "the state store (Redis) refused statecar's credentials",
+                    reason="BACKEND_AUTH",
+                ) from exc
+            raise Unavailable(
+                "the state store (Redis Cluster) is failing over or resharding",
+                reason="BACKEND_FAILOVER",
+            ) from exc
+        except (AttributeError, TypeError) as exc:
+            # redis-py's asyncio connections can leak these instead of a
+            # ConnectionError when a peer closes a connection under a write
+            # (redis/redis-py#3546, #4287; seen when a cluster node is killed).
+            if not _raised_inside_redis_client(exc):
+                raise
             raise Unavailable("the state store (Redis) is unreachable") from exc
         finally:
             if self._on_command is not None:
@@ -292,34 +458,135 @@ class RedisStorage:
         keys: Sequence[str],
         args: Sequence[bytes | str | int],
         *,
+        write: bool = False,
         index_add: tuple[str, str] | None = None,
         operation: str | None = None,
     ) -> Any:
-        """Runs a script by hash (loading it on NOSCRIPT), optionally preceded, in
-        the same round trip, by adding a session id to a tenant index."""
+        """Runs a script by hash (loading it on NOSCRIPT).
+
+        ``index_add`` first adds a session id to a tenant index: in the same round
+        trip on one node, as a separate, earlier step on a cluster (the index is
+        in another slot). ``write`` scripts are followed by WAIT on the same
+        connection when ``wait_replicas`` is set."""
         body, sha = self._scripts[name]
         label = operation or name
-        if index_add is None:
-            # The common case: one command, no pipeline bookkeeping.
+        wait = write and self.wait_replicas > 0
+        if index_add is not None and self._cluster is not None:
+            await self._index_add(*index_add)
+            index_add = None
+        if index_add is None and not wait and self._cluster is None:
+            # The common case on one node: one command, no pipeline bookkeeping.
+            # (On a cluster, scripts take _on_one_connection's failover retries.)
             try:
                 return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
             except redis_errors.NoScriptError:
                 await self._call("script_load", self._redis.script_load(body))
                 return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
         for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
+            commands: list[tuple[Any, ...]] = []
             if index_add is not None:
-                pipe.zadd(index_add[0], {index_add[1]: 0}, nx=True)
-            pipe.evalsha(sha, len(keys), *keys, *args)
-            replies = await self._call(name, pipe.execute(raise_on_error=False))
-            reply = replies[-1]
+                commands.append(("ZADD", index_add[0], "NX", 0, index_add[1]))
+            script_at = len(commands)
+            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+            if wait:
+                commands.append(("WAIT", self.wait_replicas, self._wait_ms))
+            replies = await self._call(label, self._on_one_connection(keys[0], commands))
+            reply = replies[script_at]
             if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
                 await self._call("script_load", self._redis.script_load(body))
                 continue
             if isinstance(reply, Exception):
-                await self._call(name, _reraise(reply))
+                await self._call(label, _reraise(reply))  # the script wrote nothing
+            # A refused index entry (e.g. out of memory) while the script ran
+            # is not an error here: a step that created a session adds its
+            # entry again afterwards (see append, update).
+            if wait:
+                if isinstance(replies[-1], Exception):
+                    await self._call(label, _reraise(replies[-1]))
+                self._check_replicas(int(replies[-1]))
             return reply
         raise AssertionError("unreachable")
+
+    def _check_replicas(self, acknowledged: int) -> None:
+        if acknowledged < self.wait_replicas:
+            raise ReplicationTimeout(
+                f"the write was applied on the Redis primary but only {acknowledged} of "
+                f"{self.wait_replicas} replicas confirmed it within {self._wait_ms} ms, so "
+                "a failover could still lose it; retrying with the same request_id is "
+                "safe (it returns the first response once replicated)",
+                metadata={
+                    "replicas_acknowledged": str(acknowledged),
+                    "replicas_required": str(self.wait_replicas),
+                },
+            )
+
+    async def _on_one_connection(self, key: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Sends commands in order on one connection to the node that serves `key`
+        (so a WAIT covers the writes before it); replies may be exceptions."""
+        if self._cluster is None:
+            pipe = self._redis.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        cluster = self._cluster
+        error: Exception = Unavailable("the state store (Redis Cluster) is unreachable")
+        for attempt in range(_CLUSTER_ATTEMPTS):
+            if attempt:
+                # The slot moved or its primary died: re-read the topology (one
+                # refresh at a time; concurrent callers share it) and try again.
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.4))
+                try:
+                    await cluster.nodes_manager.initialize()
+                except (redis_errors.RedisError, *_CLUSTER_TRANSIENT) as exc:
+                    error = exc
+                    continue
+            await cluster.initialize()
+            try:
+                node = cluster.get_node_from_key(key)
+                if node is None:
+                    raise redis_errors.SlotNotCoveredError(f"no node serves {key!r}")
+                pending = [PipelineCommand(i, *command) for i, command in enumerate(commands)]
+                await node.execute_pipeline(pending)
+            except (
+                redis_errors.ConnectionError,
+                redis_errors.TimeoutError,
+                *_CLUSTER_TRANSIENT,
+            ) as exc:
+                error = exc
+                continue
+            results = [command.result for command in pending]
+            redirected = next((r for r in results if isinstance(r, _CLUSTER_TRANSIENT)), None)
+            if redirected is None:
+                return results
+            error = redirected
+        raise error
+
+    async def _index_created(self, tenant: str, session_id: str) -> None:
+        """The index step after a write that created a session: re-adds the
+        entry if a concurrent prune removed it (a read first: the common case
+        writes nothing, which also keeps it working at maxmemory)."""
+        index = self.index_key(tenant)
+        try:
+            if await self._call("index_check", self._redis.zscore(index, session_id)) is None:
+                await self._index_add(index, session_id)
+        except (Unavailable, ResourceExhausted) as error:
+            raise Unavailable(
+                "the write was applied, but the new session could not be added to the "
+                "session index; retry with the same request_id to complete it",
+                reason="INDEX_PENDING",
+            ) from error
+
+    async def _index_add(self, index: str, session_id: str) -> None:
+        commands: list[tuple[Any, ...]] = [("ZADD", index, "NX", 0, session_id)]
+        if self.wait_replicas > 0:
+            commands.append(("WAIT", self.wait_replicas, self._wait_ms))
+        replies = await self._call("index_add", self._on_one_connection(index, commands))
+        for item in replies:
+            if isinstance(item, Exception):
+                await self._call("index_add", _reraise(item))
+        if self.wait_replicas > 0:
+            self._check_replicas(int(replies[-1]))
 
     # -- writes ---------------------------------------------------------------
 
@@ -345,17 +612,22 @@ class RedisStorage:
             tokens,
             *payloads,
         ]
-        # The index entry goes first (in the same round trip): a crash between
-        # the two leaves an index entry ListSessions prunes, never a session
-        # missing from the index. Only an append that may create the session
-        # touches the index.
+        # The index entry goes first (same round trip on one node, an earlier
+        # step on a cluster): a crash between the two leaves an index entry
+        # ListSessions prunes, never a session missing from the index. Only an
+        # append that may create the session touches the index.
         may_create = bool(payloads) and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
-        reply = await self._script("append", keys.as_list(), args, index_add=index_add)
+        reply = await self._script("append", keys.as_list(), args, write=True, index_add=index_add)
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
             raise EtagMismatch(body)
         etag, first, last = body.split(" ")
+        if may_create and first == "1":
+            # This step created the session (or replays the one that did): add
+            # the entry again, in case a concurrent prune (which saw no session
+            # yet) removed it between our two steps.
+            await self._index_created(tenant, session_id)
         return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
 
     async def pop(
@@ -363,7 +635,7 @@ class RedisStorage:
     ) -> PopOutcome:
         keys = self.keys(tenant, session_id)
         args: list[str | int] = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
-        reply = await self._script("pop", keys.as_list(), args)
+        reply = await self._script("pop", keys.as_list(), args, write=True)
         status, body = reply[0].decode(), reply[1]
         if status == "conflict":
             raise EtagMismatch(body.decode())
@@ -398,24 +670,27 @@ class RedisStorage:
         ]
         may_create = allow_missing and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
-        reply = await self._script("update", keys.as_list(), args, index_add=index_add)
+        reply = await self._script("update", keys.as_list(), args, write=True, index_add=index_add)
         status = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
         if status == "missing":
             return None
-        return _parse_head(reply[1])
+        head = _parse_head(reply[1])
+        if may_create and head is not None and head.version == 1:
+            await self._index_created(tenant, session_id)  # as in append
+        return head
 
     async def delete(self, tenant: str, session_id: str, *, expected_etag: str) -> bool:
         """Deletes the session; False if it did not exist."""
         keys = self.keys(tenant, session_id)
-        reply = await self._script("delete", keys.as_list(), [expected_etag])
+        reply = await self._script("delete", keys.as_list(), [expected_etag], write=True)
         status: str = reply[0].decode()
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
         if status != "ok":
             return False
-        await self._call("index_remove", self._redis.zrem(self.index_key(tenant), session_id))
+        await self.index_remove(tenant, [session_id])
         return True
 
     # -- reads ----------------------------------------------------------------
@@ -465,8 +740,19 @@ class RedisStorage:
         return [m.decode() if isinstance(m, bytes) else m for m in members]
 
     async def index_remove(self, tenant: str, session_ids: Sequence[str]) -> None:
-        if session_ids:
-            await self._call("index_remove", self._redis.zrem(self.index_key(tenant), *session_ids))
+        """Removes index entries of sessions found gone, then re-checks them and
+        puts back any that a concurrent first write re-created meanwhile (the
+        index and the sessions are separate steps, on a cluster separate nodes).
+        A creator that finished before the re-check is seen by it; one that
+        finishes after it re-adds the entry itself (see ``append``)."""
+        if not session_ids:
+            return
+        index = self.index_key(tenant)
+        await self._call("index_remove", self._redis.zrem(index, *session_ids))
+        heads = await self.heads(tenant, session_ids)
+        for session_id, head in zip(session_ids, heads, strict=True):
+            if head is not None:
+                await self._index_add(index, session_id)
 
     # -- summaries ------------------------------------------------------------
 
@@ -549,7 +835,7 @@ class RedisStorage:
             body,
         ]
         reply = await self._script(
-            "workflow_update", [self.workflow_key(tenant, workflow_id)], args
+            "workflow_update", [self.workflow_key(tenant, workflow_id)], args, write=True
         )
         status = reply[0].decode()
         if status == "conflict":
@@ -563,7 +849,7 @@ class RedisStorage:
 
     async def delete_workflow(self, tenant: str, workflow_id: str, *, expected_etag: str) -> bool:
         reply = await self._script(
-            "workflow_delete", [self.workflow_key(tenant, workflow_id)], [expected_etag]
+            "workflow_delete", [self.workflow_key(tenant, workflow_id)], [expected_etag], write=True
         )
         status: str = reply[0].decode()
         if status == "conflict":
@@ -571,7 +857,12 @@ class RedisStorage:
         return status == "ok"
 
     async def ping(self) -> None:
-        await self._call("ping", self._redis.ping())
+        """Readiness: every primary answers (a cluster with a primary down is
+        failing over, and part of the sessions are unavailable until it has)."""
+        if self._cluster is not None:
+            await self._call("ping", self._cluster.ping(target_nodes=RedisCluster.PRIMARIES))
+        else:
+            await self._call("ping", self._redis.ping())
 
     async def info_memory(self) -> dict[str, Any]:
         info: dict[str, Any] = await self._call("info", self._redis.info("memory"))

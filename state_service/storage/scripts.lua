@@ -69,9 +69,11 @@ if inc then
   ver, last, n, ttl = tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
 else
   -- A new incarnation never inherits what an expiring predecessor left behind.
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  -- HSET (refused at maxmemory) before DEL (never refused): once a script has
+  -- written, Redis lets the rest of it exceed maxmemory.
   inc = ARGV[5]
   redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
 local batch = {}
 for i = 1, count do
@@ -138,8 +140,8 @@ local ver, ttl = 0, 0
 if inc then
   ver, ttl = tonumber(h[2]), tonumber(h[3])
 elseif ARGV[5] == '1' then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
   redis.call('HSET', KEYS[1], 'inc', ARGV[4], 'ctime', now, 'trunc', 0, 'last', 0, 'n', 0)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])  -- after HSET, as in append
 else
   return {'missing', ''}
 end
