@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from state_service.client import channel_target
+from state_service.client import channel_target, service_config
 from state_service.serving.errors import error_info
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
@@ -31,24 +31,8 @@ R = TypeVar("R")
 
 SERVICE = "statecar.agent.v1.AgentService"
 
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                # Chat is safe to retry: the client always sends a request_id.
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
+# Chat is safe to retry: the client always sends a request_id.
+SERVICE_CONFIG = service_config(SERVICE, max_attempts=3, initial_backoff="0.1s")
 
 
 class AgentServiceError(Exception):

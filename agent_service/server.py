@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
 from agents import set_tracing_disabled
-from grpc_reflection.v1alpha import reflection
 
 from agent_service.catalog import AgentCatalog
 from agent_service.config import load_config
@@ -20,7 +18,6 @@ from agent_service.settings import AgentServiceSettings
 from agent_service.turns import TurnRunner, deadline_error
 from agent_service.workflows import WorkflowRunner
 from state_service.client import StateClient
-from state_service.server import server_options
 from state_service.serving.grpc_metrics import (
     ServerMetricsInterceptor,
     client_interceptors,
@@ -29,7 +26,13 @@ from state_service.serving.grpc_metrics import (
 from state_service.serving.health import Readiness
 from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from state_service.serving.metrics_http import MetricsEndpoint
-from state_service.serving.tls import ReloadingServerCredentials, channel_credentials
+from state_service.serving.process import (
+    add_health_reflection_and_bind,
+    create_server,
+    reachable_address,
+    serve_until_terminated,
+)
+from state_service.serving.tls import channel_credentials
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -37,6 +40,7 @@ logger = logging.getLogger("statecar.agent")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
 ERROR_DOMAIN = "agent.statecar.dev"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def state_client(settings: AgentServiceSettings) -> StateClient:
@@ -73,10 +77,7 @@ class AgentServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
-        if host in ("::", "0.0.0.0"):
-            host = "127.0.0.1"
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return reachable_address(self.settings.listen, self.port)
 
     @classmethod
     async def start(cls, settings: AgentServiceSettings) -> AgentServer:
@@ -94,35 +95,19 @@ class AgentServer:
             interval=settings.health_interval_seconds,
         )
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["AgentService"])
-        server = grpc.aio.server(
-            interceptors=[
+        server = create_server(
+            settings,
+            [
                 ServerMetricsInterceptor(),
                 LoggingInterceptor(),
                 ExceptionToStatusInterceptor(ERROR_DOMAIN, deadline_error),
             ],
-            options=server_options(
-                max_message_bytes=16 * 1024 * 1024,
-                max_connection_age_seconds=settings.max_connection_age_seconds,
-                drain_seconds=settings.drain_seconds,
-                keepalive_seconds=settings.keepalive_seconds,
-            ),
+            MAX_MESSAGE_BYTES,
         )
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(catalog, turns, workflows, settings), server
         )
-        readiness.add_to_server(server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
-        )
-        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            tls = ReloadingServerCredentials(
-                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-            )
-            port = server.add_secure_port(settings.listen, tls.credentials)
-        else:
-            port = server.add_insecure_port(settings.listen)
-        if port == 0:
-            raise RuntimeError(f"could not bind {settings.listen}")
+        port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None
         if settings.metrics_port:
             endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
@@ -156,12 +141,4 @@ class AgentServer:
 
 
 async def serve(settings: AgentServiceSettings) -> None:
-    app = await AgentServer.start(settings)
-    print(f"agent service ready on {app.address}", flush=True)
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(app.stop())))
-    await app.wait_for_termination()
-    if stopping:
-        await asyncio.gather(*stopping)
+    await serve_until_terminated(lambda: AgentServer.start(settings), "agent service")

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_reflection.v1alpha import reflection
 
 from state_service import metrics
 from state_service.cache import CACHE_NAME, SessionCache
@@ -22,7 +20,12 @@ from state_service.serving.grpc_metrics import ServerMetricsInterceptor, server_
 from state_service.serving.health import Readiness
 from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from state_service.serving.metrics_http import MetricsEndpoint
-from state_service.serving.tls import ReloadingServerCredentials
+from state_service.serving.process import (
+    add_health_reflection_and_bind,
+    create_server,
+    reachable_address,
+    serve_until_terminated,
+)
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis
@@ -46,27 +49,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StateService"].full_name
 ERROR_DOMAIN = "state.statecar.dev"
 
 
-def server_options(
-    *,
-    max_message_bytes: int,
-    max_connection_age_seconds: float,
-    drain_seconds: float,
-    keepalive_seconds: float,
-) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Clients behind a Kubernetes Service balance per connection; closing
-        # old connections lets them find new pods.
-        ("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(max(drain_seconds, 1) * 1000)),
-        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-
-
 @dataclass
 class StateServer:
     settings: StateServiceSettings
@@ -87,10 +69,7 @@ class StateServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
-        if host in ("::", "0.0.0.0"):
-            host = "127.0.0.1"
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return reachable_address(self.settings.listen, self.port)
 
     @classmethod
     async def start(cls, settings: StateServiceSettings) -> StateServer:
@@ -169,31 +148,11 @@ class StateServer:
         authenticator = authenticator_for(settings.auth, settings.auth_tokens_file)
         if authenticator is not None:
             interceptors.append(AuthInterceptor(authenticator))
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=server_options(
-                max_message_bytes=settings.max_message_bytes,
-                max_connection_age_seconds=settings.max_connection_age_seconds,
-                drain_seconds=settings.drain_seconds,
-                keepalive_seconds=settings.keepalive_seconds,
-            ),
-        )
+        server = create_server(settings, interceptors, settings.max_message_bytes)
         pb_grpc.add_StateServiceServicer_to_server(
             StateServicer(store, WorkflowStore(storage), settings), server
         )
-        readiness.add_to_server(server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
-        )
-        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            tls = ReloadingServerCredentials(
-                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-            )
-            port = server.add_secure_port(settings.listen, tls.credentials)
-        else:
-            port = server.add_insecure_port(settings.listen)
-        if port == 0:
-            raise RuntimeError(f"could not bind {settings.listen}")
+        port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None
         if settings.metrics_port:
             endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
@@ -264,12 +223,4 @@ async def _check_redis(
 
 
 async def serve(settings: StateServiceSettings) -> None:
-    app = await StateServer.start(settings)
-    print(f"state service ready on {app.address}", flush=True)
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(app.stop())))
-    await app.wait_for_termination()
-    if stopping:
-        await asyncio.gather(*stopping)
+    await serve_until_terminated(lambda: StateServer.start(settings), "state service")

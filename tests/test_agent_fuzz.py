@@ -13,18 +13,17 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from tests.conftest import write_agents_file
+from tests.fuzzing import fuzz
 from tests.threaded import threaded_agent_server, threaded_state_server
 
 pytestmark = pytest.mark.slow
 
-FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 EXAMPLES_PER_RPC = 1000  # 5 RPCs -> 5,000 cases
 
 AGENTS = """
@@ -102,31 +101,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
         digest_client.close()
 
 
-def _check(stub: Any, digest_client: redis.Redis, rpc: str, request: Any) -> None:
-    before = digest_client.execute_command("DEBUG", "DIGEST")  # type: ignore[no-untyped-call]
-    try:
-        response = getattr(stub, rpc)(request, timeout=10)
-        if rpc == "StreamChat":
-            list(response)
-    except grpc.RpcError as error:
-        code = error.code()
-        assert code not in FORBIDDEN, (rpc, code, error.details())
-        after = digest_client.execute_command("DEBUG", "DIGEST")  # type: ignore[no-untyped-call]
-        assert after == before, (rpc, code, "a refused request changed Redis")
-
-
 @pytest.mark.parametrize("rpc", sorted(REQUESTS))
 def test_fuzz_rpc(fuzz_target: tuple[Any, redis.Redis], rpc: str) -> None:
     stub, digest_client = fuzz_target
-
-    @settings(
-        max_examples=EXAMPLES_PER_RPC,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-    )
-    @given(request=REQUESTS[rpc])
-    def run(request: Any) -> None:
-        _check(stub, digest_client, rpc, request)
-
-    run()
+    fuzz(stub, digest_client, rpc, REQUESTS[rpc], EXAMPLES_PER_RPC)

@@ -13,17 +13,16 @@ import grpc
 import pytest
 import redis
 from google.protobuf import duration_pb2, field_mask_pb2
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state_service.storage.embedded import EmbeddedRedis
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
+from tests.fuzzing import fuzz
 from tests.threaded import threaded_state_server
 
 pytestmark = pytest.mark.slow
 
-FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 EXAMPLES_PER_RPC = 1000  # 11 RPCs -> 11,000 cases
 
 session_ids = st.one_of(
@@ -156,33 +155,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
             digest_client.close()
 
 
-def _digest(client: redis.Redis) -> Any:
-    return client.execute_command("DEBUG", "DIGEST")  # type: ignore[no-untyped-call]
-
-
-def _check(stub: Any, digest_client: redis.Redis, rpc: str, request: Any) -> None:
-    before = _digest(digest_client)
-    try:
-        getattr(stub, rpc)(request, timeout=10)
-    except grpc.RpcError as error:
-        code = error.code()
-        assert code not in FORBIDDEN, (rpc, code, error.details())
-        after = _digest(digest_client)
-        assert after == before, (rpc, code, "a refused request changed Redis")
-
-
 @pytest.mark.parametrize("rpc", sorted(REQUESTS))
 def test_fuzz_rpc(fuzz_target: tuple[Any, redis.Redis], rpc: str) -> None:
     stub, digest_client = fuzz_target
-
-    @settings(
-        max_examples=EXAMPLES_PER_RPC,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-    )
-    @given(request=REQUESTS[rpc])
-    def run(request: Any) -> None:
-        _check(stub, digest_client, rpc, request)
-
-    run()
+    fuzz(stub, digest_client, rpc, REQUESTS[rpc], EXAMPLES_PER_RPC)

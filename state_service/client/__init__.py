@@ -1,7 +1,7 @@
 """The public Python API of the state service: `StateClient` for every RPC and
 `StateServiceSession`, an openai-agents `Session`."""
 
-from state_service.client._client import StateClient, channel_target
+from state_service.client._client import StateClient, channel_target, service_config
 from state_service.client.errors import (
     EtagMismatchError,
     InvalidRequestError,
@@ -46,4 +46,5 @@ __all__ = [
     "TierShares",
     "WorkflowInfo",
     "channel_target",
+    "service_config",
 ]

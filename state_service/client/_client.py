@@ -35,25 +35,31 @@ R = TypeVar("R")
 
 SERVICE = "statecar.state.v1.StateService"
 
-# Balance every request over all resolved addresses, and let gRPC itself retry
-# UNAVAILABLE (writes are safe to retry: the client always sends a request_id).
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
+
+def service_config(service: str, *, max_attempts: int, initial_backoff: str) -> str:
+    """Balance every request over all resolved addresses, and let gRPC itself
+    retry UNAVAILABLE (statecar's writes are safe to retry: the clients always
+    send a request_id)."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": service}],
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": initial_backoff,
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+SERVICE_CONFIG = service_config(SERVICE, max_attempts=5, initial_backoff="0.05s")
 
 
 def channel_target(target: str | Sequence[str]) -> str:

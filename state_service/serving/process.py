@@ -1,0 +1,105 @@
+"""What both services' processes share: the gRPC server and its options,
+health + reflection + TLS binding, the address to print, and the SIGTERM
+drain around `serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from state_service.serving.health import Readiness
+from state_service.serving.tls import ReloadingServerCredentials
+
+
+class ServerSettings(Protocol):
+    """The settings every statecar gRPC server has."""
+
+    listen: str
+    max_connection_age_seconds: float
+    drain_seconds: float
+    keepalive_seconds: float
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    tls_client_ca_file: Path | None
+
+
+def server_options(settings: ServerSettings, max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Clients behind a Kubernetes Service balance per connection; closing
+        # old connections lets them find new pods.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(max(settings.drain_seconds, 1) * 1000)),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def create_server(
+    settings: ServerSettings,
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    max_message_bytes: int,
+) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=interceptors, options=server_options(settings, max_message_bytes)
+    )
+
+
+def add_health_reflection_and_bind(
+    server: grpc.aio.Server, settings: ServerSettings, readiness: Readiness, service_name: str
+) -> int:
+    """Health and reflection beside the API service; binds settings.listen
+    (TLS when a certificate is configured) and returns the port."""
+    readiness.add_to_server(server)
+    reflection.enable_server_reflection(
+        [service_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
+    )
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = ReloadingServerCredentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+        port = server.add_secure_port(settings.listen, tls.credentials)
+    else:
+        port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.listen}")
+    return port
+
+
+def reachable_address(listen: str, port: int) -> str:
+    """Where a local client reaches a server bound to `listen` on `port`."""
+    host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if host in ("::", "0.0.0.0"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Service(Protocol):
+    @property
+    def address(self) -> str: ...
+
+    async def stop(self, grace: float | None = None) -> None: ...
+
+    async def wait_for_termination(self) -> None: ...
+
+
+async def serve_until_terminated(start: Callable[[], Awaitable[Service]], name: str) -> None:
+    """Runs a service until SIGTERM/SIGINT, then drains it (see its stop)."""
+    app = await start()
+    print(f"{name} ready on {app.address}", flush=True)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(app.stop())))
+    await app.wait_for_termination()
+    if stopping:
+        await asyncio.gather(*stopping)
