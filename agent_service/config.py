@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent_service.tools import BUILTIN_TOOLS
 
-AGENT_NAME_PATTERN = r"[a-z][a-z0-9_-]{0,62}"
+AGENT_NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 OFFLINE_MODEL = "offline"
 OPENAI_MODEL = "openai"
 
