@@ -8,6 +8,9 @@ model, token budget, tools and handoffs.
         instructions: You are a concise, friendly assistant.
         model: offline            # or "openai" / "openai:gpt-4.1-mini"
         token_budget: 4000
+        # base_url: http://llm.internal/v1   # this agent's own endpoint, and
+        # api_key_env: LLM_API_KEY           # the env var holding its key
+        # api: chat_completions              # or responses
         tools: [current_time, calculate, save_note, list_notes]
         handoffs: [billing]
       - name: billing
@@ -15,8 +18,8 @@ model, token budget, tools and handoffs.
 
 A model is "offline" (the built-in model), "openai" (the endpoint of
 AGENT_SERVICE_MODEL_BASE_URL with AGENT_SERVICE_MODEL_NAME) or
-"openai:<model name>". Unset = "openai" when an endpoint is configured,
-"offline" otherwise.
+"openai:<model name>". Unset = "openai" when an endpoint is configured (the
+service's or the agent's own), "offline" otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,6 +54,12 @@ class AgentSpec(BaseModel):
     token_budget: int = Field(default=4000, ge=100, le=1_000_000)
     tools: list[str] = Field(default_factory=list)
     handoffs: list[str] = Field(default_factory=list)
+    # This agent's own OpenAI-compatible endpoint, instead of the service's
+    # AGENT_SERVICE_MODEL_* one: base URL, the environment variable holding its
+    # API key (keys never go in this file), and the API it speaks.
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    api: Literal["responses", "chat_completions"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AgentSpec:
@@ -64,7 +73,13 @@ class AgentSpec(BaseModel):
             raise ValueError(
                 f"agent {self.name!r}: model {self.model!r} is not offline, openai or openai:<name>"
             )
+        if self.model == OFFLINE_MODEL and (self.base_url or self.api_key_env or self.api):
+            raise ValueError(f"agent {self.name!r}: the offline model takes no endpoint settings")
         return self
+
+    @property
+    def has_own_endpoint(self) -> bool:
+        return bool(self.base_url or self.api_key_env)
 
 
 class AgentsConfig(BaseModel):

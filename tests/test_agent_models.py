@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 
 from agent_service.client import AgentClient, AgentServiceError, ChatResult, TextDelta
 from state_service.client import StateClient
-from tests.conftest import AgentServerFactory
+from tests.conftest import AgentServerFactory, write_agents_file
 from tests.fake_openai import FakeOpenAI, Step
 
 
@@ -182,3 +183,46 @@ async def test_concurrent_turns_are_serialized_when_configured(
     # The retried turn ran on the fresh context, which held the other turn.
     assert len(fake.requests) == 3
     assert len(_texts(fake.requests[2]["input"])) == 3
+
+
+async def test_each_agent_can_have_its_own_endpoint(
+    agent_server_factory: AgentServerFactory,
+    fake: FakeOpenAI,
+    fake_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = FakeOpenAI(default=Step(text="from the other endpoint"))
+    fake.default = Step(text="from the first endpoint")
+    monkeypatch.setenv("OTHER_LLM_KEY", "other-secret")
+    config = write_agents_file(
+        tmp_path,
+        f"""
+agents:
+  - name: first
+    model: openai:model-a
+    base_url: {fake_url}
+  - name: second
+    model: openai:model-b
+    base_url: BASE
+    api_key_env: OTHER_LLM_KEY
+    api: chat_completions
+  - name: local
+    model: offline
+""",
+    )
+    with other.serve() as other_url:
+        config.write_text(config.read_text().replace("BASE", other_url))
+        server = await agent_server_factory(agents_config=config)
+        async with AgentClient(server.address) as agents:
+            first = await agents.chat("s1", "hi", agent="first")
+            second = await agents.chat("s2", "hi", agent="second")
+            local = await agents.chat("s3", "hi", agent="local")
+            listed, _ = await agents.list_agents()
+    assert first.reply == "from the first endpoint"
+    assert second.reply == "from the other endpoint"
+    assert local.reply.startswith("(offline model)")
+    assert fake.requests[0]["model"] == "model-a"
+    assert other.paths == ["/v1/chat/completions"]
+    assert other.requests[0]["model"] == "model-b"
+    assert [a.model for a in listed] == ["openai:model-a", "openai:model-b", "offline"]
