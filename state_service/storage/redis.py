@@ -45,6 +45,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from state_service.serving.errors import EtagMismatch, ResourceExhausted, Unavailable
+from state_service.storage.connection import PipelinedConnection
 
 T = TypeVar("T")
 
@@ -230,6 +231,23 @@ def _raised_inside_redis_client(exc: BaseException) -> bool:
     return "/redis/" in filename or "/asyncio/" in filename
 
 
+def _pipelined_connection(url: str, options: RedisConnectOptions) -> PipelinedConnection:
+    """The pipelined connection for a redis:// or unix:// URL; explicit
+    credentials win over the URL's, as for the pool."""
+    parsed: dict[str, Any] = dict(aioredis.connection.parse_url(url))
+    password = options.password if options.password is not None else parsed.get("password")
+    return PipelinedConnection(
+        host=parsed.get("host", "localhost") if "path" not in parsed else None,
+        port=int(parsed.get("port") or 6379),
+        path=parsed.get("path"),
+        username=options.username or parsed.get("username"),
+        password=password,
+        db=int(parsed.get("db") or 0),
+        socket_timeout=options.socket_timeout,
+        connect_timeout=options.connect_timeout,
+    )
+
+
 async def _reraise(error: Exception) -> None:
     raise error
 
@@ -285,6 +303,7 @@ class RedisStorage:
         on_command: Callable[[str, float, bool], None] | None = None,
         wait_replicas: int = 0,
         wait_timeout_seconds: float = 0.5,
+        pipelined: PipelinedConnection | None = None,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain hash-tag braces")
@@ -295,6 +314,9 @@ class RedisStorage:
         self._prefix = key_prefix
         self.default_ttl_seconds = default_ttl_seconds
         self._on_command = on_command
+        # Single script calls on one node (the per-request path) go through
+        # this connection when set; everything else through redis-py.
+        self._pipelined = pipelined
         self._scripts = {
             name: (body, hashlib.sha1(body.encode()).hexdigest())
             for name, body in _load_scripts().items()
@@ -365,6 +387,8 @@ class RedisStorage:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
+        if not url.startswith("rediss://"):
+            kwargs.setdefault("pipelined", _pipelined_connection(url, options))
         return cls(aioredis.Redis(connection_pool=pool), **kwargs)
 
     @property
@@ -372,6 +396,8 @@ class RedisStorage:
         return self._cluster is not None
 
     async def close(self) -> None:
+        if self._pipelined is not None:
+            await self._pipelined.aclose()
         await self._redis.aclose()
 
     # -- keys -----------------------------------------------------------------
@@ -474,9 +500,14 @@ class RedisStorage:
         if index_add is not None and self._cluster is not None:
             await self._index_add(*index_add)
             index_add = None
+        if index_add is None and not wait and self._pipelined is not None:
+            # The common case on one node: one command on the shared pipelined
+            # connection (see storage/connection.py).
+            return await self._call(label, self._evalsha_pipelined(body, sha, keys, args))
         if index_add is None and not wait and self._cluster is None:
-            # The common case on one node: one command, no pipeline bookkeeping.
-            # (On a cluster, scripts take _on_one_connection's failover retries.)
+            # The same without a pipelined connection: one command, no pipeline
+            # bookkeeping. (On a cluster, scripts take _on_one_connection's
+            # failover retries.)
             try:
                 return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
             except redis_errors.NoScriptError:
@@ -505,6 +536,27 @@ class RedisStorage:
                     await self._call(label, _reraise(replies[-1]))
                 self._check_replicas(int(replies[-1]))
             return reply
+        raise AssertionError("unreachable")
+
+    async def _evalsha_pipelined(
+        self, body: str, sha: str, keys: Sequence[str], args: Sequence[bytes | str | int]
+    ) -> Any:
+        """EVALSHA on the pipelined connection, loading the script on NOSCRIPT
+        (after a Redis restart) and trying once more on a connection lost
+        before the reply (a restarted Redis, a killed client connection), as
+        redis-py's pool does."""
+        assert self._pipelined is not None
+        connection = self._pipelined
+        for attempt in range(3):
+            try:
+                return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+            except redis_errors.NoScriptError:
+                if attempt == 2:
+                    raise
+                await connection.execute("SCRIPT", "LOAD", body)
+            except redis_errors.ConnectionError:
+                if attempt == 2:
+                    raise
         raise AssertionError("unreachable")
 
     def _check_replicas(self, acknowledged: int) -> None:
