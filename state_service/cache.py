@@ -9,6 +9,7 @@ decided by Redis, never here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,42 @@ from state_service.storage.redis import CacheKnowledge, SessionHead
 CACHE_NAME = "session_tail"
 
 
+# Entries of a tail's memo before it is emptied (it holds a few prepared
+# responses per distinct request shape; see SessionStore.get_context).
+MEMO_MAX = 16
+
+
 @dataclass(frozen=True, slots=True)
 class CachedTail:
-    """The entries at log indexes [start_index, head.item_count) at `head`."""
+    """The entries at log indexes [start_index, head.item_count) at `head`.
+
+    `tokens` is the entries' token total. `memo` holds what is computed from
+    the entries alone (so it stays valid while they do): a tail with the same
+    entries and a fresher head shares it (see `at`), a tail with other
+    entries starts a new one. `stored_at` is when the cache stored it.
+    """
 
     head: SessionHead
     start_index: int
     entries: tuple[LogEntry, ...]
+    tokens: int
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    stored_at: float = 0.0
+
+    @classmethod
+    def of(cls, head: SessionHead, start_index: int, entries: tuple[LogEntry, ...]) -> CachedTail:
+        return cls(head, start_index, entries, sum(e.tokens for e in entries))
+
+    def at(self, head: SessionHead) -> CachedTail:
+        """The same entries (and memo) as of a fresher head of the same log."""
+        return CachedTail(
+            head, self.start_index, self.entries, self.tokens, self.memo, self.stored_at
+        )
+
+    def remember(self, key: Any, value: Any) -> None:
+        if len(self.memo) >= MEMO_MAX:
+            self.memo.clear()
+        self.memo[key] = value
 
     def knowledge(self) -> CacheKnowledge:
         return CacheKnowledge(
@@ -70,6 +100,10 @@ class SessionCache:
         )
         self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
         self._size.set(0)
+        self._lookups = {
+            result: metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result)
+            for result in metrics.CACHE_RESULTS
+        }
 
     def get(self, tenant: str, session_id: str) -> CachedTail | None:
         return self._tails.get((tenant, session_id))
@@ -77,9 +111,18 @@ class SessionCache:
     def put(self, tenant: str, session_id: str, tail: CachedTail) -> None:
         if len(tail.entries) > self.max_items:
             cut = len(tail.entries) - self.max_items
-            tail = CachedTail(tail.head, tail.start_index + cut, tail.entries[cut:])
-        self._tails[(tenant, session_id)] = tail
+            tail = CachedTail.of(tail.head, tail.start_index + cut, tail.entries[cut:])
+        self._tails[(tenant, session_id)] = CachedTail(
+            tail.head, tail.start_index, tail.entries, tail.tokens, tail.memo, time.monotonic()
+        )
         self._size.set(len(self._tails))
+
+    def touch(self, tenant: str, session_id: str, tail: CachedTail) -> None:
+        """After a hit: the stored tail is still current (its entries and
+        version are), so it is stored again, which restarts its TTL, only once
+        a quarter of the TTL has passed, not on every read."""
+        if time.monotonic() - tail.stored_at > self.ttl_seconds / 4:
+            self.put(tenant, session_id, tail)
 
     def drop(self, tenant: str, session_id: str, reason: str = "deleted") -> None:
         """Forgets a session that was deleted or found invalid."""
@@ -99,7 +142,7 @@ class SessionCache:
         metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc()
 
     def record(self, result: str) -> None:
-        metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result).inc()
+        self._lookups[result].inc()
         if result == "hit":
             self.stats.hits += 1
         elif result == "partial":

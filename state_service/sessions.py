@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from state_service import metrics, paging
 from state_service.cache import CachedTail, SessionCache
 from state_service.compression import strategies
-from state_service.compression.engine import PROTO_OF_STRATEGY, Compression
+from state_service.compression.engine import PROTO_OF_STRATEGY, STRATEGY_OF_PROTO, Compression
 from state_service.compression.memory import StaleMemory
 from state_service.compression.strategies import ContextView, Shares, Strategy
 from state_service.compression.text import item_text_of_json
@@ -231,10 +231,13 @@ class SessionStore:
             return None
         head = result.head
         if result.mode == "hit" and cached is not None:
-            tail = CachedTail(head, cached.start_index, cached.entries)
-            outcome = "hit"
-        elif result.mode == "delta" and cached is not None:
-            tail = CachedTail(
+            tail = cached.at(head)
+            if self._cache is not None:
+                self._cache.record("hit")
+                self._cache.touch(tenant, session_id, cached)
+            return tail
+        if result.mode == "delta" and cached is not None:
+            tail = CachedTail.of(
                 head,
                 cached.start_index,
                 cached.entries + self._entries(tenant, session_id, result.entries),
@@ -242,7 +245,7 @@ class SessionStore:
             outcome = "partial"
         else:
             entries = self._entries(tenant, session_id, result.entries)
-            tail = CachedTail(head, head.item_count - len(entries), entries)
+            tail = CachedTail.of(head, head.item_count - len(entries), entries)
             outcome = "miss"
             if (
                 self._cache is not None
@@ -272,7 +275,7 @@ class SessionStore:
         ):
             return None
         older = self._entries(tenant, session_id, result.entries)
-        return CachedTail(tail.head, start, older + tail.entries)
+        return CachedTail.of(tail.head, start, older + tail.entries)
 
     async def get_context(
         self,
@@ -301,7 +304,7 @@ class SessionStore:
             if (
                 tail.start_index == 0
                 or len(tail.entries) >= MAX_CONTEXT_ITEMS
-                or sum(e.tokens for e in tail.entries) > token_budget
+                or tail.tokens > token_budget
             ):
                 break
             extended = await self._extend_back(
@@ -313,6 +316,43 @@ class SessionStore:
         head = tail.head
         if strategy is None:
             strategy = compression.strategy_of(head) if compression else Strategy.TOKEN_WINDOW
+        # A view of the tail alone (no summary, no retrieval) depends only on
+        # the entries, the head's etag and the request: prepared once per tail,
+        # then copied (a copy costs a fraction of building the response).
+        pure = (
+            compression is None
+            or strategy in (Strategy.SLIDING_WINDOW, Strategy.TOKEN_WINDOW)
+            or (tail.start_index == 0 and tail.tokens <= token_budget)
+        )
+        key = (head.etag, strategy, token_budget, max_items, query) if pure else None
+        prepared: pb.GetContextResponse | None = tail.memo.get(key) if pure else None
+        if prepared is not None:
+            response = pb.GetContextResponse()
+            response.CopyFrom(prepared)
+            _observe_context(head, STRATEGY_OF_PROTO[response.strategy], response.token_count)
+            return response
+        response = await self._context_response(
+            tenant, session_id, tail, strategy, token_budget, query, shares, max_items
+        )
+        if key is not None:
+            prepared = pb.GetContextResponse()
+            prepared.CopyFrom(response)
+            tail.remember(key, prepared)
+        return response
+
+    async def _context_response(
+        self,
+        tenant: str,
+        session_id: str,
+        tail: CachedTail,
+        strategy: Strategy,
+        token_budget: int,
+        query: str,
+        shares: Shares | None,
+        max_items: int,
+    ) -> pb.GetContextResponse:
+        compression = self.compression
+        head = tail.head
         entries = tail.entries
         at_log_start = tail.start_index == 0
         used_query = ""
@@ -322,7 +362,7 @@ class SessionStore:
         elif strategy is Strategy.TOKEN_WINDOW or compression is None:
             view = strategies.token_window_view(entries, token_budget, at_log_start=at_log_start)
         else:
-            used_query = query or _newest_user_text(entries)
+            used_query = query or _newest_user_text(tail)
             view = await self._compressed(
                 compression,
                 tenant,
@@ -333,11 +373,7 @@ class SessionStore:
                 token_budget,
                 used_query,
             )
-        metrics.CONTEXT_TOKENS.observe(view.tokens)
-        if head.log_tokens >= 0:
-            metrics.COMPRESSION_TOKENS_SAVED.labels(view.strategy.value).inc(
-                max(0, head.log_tokens - view.tokens)
-            )
+        _observe_context(head, view.strategy, view.tokens)
         response = pb.GetContextResponse(
             items=[e.item for e in view.recent],
             etag=head.etag,
@@ -374,7 +410,7 @@ class SessionStore:
     ) -> ContextView:
         """summary / retrieval / tiered over a verified-current tail."""
         head = tail.head
-        everything_fits = tail.start_index == 0 and sum(e.tokens for e in tail.entries) <= budget
+        everything_fits = tail.start_index == 0 and tail.tokens <= budget
         summary = None
         if strategy.uses_summary and not everything_fits:
             summary = await compression.summaries.get(tenant, session_id, head)
@@ -560,12 +596,30 @@ class SessionStore:
         return session
 
 
-def _newest_user_text(entries: Sequence[LogEntry]) -> str:
-    """The text of the newest user message: the default retrieval query."""
-    for entry in reversed(entries):
-        if entry.starts_turn:
-            return item_text_of_json(entry.item.json)[1]
-    return ""
+_NEWEST_USER_TEXT = "newest_user_text"
+_TOKENS_SAVED = {
+    strategy: metrics.COMPRESSION_TOKENS_SAVED.labels(strategy.value) for strategy in Strategy
+}
+
+
+def _observe_context(head: SessionHead, strategy: Strategy, tokens: int) -> None:
+    metrics.CONTEXT_TOKENS.observe(tokens)
+    if head.log_tokens >= 0:
+        _TOKENS_SAVED[strategy].inc(max(0, head.log_tokens - tokens))
+
+
+def _newest_user_text(tail: CachedTail) -> str:
+    """The text of the newest user message: the default retrieval query
+    (remembered with the tail: it is a JSON parse)."""
+    text: str | None = tail.memo.get(_NEWEST_USER_TEXT)
+    if text is None:
+        text = ""
+        for entry in reversed(tail.entries):
+            if entry.starts_turn:
+                text = item_text_of_json(entry.item.json)[1]
+                break
+        tail.remember(_NEWEST_USER_TEXT, text)
+    return text
 
 
 def _not_found(session_id: str) -> NotFound:
