@@ -148,7 +148,15 @@ def build_info() -> Gauge:
     return register_build_info("statecar_state")
 
 
+_REDIS_SECONDS_OF: dict[str, Histogram] = {}
+
+
 def observe_redis(operation: str, seconds: float, failed: bool) -> None:
-    REDIS_SECONDS.labels(operation).observe(seconds)
+    # The labelled child is looked up once per operation (labels() takes a
+    # lock and builds a key on every call; this runs on every request).
+    child = _REDIS_SECONDS_OF.get(operation)
+    if child is None:
+        child = _REDIS_SECONDS_OF[operation] = REDIS_SECONDS.labels(operation)
+    child.observe(seconds)
     if failed:
         REDIS_ERRORS.labels(operation).inc()

@@ -144,7 +144,10 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
             try:
                 _refuse_undecodable(request)
-                async with asyncio.timeout(self._budget(context)):
+                budget = self._budget(context)
+                if budget is None:  # no deadline: no timer to arm
+                    return await behavior(request, context)
+                async with asyncio.timeout(budget):
                     return await behavior(request, context)
             except TimeoutError:
                 await self._abort(context, self._deadline_error(), method)

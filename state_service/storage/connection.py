@@ -126,6 +126,7 @@ class PipelinedConnection:
         # (waiter, time sent) in the order the commands were written.
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the open connection
         self._ready = False  # connected, authenticated, database selected
         self._closed = False
 
@@ -138,9 +139,9 @@ class PipelinedConnection:
 
     def _send(self, packed: bytes) -> asyncio.Future[Any]:
         transport = self._transport
-        if transport is None or transport.is_closing():
+        loop = self._loop
+        if transport is None or loop is None or transport.is_closing():
             raise redis_errors.ConnectionError("Redis connection closed")
-        loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending.append((waiter, loop.time()))
         transport.write(packed)
@@ -152,9 +153,9 @@ class PipelinedConnection:
         """One timer per connection, not one per command: drops the connection
         if its oldest unanswered command is older than socket_timeout."""
         self._watchdog = None
-        if not self._pending:
+        loop = self._loop
+        if not self._pending or loop is None:
             return
-        loop = asyncio.get_running_loop()
         waited = loop.time() - self._pending[0][1]
         if waited >= self._socket_timeout:
             self._drop(redis_errors.TimeoutError("Timeout reading from Redis"))
@@ -183,7 +184,7 @@ class PipelinedConnection:
             self._connecting = None
 
     async def _open(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:

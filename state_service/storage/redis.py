@@ -30,6 +30,7 @@ retrying it with the same request_id is safe).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -231,6 +232,13 @@ def _raised_inside_redis_client(exc: BaseException) -> bool:
     return "/redis/" in filename or "/asyncio/" in filename
 
 
+@functools.lru_cache(maxsize=4096)
+def _session_keys(prefix: str, tenant: str, session_id: str) -> SessionKeys:
+    """A session's key names (remembered: the hot sessions ask on every call)."""
+    base = f"{prefix}:{{{tenant}:{session_id}}}"
+    return SessionKeys(meta=f"{base}:m", log=f"{base}:l", requests=f"{base}:r", summary=f"{base}:s")
+
+
 def _pipelined_connection(url: str, options: RedisConnectOptions) -> PipelinedConnection:
     """The pipelined connection for a redis:// or unix:// URL; explicit
     credentials win over the URL's, as for the pool."""
@@ -403,10 +411,7 @@ class RedisStorage:
     # -- keys -----------------------------------------------------------------
 
     def keys(self, tenant: str, session_id: str) -> SessionKeys:
-        base = f"{self._prefix}:{{{tenant}:{session_id}}}"
-        return SessionKeys(
-            meta=f"{base}:m", log=f"{base}:l", requests=f"{base}:r", summary=f"{base}:s"
-        )
+        return _session_keys(self._prefix, tenant, session_id)
 
     def index_key(self, tenant: str) -> str:
         return f"{self._prefix}:idx:{{{tenant}}}"
