@@ -5,6 +5,7 @@ drain around `serve`."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,11 @@ class Service(Protocol):
 async def serve_until_terminated(start: Callable[[], Awaitable[Service]], name: str) -> None:
     """Runs a service until SIGTERM/SIGINT, then drains it (see its stop)."""
     app = await start()
+    # What start-up built (modules, descriptors, settings) lives as long as
+    # the process: moved out of the collector's sight, so full collections
+    # scan only what requests allocate (they showed up in the p99).
+    gc.collect()
+    gc.freeze()
     print(f"{name} ready on {app.address}", flush=True)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
