@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,29 @@ async def closed_loop(
         await call()
         latencies.append(time.perf_counter() - started)
     return Stats.of(latencies)
+
+
+async def interleaved(
+    calls: Mapping[str, Callable[[], Awaitable[object]]],
+    count: int,
+    rounds: int = 10,
+    warmup: int = 200,
+) -> dict[str, Stats]:
+    """closed_loop for several paths at once, in rounds of count/rounds calls
+    each, so a noisy neighbour or a drifting clock hits every path alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            await call()
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    per_round = max(1, count // rounds)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            kept = latencies[name]
+            for _ in range(per_round):
+                started = time.perf_counter()
+                await call()
+                kept.append(time.perf_counter() - started)
+    return {name: Stats.of(kept) for name, kept in latencies.items()}
 
 
 async def open_loop(
