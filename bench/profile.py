@@ -60,10 +60,54 @@ def _python_frame(frame: str) -> bool:
     return ".py:" in frame
 
 
-def _summarize_pyspy(raw: Path, top: int = 25) -> str:
-    """Busy samples (a leaf waiting in epoll/futex is idle) by thread, by the
-    deepest Python frame (native time charged to its Python caller), by
-    native leaf, and by inclusive share."""
+# Components, checked from the innermost frame outwards: a sample belongs to
+# the innermost frame that names one (so a send() inside the Redis client is
+# Redis client time, not event-loop time).
+COMPONENTS = (
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    (
+        "Redis client (storage/, redis-py, hiredis)",
+        ("state_service/storage/", "redis/", "hiredis"),
+    ),  # fmt: skip
+    ("interceptors (serving/)", ("state_service/serving/",)),
+    (
+        "context and cache (sessions, cache, context, compression)",
+        (
+            "state_service/sessions.py",
+            "state_service/cache.py",
+            "state_service/context.py",
+            "state_service/compression/",
+            "cachetools/",
+        ),
+    ),  # fmt: skip
+    (
+        "servicer and validation",
+        ("state_service/servicer.py", "state_service/validation.py", "state_service/identity.py"),
+    ),  # fmt: skip
+)
+GRPC = "gRPC (cygrpc: call handling, HTTP/2, serialization)"
+LOOP = "asyncio event loop"
+
+
+def component_of(thread: str, frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, needles in COMPONENTS:
+            if any(needle in frame for needle in needles):
+                return name
+    if "_poll_wrapper" in thread or any("cygrpc" in f for f in frames):
+        return GRPC
+    if frames and frames[-1].startswith("Handle._run"):
+        return GRPC  # Cython callbacks run by the loop, below Python frames
+    return LOOP
+
+
+def _summarize_pyspy(raw: Path, cpu_per_call_us: float, top: int = 25) -> str:
+    """Busy samples (a leaf waiting in epoll/futex is idle) by component (µs
+    per call: share of busy samples times the process's CPU per call measured
+    without the profiler), by thread, by the deepest Python frame (native
+    time charged to its Python caller), by native leaf, and by inclusive
+    share."""
+    components: collections.Counter[str] = collections.Counter()
     by_python: collections.Counter[str] = collections.Counter()
     by_leaf: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -81,6 +125,7 @@ def _summarize_pyspy(raw: Path, top: int = 25) -> str:
         busy += count
         name = "grpc poller thread" if "_poll_wrapper" in thread else thread.split(": ")[-1]
         threads[name] += count
+        components[component_of(thread, frames)] += count
         by_leaf[frames[-1]] += count
         python = [f for f in frames if _python_frame(f)]
         by_python[python[-1] if python else "(native only) " + frames[-1]] += count
@@ -96,6 +141,15 @@ def _summarize_pyspy(raw: Path, top: int = 25) -> str:
             "dropped); shares are of busy samples"
         ),
         "",
+        (
+            f"by component (µs/call = share × {cpu_per_call_us:.0f} µs of process CPU per call, "
+            "both threads, measured without the profiler):"
+        ),
+        *[
+            f"  {100 * c / busy:5.1f}%  {c / busy * cpu_per_call_us:5.0f} µs  {name}"
+            for name, c in components.most_common()
+        ],
+        "",
         "by thread:",
         *rows(threads),
         "",
@@ -109,6 +163,12 @@ def _summarize_pyspy(raw: Path, top: int = 25) -> str:
         *rows(inclusive),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def profile(strategy: str, calls: int = CALLS, label: str = "") -> str:
@@ -137,7 +197,9 @@ async def profile(strategy: str, calls: int = CALLS, label: str = "") -> str:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = pb_grpc.StateServiceStub(channel)
                 await _calls(stub, 500)
+                cpu_before = _cpu_seconds(process.pid)
                 plain = await _calls(stub, calls)
+                cpu_per_call_us = (_cpu_seconds(process.pid) - cpu_before) / calls * 1e6
                 # pyinstrument, inside the process.
                 process.send_signal(signal.SIGUSR1)
                 await asyncio.sleep(0.2)
@@ -180,10 +242,10 @@ async def profile(strategy: str, calls: int = CALLS, label: str = "") -> str:
     summary = (
         f"GetContext cache hit, strategy {strategy}, 20-item session, {calls} sequential calls.\n"
         f"client p50 {plain.p50:.3f} ms without profiler, {profiled.p50:.3f} ms under "
-        "pyinstrument.\n"
+        f"pyinstrument; server process CPU {cpu_per_call_us:.0f} µs per call without profiler.\n"
     )
     if pyspy is not None and pyspy_raw.exists():
-        summary += "\n" + _summarize_pyspy(pyspy_raw)
+        summary += "\n" + _summarize_pyspy(pyspy_raw, cpu_per_call_us)
         Path(f"{out}.pyspy.txt").write_text(summary)
     if os.environ.get("BENCH_PROFILE_KEEP"):
         print(f"raw profiles kept in {scratch}")
