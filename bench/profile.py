@@ -186,6 +186,10 @@ async def profile(strategy: str, calls: int = CALLS, label: str = "") -> str:
                 "STATE_SERVICE_METRICS_PORT": "0",
                 "STATE_SERVICE_LOG_LEVEL": "WARNING",
                 "STATE_SERVICE_DEFAULT_CONTEXT_STRATEGY": strategy,
+                # The state_service of this tree, whichever is installed.
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
             },
             stdout=subprocess.DEVNULL,
         )
