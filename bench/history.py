@@ -39,7 +39,11 @@ async def run(report: Report, *, count: int = 300) -> None:
         "RedisSession": {},
         "brief GET/SETEX": {},
     }
-    turns: dict[str, dict[int, float]] = {"statecar": {}, "RedisSession": {}}
+    turns: dict[str, dict[int, float]] = {
+        "statecar": {},
+        "statecar token_window": {},
+        "RedisSession": {},
+    }
     with redis_process() as redis_server, state_service(redis_server.url) as (address, _):
         raw = aioredis.from_url(redis_server.url)
         async with StateClient(address) as client:
@@ -65,6 +69,12 @@ async def run(report: Report, *, count: int = 300) -> None:
                     context = await client.get_context(sid, token_budget=4000)
                     return await client.append_items(sid, turn, etag=context.etag)
 
+                async def ours_window_turn() -> object:
+                    context = await client.get_context(
+                        sid, token_budget=4000, strategy="token_window"
+                    )
+                    return await client.append_items(sid, turn, etag=context.etag)
+
                 async def theirs_turn() -> None:
                     await redis_session.get_items()
                     await redis_session.add_items(turn)  # type: ignore[arg-type]
@@ -79,6 +89,9 @@ async def run(report: Report, *, count: int = 300) -> None:
                     ).p50
                 if n in TURN_LENGTHS:
                     turns["statecar"][n] = (await closed_loop(ours_turn, count // 2, 20)).p50
+                    turns["statecar token_window"][n] = (
+                        await closed_loop(ours_window_turn, count // 2, 20)
+                    ).p50
                     turn_count = count // 2 if n <= 1000 else max(30, count // 10)
                     turns["RedisSession"][n] = (await closed_loop(theirs_turn, turn_count, 5)).p50
         await raw.aclose()
@@ -105,20 +118,25 @@ async def run(report: Report, *, count: int = 300) -> None:
     report.add("2. Append cost vs history length", text)
 
     rows = [[name, *(f"{values[n]:.3f}" for n in TURN_LENGTHS)] for name, values in turns.items()]
-    rows.append(
-        [
-            "statecar / RedisSession",
-            *(ratio(turns["statecar"][n], turns["RedisSession"][n]) for n in TURN_LENGTHS),
-        ]
-    )
+    for name in ("statecar", "statecar token_window"):
+        rows.append(
+            [
+                f"{name} / RedisSession",
+                *(ratio(turns[name][n], turns["RedisSession"][n]) for n in TURN_LENGTHS),
+            ]
+        )
     text = (
         "p50 ms of one turn's state work: statecar GetContext(4k tokens) + AppendItems(etag) vs "
-        "RedisSession get_items() + add_items():\n\n"
+        "RedisSession get_items() + add_items(). `statecar` uses the default strategy (tiered: "
+        "summary and BM25 retrieval of older items once the log exceeds the budget), "
+        "`statecar token_window` asks for the newest items that fit:\n\n"
         + table(["", *(f"n={n:,}" for n in TURN_LENGTHS)], rows)
     )
     ratio_10k = turns["statecar"][10_000] / turns["RedisSession"][10_000]
+    window_10k = turns["statecar token_window"][10_000] / turns["RedisSession"][10_000]
     text += (
-        f"\n\nAt 10,000 items statecar costs **{ratio_10k:.2f}× RedisSession** (target ≤ 0.25×)."
+        f"\n\nAt 10,000 items statecar costs **{ratio_10k:.2f}× RedisSession** with tiered and "
+        f"**{window_10k:.2f}×** with token_window (target ≤ 0.25×)."
     )
     text += "\n\n" + report.plot(
         "turn_cost", lambda ax: _lines(ax, turns, TURN_LENGTHS, "turn p50 (ms)")
