@@ -1,60 +1,34 @@
 """A fake OpenAI-compatible HTTP server on loopback, so tests drive the real
-`openai` client: openai-agents' own OpenAI models, the LLM summarizer and the
-embeddings of the state service.
+`openai` client and openai-agents' own OpenAI models.
 
 It speaks the Responses API (POST /v1/responses, plain and SSE-streamed),
-Chat Completions (POST /v1/chat/completions, plain) and Embeddings
-(POST /v1/embeddings: a deterministic bag of synonym-folded words), answers
-from a script of steps, and records every request.
+and Chat Completions (POST /v1/chat/completions, plain), answers from a
+script of steps, and records every request and its path. (The compression
+tests use tests/fake_openai_compression.py, an asyncio server with
+embeddings: under this threaded one their teardown could hang.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# Words the fake embedding model treats as one meaning (what lexical search misses).
-SYNONYMS = {"automobile": "car", "vehicle": "car", "physician": "doctor", "medic": "doctor"}
-DIMENSIONS = 256
-EMBEDDING_STOPWORDS = frozenset(
-    "a an and do i is it my of on the that to what who you your me".split()
-)
-
-
-def embed(text: str) -> list[float]:
-    """A bag of (synonym-folded) content words hashed into DIMENSIONS buckets."""
-    vector = [0.0] * DIMENSIONS
-    for word in re.findall(r"[a-z]+", text.lower()):
-        if word in EMBEDDING_STOPWORDS:
-            continue
-        word = SYNONYMS.get(word, word)
-        bucket = int(hashlib.sha1(word.encode()).hexdigest(), 16) % DIMENSIONS
-        vector[bucket] += 1.0
-    return vector
-
 
 @dataclass
 class Step:
-    """One model answer: text (fixed, or computed from the request body), or a
-    function call, or an HTTP error; after `delay`."""
+    """One model answer: text, or a function call, or an HTTP error; after `delay`."""
 
     text: str | None = None
     call: tuple[str, dict[str, Any]] | None = None
     status: int = 200
     delay: float = 0.0
-    text_from: Callable[[dict[str, Any]], str] | None = None
-
-    def answer(self, body: dict[str, Any]) -> str:
-        return self.text_from(body) if self.text_from is not None else self.text or ""
 
 
 @dataclass
@@ -98,8 +72,6 @@ class FakeOpenAI:
                     time.sleep(step.delay)
                 if step.status != 200:
                     self._json(step.status, {"error": {"message": "fake failure", "type": "x"}})
-                elif self.path.endswith("/embeddings"):
-                    self._json(200, _embeddings(body))
                 elif self.path.endswith("/chat/completions"):
                     self._json(200, _chat_completion(step, n, body))
                 elif body.get("stream"):
@@ -172,7 +144,7 @@ def _output(step: Step, n: int) -> list[dict[str, Any]]:
             "id": f"msg_{n}",
             "role": "assistant",
             "status": "completed",
-            "content": [{"type": "output_text", "text": step.answer({}), "annotations": []}],
+            "content": [{"type": "output_text", "text": step.text or "", "annotations": []}],
         }
     ]
 
@@ -232,7 +204,7 @@ def _stream_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _chat_completion(step: Step, n: int, body: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": step.answer(body)}
+    message: dict[str, Any] = {"role": "assistant", "content": step.text}
     if step.call is not None:
         name, arguments = step.call
         message = {
@@ -259,18 +231,4 @@ def _chat_completion(step: Step, n: int, body: dict[str, Any]) -> dict[str, Any]
             }
         ],
         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-    }
-
-
-def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
-    inputs = body["input"]
-    inputs = [inputs] if isinstance(inputs, str) else inputs
-    return {
-        "object": "list",
-        "model": body.get("model", "fake"),
-        "data": [
-            {"object": "embedding", "index": i, "embedding": embed(text)}
-            for i, text in enumerate(inputs)
-        ],
-        "usage": {"prompt_tokens": 1, "total_tokens": 1},
     }

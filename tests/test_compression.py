@@ -4,8 +4,7 @@ background summarizer, retrieval, and an OpenAI-compatible fake on loopback."""
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.tokens import EstimatingTokenCounter
 from tests.conftest import StateServerFactory
-from tests.fake_openai import FakeOpenAI, Step
+from tests.fake_openai_compression import FakeOpenAI
 
 
 def user(text: str) -> dict[str, Any]:
@@ -170,17 +169,11 @@ async def test_summary_is_incremental_under_concurrent_appends_on_two_replicas(
     assert len(context.items) == len(items)
 
 
-def _summary_of_prompt(body: dict[str, Any]) -> str:
-    """What the fake LLM summarizer answers: which seqs it was shown."""
-    seqs = re.findall(r"^#(\d+) ", body["messages"][-1]["content"], flags=re.MULTILINE)
-    return f"LLM SUMMARY through #{seqs[-1] if seqs else '?'}"
-
-
 @pytest.fixture
-def fake_openai() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(default=Step(text_from=_summary_of_prompt))
-    with fake.serve():
-        yield fake
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = await FakeOpenAI().start()
+    yield fake
+    await fake.stop()
 
 
 async def test_llm_summarizer_through_an_openai_compatible_endpoint(
@@ -197,7 +190,7 @@ async def test_llm_summarizer_through_an_openai_compatible_endpoint(
     assert context.summary is not None
     assert context.summary.text.startswith("LLM SUMMARY through #")
     assert context.summary.last_seq == int(context.summary.text.rsplit("#", 1)[1])
-    chats = fake_openai.bodies("/chat/completions")
+    chats = [body for path, body in fake_openai.requests if path.endswith("/chat/completions")]
     assert chats and chats[0]["model"] == "m"
     # Incremental: each call folds onto the previous summary.
     if len(chats) > 1:
@@ -207,7 +200,7 @@ async def test_llm_summarizer_through_an_openai_compatible_endpoint(
 async def test_summarizer_failure_never_fails_appends_or_reads(
     state_server_factory: StateServerFactory, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.default = Step(status=500)
+    fake_openai.fail = True
     server = await state_server_factory(summarizer="llm", summarizer_base_url=fake_openai.base_url)
     failed_before = metrics.COMPRESSION_RUNS.labels("failed")._value.get()
     async with StateClient(server.address) as client:
@@ -242,13 +235,13 @@ async def test_hybrid_retrieval_uses_embeddings(
             "s", token_budget=400, strategy="retrieval", query="what automobile do I drive"
         )
     assert any("Skoda" in str(r.item.data) for r in context.retrieved)
-    assert fake_openai.bodies("/embeddings")
+    assert any(path.endswith("/embeddings") for path, _ in fake_openai.requests)
 
 
 async def test_embeddings_failure_keeps_retrieval_lexical(
     state_server_factory: StateServerFactory, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.default = Step(status=500)
+    fake_openai.fail = True
     server = await state_server_factory(embeddings_base_url=fake_openai.base_url)
     async with StateClient(server.address) as client:
         for n in range(60):

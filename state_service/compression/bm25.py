@@ -1,5 +1,5 @@
 """Okapi BM25 over a session's log, kept incrementally: adding an item costs
-O(its terms); a query costs O(postings of its terms). Pure Python, no index
+O(its terms); a query costs O(postings of its informative terms). Pure Python, no index
 files: the index lives in the process and is rebuilt from Redis when lost."""
 
 from __future__ import annotations
@@ -7,6 +7,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+
+# A term in more than this share of a session's documents is that session's
+# stopword: its idf is below log(2) against about log(n) for a rare term, so
+# it barely moves a ranking, while scoring it costs O(n) per read. Skipping
+# it keeps a read's cost proportional to the rare terms' postings.
+COMMON_TERM_SHARE = 0.5
+# Below this many documents every term is scored (shares are noisy there).
+COMMON_TERM_MIN_DOCS = 64
 
 
 class BM25Index:
@@ -41,16 +49,18 @@ class BM25Index:
 
     def scores(self, query_terms: Iterable[str], *, below: int | None = None) -> dict[int, float]:
         """BM25 score of every document (numbered < `below`) that shares a term
-        with the query; documents with no shared term are absent."""
+        with the query; documents with no shared term are absent. Terms common
+        to most documents are not scored (see COMMON_TERM_SHARE)."""
         n = len(self._lengths)
         if n == 0:
             return {}
         average = self._total_length / n or 1.0
         limit = n if below is None else min(below, n)
+        common = n * COMMON_TERM_SHARE if n >= COMMON_TERM_MIN_DOCS else n + 1
         result: dict[int, float] = {}
         for term in set(query_terms):
             postings = self._postings.get(term)
-            if not postings:
+            if not postings or len(postings) > common:
                 continue
             idf = self.idf(term)
             k1, b = self.k1, self.b
