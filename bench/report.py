@@ -62,10 +62,33 @@ class Report:
             blocks["performance"] = self.sections
         for name, sections in blocks.items():
             begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-            body = "\n".join([begin, BLOCKS[name], "", header, *sections, end])
             if begin in text and end in text:
                 before, rest = text.split(begin, 1)
-                text = before + body + rest.split(end, 1)[1]
+                old, after = rest.split(end, 1)
+                # A run of some benchmarks keeps the sections of the others.
+                sections = _merged(_sections_of(old), sections)
+                body = "\n".join([begin, BLOCKS[name], "", header, *sections, end])
+                text = before + body + after
             else:
+                body = "\n".join([begin, BLOCKS[name], "", header, *sections, end])
                 text = text.rstrip() + "\n\n" + body + "\n"
         path.write_text(text)
+
+
+def _sections_of(block: str) -> list[str]:
+    """The "### ..." sections of a block's text, each with its body."""
+    parts = block.split("\n### ")
+    return ["### " + part.rstrip() + "\n" for part in parts[1:]]
+
+
+def _merged(old: list[str], new: list[str]) -> list[str]:
+    """Old sections with the new ones in their place, ordered by title
+    (titles start with their number: "### 3. ...")."""
+    by_title = {section.split("\n", 1)[0]: section for section in old}
+    by_title.update({section.split("\n", 1)[0]: section for section in new})
+    return [by_title[title] for title in sorted(by_title, key=_title_order)]
+
+
+def _title_order(title: str) -> tuple[int, str]:
+    number = title.removeprefix("### ").split(".", 1)[0]
+    return (int(number), title) if number.isdigit() else (1_000, title)
