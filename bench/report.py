@@ -50,10 +50,12 @@ class Report:
 
     def write(self, path: Path = ROOT / "BENCHMARKS.md") -> None:
         header = (
-            f"Measured by `make bench` on {time.strftime('%Y-%m-%d')}, "
+            "Measured by `make bench` (or `python -m bench.run <names>` for some sections) on "
+            f"{time.strftime('%Y-%m-%d')}, "
             f"{platform.machine()}, Python {platform.python_version()}, "
             f"{len(__import__('os').sched_getaffinity(0))} cores, loopback; "
-            f"took {time.time() - self.started:.0f} s. Client, servers and Redis share the "
+            f"the last run took {time.time() - self.started:.0f} s. Client, servers and Redis "
+            "share the "
             "machine, so absolute figures are pessimistic; the ratios are the point.\n"
         )
         text = path.read_text() if path.exists() else "# statecar benchmarks\n"
