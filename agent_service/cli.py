@@ -41,6 +41,7 @@ from agent_service.config import ConfigError
 from agent_service.server import AgentServer
 from agent_service.settings import AgentServiceSettings
 from state_service.client import StateClient, StateServiceError
+from state_service.compression.text import item_text
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 
@@ -123,20 +124,6 @@ async def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _item_text(data: dict[str, Any]) -> str:
-    kind = data.get("type", "message")
-    if kind == "message":
-        content = data.get("content")
-        if isinstance(content, list):
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    if kind == "function_call":
-        return f"{data.get('name')}({data.get('arguments')})"
-    if kind == "function_call_output":
-        return str(data.get("output"))
-    return json.dumps(data)[:200]
-
-
 async def history(args: argparse.Namespace) -> int:
     async with StateClient(args.state_target) as state:
         items = await state.all_items(args.session)
@@ -152,7 +139,10 @@ async def history(args: argparse.Namespace) -> int:
     for item in items:
         who = item.data.get("role") or item.data.get("type", "")
         table.add_row(
-            str(item.seq), str(who), item.metadata.get("statecar.agent", ""), _item_text(item.data)
+            str(item.seq),
+            str(who),
+            item.metadata.get("statecar.agent", ""),
+            item_text(item.data) or json.dumps(item.data)[:200],
         )
     console.print(table)
     return 0

@@ -104,7 +104,7 @@ class WorkflowRunner:
             sessions.setdefault(response.agent, agent_session_id(workflow_id, response.agent))
             await self._seed(sessions[response.agent], request_id, request, response)
         updated = await self._advance(
-            workflow_id, response.agent, {response.agent: response.reply}, sessions, request
+            workflow_id, info, response.agent, {response.agent: response.reply}, sessions, request
         )
         response.workflow.CopyFrom(workflow_message(updated))
         return response
@@ -135,13 +135,15 @@ class WorkflowRunner:
     async def _advance(
         self,
         workflow_id: str,
+        current: WorkflowInfo | None,
         stage: str,
         results: dict[str, Any],
         sessions: dict[str, str],
         request: TurnRequest,
     ) -> WorkflowInfo:
+        """Records the turn in the workflow, starting from `current` (read at the
+        start of the turn) and re-reading it only when someone changed it since."""
         for _ in range(UPDATE_ATTEMPTS):
-            current = await self.get(workflow_id, request.deadline)
             merged_results = {**(current.results if current else {}), **results}
             merged_sessions = {**(current.agent_sessions if current else {}), **sessions}
             try:
@@ -155,6 +157,7 @@ class WorkflowRunner:
                     timeout=request.deadline.bound(self._state_timeout),
                 )
             except EtagMismatchError:
+                current = await self.get(workflow_id, request.deadline)
                 continue
             except StateServiceError as error:
                 raise state_error(error) from error

@@ -39,6 +39,8 @@ from openai.types.responses import (
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
+from state_service.compression.text import item_text
+
 MODEL_NAME = "statecar-offline"
 PREFIX = "(offline model)"
 # openai-agents names handoff tools transfer_to_<agent>.
@@ -67,15 +69,6 @@ _LIST_NOTES = re.compile(r"\b(list|show|what are|read)\b.*\bnotes?\b", re.IGNORE
 
 def _words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(text)} - _STOPWORDS
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, Mapping)]
-        return " ".join(p for p in parts if isinstance(p, str))
-    return ""
 
 
 def _as_dict(item: Any) -> Mapping[str, Any]:
@@ -111,7 +104,7 @@ class _Conversation:
             kind = item.get("type", "message")
             if kind == "message":
                 role = str(item.get("role", ""))
-                text = _text_of(item.get("content"))
+                text = item_text(item)
                 if role == "user":
                     last_user = len(said)
                 said.append(_Said(role, text))
@@ -119,7 +112,7 @@ class _Conversation:
                 calls[str(item.get("call_id"))] = str(item.get("name"))
             elif kind == "function_call_output":
                 name = calls.get(str(item.get("call_id")), "tool")
-                said.append(_Said(f"tool:{name}", _text_of(item.get("output"))))
+                said.append(_Said(f"tool:{name}", item_text(item)))
         if last_user < 0:
             return cls(said, "", [], handed_off=False)
         results = [
