@@ -209,7 +209,8 @@ async def _check_redis(
     not heal); an unreachable Redis only delays readiness."""
     timeout = settings.redis_connect_timeout_seconds + settings.redis_timeout_seconds
     try:
-        await asyncio.wait_for(storage.ping(), timeout)
+        async with asyncio.timeout(timeout):
+            await storage.ping()
     except Unavailable as error:
         if error.reason in ("BACKEND_AUTH", "BACKEND_PERMISSION"):
             await storage.close()

@@ -69,7 +69,8 @@ class Compression:
         if self.embedder is None or not query:
             return None
         try:
-            (vector,) = await asyncio.wait_for(self.embedder.embed([query]), self.embed_timeout)
+            async with asyncio.timeout(self.embed_timeout):
+                (vector,) = await self.embedder.embed([query])
         except (EmbeddingError, TimeoutError):
             return None
         return vector

@@ -8,7 +8,6 @@ process stops, so a Redis outage never gets pods restarted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,6 +37,7 @@ class Readiness:
         self._on_change = on_change
         self._ready: bool | None = None
         self._draining = False
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -64,7 +64,11 @@ class Readiness:
 
     async def probe_once(self) -> bool:
         try:
-            await asyncio.wait_for(self._check(), timeout=max(self._interval * 2, 0.5))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+            # cancellation that arrives as the check completes, and the probe
+            # loop then never ends (a test teardown hung on it).
+            async with asyncio.timeout(max(self._interval * 2, 0.5)):
+                await self._check()
             ok = True
         except Exception:
             ok = False
@@ -77,7 +81,7 @@ class Readiness:
         self._task = asyncio.create_task(self._loop(), name="readiness")
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval)
             await self.probe_once()
 
@@ -88,8 +92,10 @@ class Readiness:
             await self.servicer.set(service, NOT_SERVING)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a check whose client library swallows the cancellation
+            # still ends the loop through the flag, at the latest one probe later.
+            await asyncio.wait({self._task}, timeout=max(self._interval * 3, 1.0))
         await self.servicer.enter_graceful_shutdown()
