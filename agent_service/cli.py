@@ -8,7 +8,8 @@
 
 `up` reads the same STATE_SERVICE_* / AGENT_SERVICE_* environment as the
 services; the other commands talk to running services (--agent-target,
---state-target, or STATECAR_AGENT_TARGET / STATECAR_STATE_TARGET).
+--state-target, or STATECAR_AGENT_TARGET / STATECAR_STATE_TARGET) and present
+STATECAR_TOKEN as a bearer token when it is set.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ async def up(args: argparse.Namespace) -> int:
 
 
 async def chat(args: argparse.Namespace) -> int:
-    async with AgentClient(args.agent_target, timeout=args.timeout) as agents:
+    async with AgentClient(
+        args.agent_target, timeout=args.timeout, bearer_token=args.token
+    ) as agents:
         final: ChatResult | None = None
         async for event in agents.stream_chat(
             args.session or "",
@@ -125,7 +128,7 @@ async def chat(args: argparse.Namespace) -> int:
 
 
 async def history(args: argparse.Namespace) -> int:
-    async with StateClient(args.state_target) as state:
+    async with StateClient(args.state_target, bearer_token=args.token) as state:
         items = await state.all_items(args.session)
     if args.json:
         for item in items:
@@ -149,7 +152,7 @@ async def history(args: argparse.Namespace) -> int:
 
 
 async def sessions(args: argparse.Namespace) -> int:
-    async with StateClient(args.state_target) as state:
+    async with StateClient(args.state_target, bearer_token=args.token) as state:
         page = await state.list_sessions(page_size=args.limit)
     table = Table(title=f"{len(page.sessions)} sessions")
     for column in ("session", "items", "updated (UTC)", "expires (UTC)"):
@@ -169,7 +172,7 @@ async def sessions(args: argparse.Namespace) -> int:
 
 
 async def agents_command(args: argparse.Namespace) -> int:
-    async with AgentClient(args.agent_target) as client:
+    async with AgentClient(args.agent_target, bearer_token=args.token) as client:
         listed, default = await client.list_agents()
     table = Table(title="agents")
     for column in ("name", "model", "budget", "tools", "handoffs", "description"):
@@ -193,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True)
     agent_target = os.environ.get("STATECAR_AGENT_TARGET", DEFAULT_AGENT_TARGET)
     state_target = os.environ.get("STATECAR_STATE_TARGET", DEFAULT_STATE_TARGET)
+    # Not a flag's default shown in --help: the token stays out of the terminal.
+    token = os.environ.get("STATECAR_TOKEN") or None
 
     run = commands.add_parser("up", help="run Redis, the state and the agent service")
     run.add_argument("--data-dir", default=".statecar", help="embedded Redis data (AOF)")
@@ -209,22 +214,22 @@ def parser() -> argparse.ArgumentParser:
     talk.add_argument("--request-id", help="retry-safe id of this turn")
     talk.add_argument("--timeout", type=float, default=120.0)
     talk.add_argument("--agent-target", default=agent_target)
-    talk.set_defaults(handler=chat)
+    talk.set_defaults(handler=chat, token=token)
 
     show = commands.add_parser("history", help="a session's whole log")
     show.add_argument("--session", required=True)
     show.add_argument("--json", action="store_true", help="raw items, one JSON per item")
     show.add_argument("--state-target", default=state_target)
-    show.set_defaults(handler=history)
+    show.set_defaults(handler=history, token=token)
 
     listing = commands.add_parser("sessions", help="sessions, in id order")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--state-target", default=state_target)
-    listing.set_defaults(handler=sessions)
+    listing.set_defaults(handler=sessions, token=token)
 
     agents = commands.add_parser("agents", help="the configured agents")
     agents.add_argument("--agent-target", default=agent_target)
-    agents.set_defaults(handler=agents_command)
+    agents.set_defaults(handler=agents_command, token=token)
     return main
 
 

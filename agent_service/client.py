@@ -191,19 +191,23 @@ class AgentInfo:
 
 class AgentClient:
     """Async client of the agent service. `target` is host:port (all DNS
-    records, round robin), a list of IP:port, or any gRPC target."""
+    records, round robin), a list of IP:port, or any gRPC target;
+    `bearer_token` authenticates as a tenant (AGENT_SERVICE_AUTH=token)."""
 
     def __init__(
         self,
         target: str | Sequence[str],
         *,
         timeout: float = 60.0,
+        bearer_token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.timeout = timeout
         self._metadata = tuple(metadata)
+        if bearer_token is not None:
+            self._metadata += (("authorization", f"Bearer {bearer_token}"),)
         channel_options = [
             ("grpc.service_config", SERVICE_CONFIG),
             ("grpc.enable_retries", 1),

@@ -17,7 +17,8 @@ from agent_service.servicer import AgentServicer
 from agent_service.settings import AgentServiceSettings
 from agent_service.turns import TurnRunner, deadline_error
 from agent_service.workflows import WorkflowRunner
-from state_service.client import StateClient
+from state_service.client import StateClient, StateServiceError
+from state_service.serving.auth import auth_interceptor, current_tenant
 from state_service.serving.grpc_metrics import (
     ServerMetricsInterceptor,
     client_interceptors,
@@ -55,9 +56,36 @@ def state_client(settings: AgentServiceSettings) -> StateClient:
         timeout=settings.state_timeout_seconds,
         bearer_token=token or None,
         credentials=credentials,
+        # Callers authenticated here are tenants at the state service too.
+        acting_for=current_tenant if settings.auth != "none" else None,
         # grpc_client_* metrics of every call to the state service.
         interceptors=client_interceptors(),
     )
+
+
+class StateReadiness:
+    """The agent is ready while the state service is; with caller
+    authentication on, only once the state service has shown that it honours
+    the tenant the agent acts for (checked until it has, then trusted)."""
+
+    def __init__(self, state: StateClient, settings: AgentServiceSettings) -> None:
+        self._state = state
+        self._timeout = settings.health_interval_seconds
+        self._delegation_checked = settings.auth == "none"
+        self._reported: str | None = None
+
+    async def check(self) -> None:
+        await self._state.check_ready(timeout=self._timeout)
+        if self._delegation_checked:
+            return
+        try:
+            await self._state.check_delegation(timeout=self._timeout)
+        except StateServiceError as error:
+            if error.message != self._reported:  # once, not every probe
+                self._reported = error.message
+                logger.error("not ready: %s", error.message)
+            raise
+        self._delegation_checked = True
 
 
 @dataclass
@@ -91,19 +119,19 @@ class AgentServer:
         workflows = WorkflowRunner(catalog, turns, state, settings.state_timeout_seconds)
         readiness = Readiness(
             [SERVICE_NAME],
-            lambda: state.check_ready(timeout=settings.health_interval_seconds),
+            StateReadiness(state, settings).check,
             interval=settings.health_interval_seconds,
         )
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["AgentService"])
-        server = create_server(
-            settings,
-            [
-                ServerMetricsInterceptor(),
-                LoggingInterceptor(),
-                ExceptionToStatusInterceptor(ERROR_DOMAIN, deadline_error),
-            ],
-            MAX_MESSAGE_BYTES,
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ServerMetricsInterceptor(),
+            LoggingInterceptor(),
+            ExceptionToStatusInterceptor(ERROR_DOMAIN, deadline_error),
+        ]
+        auth = auth_interceptor(settings.auth, settings.auth_tokens_file)
+        if auth is not None:
+            interceptors.append(auth)
+        server = create_server(settings, interceptors, MAX_MESSAGE_BYTES)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(catalog, turns, workflows, settings), server
         )

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from state_service.serving.auth import check_caller_auth
+
 
 class AgentServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -76,6 +78,17 @@ class AgentServiceSettings(BaseSettings):
     )
     state_tls_key_file: Path | None = Field(None, description="client key for mTLS")
 
+    auth: Literal["none", "token", "mtls"] = Field(
+        "none",
+        description="caller identity: none (the agent acts as one tenant at the state "
+        "service), token (bearer tokens file) or mtls (client certificate CN); "
+        "token or mtls make each caller its own tenant, which the state service "
+        "must list in STATE_SERVICE_AUTH_DELEGATES under the agent's identity",
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="tenant:token lines of callers, re-read on change (auth=token)"
+    )
+
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM); enables TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(
@@ -102,6 +115,7 @@ class AgentServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls(self) -> AgentServiceSettings:
+        check_caller_auth(self.auth, self.auth_tokens_file, self.tls_client_ca_file)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

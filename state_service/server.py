@@ -14,7 +14,7 @@ from state_service.cache import CACHE_NAME, SessionCache
 from state_service.compression.engine import Compression, build_compression
 from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
-from state_service.serving.auth import AuthInterceptor, authenticator_for
+from state_service.serving.auth import auth_interceptor, parse_delegates
 from state_service.serving.errors import Unavailable
 from state_service.serving.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from state_service.serving.health import Readiness
@@ -145,9 +145,11 @@ class StateServer:
             LoggingInterceptor(),
             ExceptionToStatusInterceptor(ERROR_DOMAIN),
         ]
-        authenticator = authenticator_for(settings.auth, settings.auth_tokens_file)
-        if authenticator is not None:
-            interceptors.append(AuthInterceptor(authenticator))
+        auth = auth_interceptor(
+            settings.auth, settings.auth_tokens_file, parse_delegates(settings.auth_delegates)
+        )
+        if auth is not None:
+            interceptors.append(auth)
         server = create_server(settings, interceptors, settings.max_message_bytes)
         pb_grpc.add_StateServiceServicer_to_server(
             StateServicer(store, WorkflowStore(storage), settings), server

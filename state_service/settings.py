@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from state_service.serving.auth import check_caller_auth, parse_delegates
+
 
 class StateServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -193,6 +195,11 @@ class StateServiceSettings(BaseSettings):
     auth_tokens_file: Path | None = Field(
         None, description="tenant:token lines, re-read on change (auth=token)"
     )
+    auth_delegates: str = Field(
+        "",
+        description="comma-separated caller identities (e.g. the agent service's tenant) "
+        "that may act for other tenants with statecar-tenant metadata",
+    )
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM); enables TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(
@@ -231,10 +238,8 @@ class StateServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_security(self) -> StateServiceSettings:
-        if self.auth == "token" and self.auth_tokens_file is None:
-            raise ValueError("auth=token needs auth_tokens_file")
-        if self.auth == "mtls" and self.tls_client_ca_file is None:
-            raise ValueError("auth=mtls needs tls_client_ca_file (and tls_cert_file, tls_key_file)")
+        check_caller_auth(self.auth, self.auth_tokens_file, self.tls_client_ca_file)
+        parse_delegates(self.auth_delegates)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

@@ -4,8 +4,10 @@ service."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agent_service.client import AgentClient, AgentServiceError
@@ -13,6 +15,7 @@ from state_service.client import StateClient
 from state_service.serving.tls import channel_credentials
 from tests.certs import CertificateAuthority
 from tests.conftest import AgentServerFactory, StateServerFactory
+from tests.helpers import NOT_SERVING, SERVING, health_status
 
 pytestmark = pytest.mark.usefixtures("redis_server")
 
@@ -87,3 +90,128 @@ async def test_bearer_token_to_the_state_service(
             await agents.chat("s1", "Hello")
     assert refused.value.code.name == "UNAVAILABLE"
     assert "UNAUTHENTICATED" in refused.value.message
+
+
+async def test_agent_callers_are_tenants_at_the_state_service(
+    state_server_factory: StateServerFactory,
+    agent_server_factory: AgentServerFactory,
+    tmp_path: Path,
+) -> None:
+    # The agent holds the only state-service credential ("agents", a
+    # delegate); each of its callers is a tenant of its own all the way down.
+    state_tokens = tmp_path / "state-tokens"
+    state_tokens.write_text("agents:agent-secret\n")
+    state = await state_server_factory(
+        auth="token", auth_tokens_file=state_tokens, auth_delegates="agents"
+    )
+    caller_tokens = tmp_path / "caller-tokens"
+    caller_tokens.write_text("alice:alice-token\nbob:bob-token\n")
+    agent = await agent_server_factory(
+        state_target=state.address,
+        state_bearer_token="agent-secret",
+        auth="token",
+        auth_tokens_file=caller_tokens,
+    )
+    async with (
+        AgentClient(agent.address, bearer_token="alice-token", timeout=10) as alice,
+        AgentClient(agent.address, bearer_token="bob-token", timeout=10) as bob,
+    ):
+        await alice.chat("s1", "My locker code is 4471.")
+        answer = await bob.chat("s1", "What is my locker code?")
+        assert "4471" not in answer.reply  # bob's "s1" is not alice's
+        assert "4471" in (await alice.chat("s1", "What is my locker code?")).reply
+
+        started = await alice.chat("", "Hello", workflow_id="w1")
+        assert started.workflow is not None
+        for call in (
+            bob.get_workflow("w1"),
+            bob.update_workflow("w1", current_stage=started.workflow.current_stage),
+        ):
+            with pytest.raises(AgentServiceError) as hidden:
+                await call
+            assert hidden.value.code == grpc.StatusCode.NOT_FOUND
+        assert (await alice.get_workflow("w1")).etag == started.workflow.etag
+
+    def acting_for(tenant: str) -> StateClient:
+        return StateClient(state.address, bearer_token="agent-secret", acting_for=lambda: tenant)
+
+    async with acting_for("alice") as as_alice, acting_for("bob") as as_bob:
+        assert len(await as_alice.all_items("s1")) == 4
+        assert len(await as_bob.all_items("s1")) == 2
+    async with StateClient(state.address, bearer_token="agent-secret") as as_agent:
+        assert await as_agent.all_items("s1") == []
+
+    for token in (None, "wrong"):
+        async with AgentClient(agent.address, bearer_token=token, timeout=10) as anonymous:
+            with pytest.raises(AgentServiceError) as refused:
+                await anonymous.list_agents()
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(AgentServiceError) as refused:
+                await anonymous.chat("s1", "Hello")
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert await health_status(agent.address) == SERVING  # probes need no token
+
+
+async def test_agent_mtls_callers_are_tenants(
+    state_server_factory: StateServerFactory,
+    agent_server_factory: AgentServerFactory,
+    tmp_path: Path,
+) -> None:
+    ca = CertificateAuthority(tmp_path / "pki")
+    state_cert = ca.issue("state-service", server=True)
+    state = await state_server_factory(
+        auth="mtls",
+        tls_cert_file=state_cert.cert,
+        tls_key_file=state_cert.key,
+        tls_client_ca_file=ca.cert_file,
+        auth_delegates="agents",
+    )
+    agent_cert = ca.issue("agent-service", server=True)
+    agent_identity = ca.issue("agents")
+    agent = await agent_server_factory(
+        state_target=state.address,
+        auth="mtls",
+        tls_cert_file=agent_cert.cert,
+        tls_key_file=agent_cert.key,
+        tls_client_ca_file=ca.cert_file,
+        state_tls_ca_file=ca.cert_file,
+        state_tls_cert_file=agent_identity.cert,
+        state_tls_key_file=agent_identity.key,
+    )
+    for team in ("team-x", "team-y"):
+        identity = ca.issue(team)
+        credentials = channel_credentials(ca.cert_file, identity.cert, identity.key)
+        async with AgentClient(agent.address, credentials=credentials, timeout=10) as caller:
+            await caller.chat("s1", f"My team is {team}.")
+    as_agent = channel_credentials(ca.cert_file, agent_identity.cert, agent_identity.key)
+    for team in ("team-x", "team-y"):
+        async with StateClient(
+            state.address, credentials=as_agent, acting_for=functools.partial(str, team)
+        ) as client:
+            items = await client.all_items("s1")
+        assert len(items) == 2
+        assert items[0].data.get("content") == f"My team is {team}."
+
+
+async def test_agent_with_callers_is_not_ready_until_the_state_service_honours_them(
+    state_server_factory: StateServerFactory,
+    agent_server_factory: AgentServerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A state service that ignores statecar-tenant would put every caller
+    # into one tenant: the agent stays out of rotation and says why.
+    caller_tokens = tmp_path / "caller-tokens"
+    caller_tokens.write_text("alice:alice-token\n")
+    state = await state_server_factory()
+    agent = await agent_server_factory(
+        state_target=state.address, auth="token", auth_tokens_file=caller_tokens
+    )
+    assert await health_status(agent.address) == NOT_SERVING
+    assert "STATE_SERVICE_AUTH_DELEGATES" in caplog.text
+
+    trusting = await state_server_factory(auth_delegates="default")
+    agent = await agent_server_factory(
+        state_target=trusting.address, auth="token", auth_tokens_file=caller_tokens
+    )
+    assert await health_status(agent.address) == SERVING

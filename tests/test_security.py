@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state_service.client import (
+    InvalidRequestError,
     SessionNotFoundError,
     StateClient,
     StateServiceError,
@@ -194,3 +195,48 @@ async def test_server_certificate_reloads_on_change(
         server.address, credentials=channel_credentials(new_ca.cert_file), timeout=3
     ) as new_trust:
         await new_trust.list_sessions()  # a new handshake sees the new certificate
+
+
+async def test_only_delegates_act_for_other_tenants(
+    state_server_factory: StateServerFactory, tokens_file: Path
+) -> None:
+    server = await state_server_factory(
+        auth="token", auth_tokens_file=tokens_file, auth_delegates="alpha"
+    )
+    address, item = server.address, [{"role": "user", "content": "x"}]
+    async with (
+        StateClient(address, bearer_token="token-alpha") as alpha,
+        StateClient(address, bearer_token="token-alpha", acting_for=lambda: "carol") as carol,
+        StateClient(address, bearer_token="token-beta", acting_for=lambda: "carol") as beta,
+        StateClient(address, bearer_token="token-alpha", acting_for=lambda: "No Tenant") as bad,
+    ):
+        await carol.check_delegation()
+        await carol.append_items("s", item)
+        assert await alpha.all_items("s") == []  # the delegate's own tenant is apart
+        with pytest.raises(StateServiceError) as denied:
+            await beta.append_items("s", item)
+        assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.reason == "NOT_A_DELEGATE"
+        with pytest.raises(InvalidRequestError):
+            await bad.append_items("s", item)
+        assert len(await carol.all_items("s")) == 1  # the refused calls wrote nothing
+
+
+async def test_delegation_without_authentication_is_opt_in(
+    state_server_factory: StateServerFactory,
+) -> None:
+    item = [{"role": "user", "content": "x"}]
+    ignoring = await state_server_factory()
+    async with StateClient(ignoring.address, acting_for=lambda: "carol") as carol:
+        with pytest.raises(StateServiceError) as ignored:
+            await carol.check_delegation()
+        assert ignored.value.reason == "DELEGATION_IGNORED"
+    trusting = await state_server_factory(auth_delegates="default")
+    async with (
+        StateClient(trusting.address, acting_for=lambda: "carol") as carol,
+        StateClient(trusting.address) as anyone,
+    ):
+        await carol.check_delegation()
+        await carol.append_items("s", item)
+        assert await anyone.all_items("s") == []
+        assert len(await carol.all_items("s")) == 1

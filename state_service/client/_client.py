@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from state_service.client.errors import StateUnavailableError, from_rpc_error
+from state_service.client.errors import StateServiceError, StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
     Context,
@@ -28,6 +28,7 @@ from state_service.client.types import (
     WorkflowInfo,
     strategy_to_proto,
 )
+from state_service.serving.auth import TENANT_METADATA_KEY
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -100,11 +101,12 @@ class StateClient:
     """Async client of the state service.
 
     Every call has a deadline (`timeout`, overridable per call). `bearer_token`
-    authenticates as a tenant; `credentials` (see state_service.serving.tls.
-    channel_credentials) turns on TLS / mTLS. Writes carry a
-    request_id (generated when not given), so gRPC's automatic retries of
-    UNAVAILABLE never apply a write twice. Failures raise StateServiceError
-    subclasses. Use as `async with StateClient(...) as client:`.
+    authenticates as a tenant; a delegate (see state_service.serving.auth)
+    passes `acting_for`, called per call for the tenant to act for;
+    `credentials` (see state_service.serving.tls.channel_credentials) turns
+    on TLS / mTLS. Writes carry a request_id (generated when not given), so
+    gRPC's automatic retries of UNAVAILABLE never apply a write twice.
+    Failures raise StateServiceError subclasses. Use as `async with StateClient(...) as client:`.
     """
 
     def __init__(
@@ -118,9 +120,11 @@ class StateClient:
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         channel: grpc.aio.Channel | None = None,
+        acting_for: Callable[[], str] | None = None,
     ) -> None:
         self.timeout = timeout
         self._metadata = tuple(metadata)
+        self._acting_for = acting_for
         if bearer_token is not None:
             self._metadata += (("authorization", f"Bearer {bearer_token}"),)
         if channel is None:
@@ -165,11 +169,14 @@ class StateClient:
         request: Any,
         timeout: float | None,
     ) -> R:
+        metadata = self._metadata
+        if self._acting_for is not None:
+            metadata = (*metadata, (TENANT_METADATA_KEY, self._acting_for()))
         try:
             return await method(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from error
@@ -187,6 +194,34 @@ class StateClient:
                 "NOT_SERVING",
                 {},
             )
+
+    async def check_delegation(self, *, timeout: float | None = None) -> None:
+        """Raises StateServiceError unless the state service honours this
+        client's statecar-tenant metadata (AuthInterceptor with this client's
+        identity among its delegates). Without it, every tenant the client acts
+        for would silently share the client's own tenant."""
+        request = pb.GetSessionRequest(session_id="statecar-delegation-check")
+        invalid_tenant = (*self._metadata, (TENANT_METADATA_KEY, "-"))
+        try:
+            await self._stub.GetSession(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=invalid_tenant,
+            )
+        except grpc.aio.AioRpcError as error:
+            refused = from_rpc_error(error)
+            if refused.metadata.get("field") == f"{TENANT_METADATA_KEY} metadata":
+                return  # the metadata was read and checked: delegation works
+            if refused.code != grpc.StatusCode.NOT_FOUND:
+                raise refused from error
+        raise StateServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the state service ignores {TENANT_METADATA_KEY} metadata, so every tenant "
+            "acted for would share this client's own; list this client's identity in "
+            "STATE_SERVICE_AUTH_DELEGATES",
+            "DELEGATION_IGNORED",
+            {},
+        )
 
     # -- the log --------------------------------------------------------------
 

@@ -9,6 +9,12 @@ Two ways to authenticate, each mapping a credential to a tenant:
 
 Health and reflection stay reachable without credentials (probes need them).
 With authentication off, every caller is the tenant "default".
+
+Delegation: a caller whose identity is listed as a delegate may act for
+another tenant by sending ``statecar-tenant: <tenant>`` metadata. The agent
+service does this once it authenticates its own callers, so each of its
+callers is a tenant here while only the agent holds a state-service
+credential. Anyone else sending the header is refused (PERMISSION_DENIED).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 
 from grpc.aio import ServicerContext
 
-from state_service.serving.errors import Unauthenticated
+from state_service.serving.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from state_service.serving.handlers import (
     StreamBehavior,
     UnaryBehavior,
@@ -39,6 +45,8 @@ logger = logging.getLogger("statecar.auth")
 DEFAULT_TENANT = "default"
 TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 EXEMPT_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Metadata a delegate sends to act for a tenant (lower case: gRPC metadata keys).
+TENANT_METADATA_KEY = "statecar-tenant"
 
 _current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar(
     "statecar_tenant", default=DEFAULT_TENANT
@@ -135,21 +143,54 @@ def mtls_authenticator(context: ServicerContext[Any, Any]) -> str:
     return tenant
 
 
+def anonymous_authenticator(context: ServicerContext[Any, Any]) -> str:
+    """Authentication off: every caller is the default tenant."""
+    return DEFAULT_TENANT
+
+
+def parse_delegates(value: str) -> frozenset[str]:
+    """A comma-separated list of caller identities (tenant ids) allowed to act
+    for other tenants; refuses anything that is not a tenant id."""
+    delegates = frozenset(name.strip() for name in value.split(",") if name.strip())
+    for name in delegates:
+        if not TENANT_PATTERN.fullmatch(name):
+            raise ValueError(f"delegate {name!r} is not a tenant id ({TENANT_PATTERN.pattern})")
+    return delegates
+
+
 class AuthInterceptor(WrappingInterceptor):
     """Resolves the tenant before any handler code runs; UNAUTHENTICATED otherwise.
 
-    Sits inside ExceptionToStatusInterceptor so its refusals carry ErrorInfo.
+    The tenant is the caller's own identity, or, for a delegate, the tenant
+    named in its ``statecar-tenant`` metadata. Sits inside
+    ExceptionToStatusInterceptor so its refusals carry ErrorInfo.
     """
 
-    def __init__(self, authenticate: Authenticator) -> None:
+    def __init__(
+        self, authenticate: Authenticator, delegates: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self._authenticate = authenticate
+        self._delegates = delegates
 
     def _applies_to(self, method: str) -> bool:
         return not method.startswith(EXEMPT_SERVICES)
 
     def _enter(self, context: ServicerContext[Any, Any]) -> None:
-        _current_tenant.set(self._authenticate(context))
+        identity = self._authenticate(context)
+        acting_for = [v for k, v in context.invocation_metadata() or () if k == TENANT_METADATA_KEY]
+        if not acting_for:
+            _current_tenant.set(identity)
+            return
+        if identity not in self._delegates:
+            raise PermissionDenied(
+                f"'{identity}' may not act for another tenant ({TENANT_METADATA_KEY} metadata)",
+                reason="NOT_A_DELEGATE",
+            )
+        tenant = str(acting_for[0])
+        if len(acting_for) > 1 or not TENANT_PATTERN.fullmatch(tenant):
+            raise InvalidArgument(f"{TENANT_METADATA_KEY} metadata", "must be one tenant id")
+        _current_tenant.set(tenant)
 
     def _unary(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def wrapped(request: Any, context: ServicerContext[Any, Any]) -> Any:
@@ -175,3 +216,25 @@ def authenticator_for(mode: str, tokens_file: Path | None) -> Authenticator | No
     if mode == "mtls":
         return mtls_authenticator
     return None
+
+
+def auth_interceptor(
+    mode: str, tokens_file: Path | None, delegates: frozenset[str] = frozenset()
+) -> AuthInterceptor | None:
+    """The interceptor a service's settings ask for; None when nothing is to
+    be checked (auth off and no delegates), which keeps the layer off the
+    request path."""
+    authenticate = authenticator_for(mode, tokens_file)
+    if authenticate is None:
+        if not delegates:
+            return None
+        authenticate = anonymous_authenticator
+    return AuthInterceptor(authenticate, delegates)
+
+
+def check_caller_auth(mode: str, tokens_file: Path | None, client_ca_file: Path | None) -> None:
+    """Settings validation shared by both services."""
+    if mode == "token" and tokens_file is None:
+        raise ValueError("auth=token needs auth_tokens_file")
+    if mode == "mtls" and client_ca_file is None:
+        raise ValueError("auth=mtls needs tls_client_ca_file (and tls_cert_file, tls_key_file)")
