@@ -57,6 +57,8 @@ async def test_tokens_rotate_without_restart(
     state_server_factory: StateServerFactory, tokens_file: Path
 ) -> None:
     server = await state_server_factory(auth="token", auth_tokens_file=tokens_file)
+    async with StateClient(server.address, bearer_token="token-beta") as beta:
+        await beta.list_sessions()  # a known token, remembered as matched
     tokens_file.write_text("alpha:token-alpha-2\n")
     async with StateClient(server.address, bearer_token="token-alpha-2") as client:
         for _ in range(50):  # the file is re-checked at most once a second
