@@ -151,6 +151,15 @@ async def test_agent_callers_are_tenants_at_the_state_service(
             assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert await health_status(agent.address) == SERVING  # probes need no token
 
+    # A caller cannot pick its tenant: the agent takes no delegates of its own.
+    spoofing = (("statecar-tenant", "alice"),)
+    async with AgentClient(
+        agent.address, bearer_token="bob-token", metadata=spoofing, timeout=10
+    ) as bob_as_alice:
+        with pytest.raises(AgentServiceError) as denied:
+            await bob_as_alice.chat("s1", "What is my locker code?")
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+
 
 async def test_agent_mtls_callers_are_tenants(
     state_server_factory: StateServerFactory,
