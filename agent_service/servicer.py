@@ -70,13 +70,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.ChatRequest, context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
         turn = self._turn_request(request, context)
-        if request.workflow_id:
-            # A workflow turn moves several documents; it is streamed as its result.
-            response = await self._workflows.chat(request.workflow_id, turn)
-            yield pb.ChatEvent(text_delta=response.reply)
-            yield pb.ChatEvent(final=response)
-            return
-        async for event in self._turns.stream(turn):
+        events = (
+            self._workflows.stream(request.workflow_id, turn)
+            if request.workflow_id
+            else self._turns.stream(turn)
+        )
+        async for event in events:
             yield event
 
     async def ListAgents(

@@ -223,12 +223,7 @@ class TurnRunner:
         return entry
 
     async def chat(self, request: TurnRequest) -> pb.ChatResponse:
-        final: pb.ChatResponse | None = None
-        async for event in self.stream(request, streamed=False):
-            if event.HasField("final"):
-                final = event.final
-        assert final is not None
-        return final
+        return await final_response(self.stream(request, streamed=False))
 
     async def stream(
         self, request: TurnRequest, *, streamed: bool = True
@@ -439,6 +434,16 @@ class TurnRunner:
             if error.code.name == "DEADLINE_EXCEEDED" and (deadline.remaining() or 1) <= 0:
                 raise deadline_error() from error
             raise state_error(error) from error
+
+
+async def final_response(events: AsyncIterator[pb.ChatEvent]) -> pb.ChatResponse:
+    """The ChatResponse a turn's events end with."""
+    final: pb.ChatResponse | None = None
+    async for event in events:
+        if event.HasField("final"):
+            final = event.final
+    assert final is not None
+    return final
 
 
 def _json(data: dict[str, Any]) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from agent_service.catalog import AgentCatalog
@@ -23,6 +24,7 @@ from agent_service.turns import (
     Deadline,
     TurnRequest,
     TurnRunner,
+    final_response,
     state_error,
     state_request_id,
 )
@@ -89,6 +91,13 @@ class WorkflowRunner:
         return info
 
     async def chat(self, workflow_id: str, request: TurnRequest) -> pb.ChatResponse:
+        return await final_response(self.stream(workflow_id, request, streamed=False))
+
+    async def stream(
+        self, workflow_id: str, request: TurnRequest, *, streamed: bool = True
+    ) -> AsyncIterator[pb.ChatEvent]:
+        """The stage agent's events as it produces them; the final event comes
+        once the turn, the handoff seed and the workflow update are stored."""
         info = await self.get(workflow_id, request.deadline)
         stage = request.agent or (info.current_stage if info else self._catalog.default)
         self._turns.entry(stage)  # NOT_FOUND for an unknown agent, before any work
@@ -97,9 +106,14 @@ class WorkflowRunner:
         # The handing agent's turn and the seed of the next agent's session are
         # stored under one request_id, so a retry is recognised in either.
         request_id = request.request_id or uuid.uuid4().hex
-        response = await self._turns.chat(
-            TurnRequest(session, request.message, stage, request_id, request.deadline)
-        )
+        turn = TurnRequest(session, request.message, stage, request_id, request.deadline)
+        response: pb.ChatResponse | None = None
+        async for event in self._turns.stream(turn, streamed=streamed):
+            if event.HasField("final"):
+                response = event.final
+            else:
+                yield event
+        assert response is not None
         if response.agent != stage:
             sessions.setdefault(response.agent, agent_session_id(workflow_id, response.agent))
             await self._seed(sessions[response.agent], request_id, request, response)
@@ -107,7 +121,7 @@ class WorkflowRunner:
             workflow_id, info, response.agent, {response.agent: response.reply}, sessions, request
         )
         response.workflow.CopyFrom(workflow_message(updated))
-        return response
+        yield pb.ChatEvent(final=response)
 
     async def _seed(
         self, session: str, request_id: str, request: TurnRequest, response: pb.ChatResponse

@@ -8,7 +8,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent_service.client import AgentClient, AgentServiceError
+from agent_service.client import (
+    AgentClient,
+    AgentServiceError,
+    ChatResult,
+    HandoffEvent,
+    TextDelta,
+)
 from state_service.client import StateClient
 from tests.conftest import AgentServerFactory, write_agents_file
 
@@ -77,6 +83,24 @@ async def test_handoff_moves_the_workflow_and_seeds_the_next_agent(
         state = await agents.get_workflow("wf1")
         assert state.current_stage == "billing"
         assert state.etag == follow_up.workflow.etag if follow_up.workflow else False
+
+
+async def test_a_streamed_workflow_turn_streams_the_handoff_as_it_happens(
+    agents: AgentClient, client: StateClient
+) -> None:
+    async with agents:
+        events = [
+            e
+            async for e in agents.stream_chat("", "My billing address is wrong", workflow_id="wf5")
+        ]
+    *streamed, final = events
+    assert isinstance(final, ChatResult)
+    assert HandoffEvent("triage", "billing") in streamed
+    deltas = [e.text for e in streamed if isinstance(e, TextDelta)]
+    assert len(deltas) > 1  # word by word, not the reply in one piece
+    assert "".join(deltas) == final.reply
+    assert final.workflow is not None and final.workflow.current_stage == "billing"
+    assert len(await client.all_items("wf5.billing")) == 2  # seeded, as in Chat
 
 
 async def test_a_retried_handoff_turn_is_stored_once(
