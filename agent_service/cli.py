@@ -197,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     agent_target = os.environ.get("STATECAR_AGENT_TARGET", DEFAULT_AGENT_TARGET)
     state_target = os.environ.get("STATECAR_STATE_TARGET", DEFAULT_STATE_TARGET)
     # Not a flag's default shown in --help: the token stays out of the terminal.
-    token = os.environ.get("STATECAR_TOKEN") or None
+    main.set_defaults(token=os.environ.get("STATECAR_TOKEN") or None)
 
     run = commands.add_parser("up", help="run Redis, the state and the agent service")
     run.add_argument("--data-dir", default=".statecar", help="embedded Redis data (AOF)")
@@ -214,22 +214,22 @@ def parser() -> argparse.ArgumentParser:
     talk.add_argument("--request-id", help="retry-safe id of this turn")
     talk.add_argument("--timeout", type=float, default=120.0)
     talk.add_argument("--agent-target", default=agent_target)
-    talk.set_defaults(handler=chat, token=token)
+    talk.set_defaults(handler=chat)
 
     show = commands.add_parser("history", help="a session's whole log")
     show.add_argument("--session", required=True)
     show.add_argument("--json", action="store_true", help="raw items, one JSON per item")
     show.add_argument("--state-target", default=state_target)
-    show.set_defaults(handler=history, token=token)
+    show.set_defaults(handler=history)
 
     listing = commands.add_parser("sessions", help="sessions, in id order")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--state-target", default=state_target)
-    listing.set_defaults(handler=sessions, token=token)
+    listing.set_defaults(handler=sessions)
 
     agents = commands.add_parser("agents", help="the configured agents")
     agents.add_argument("--agent-target", default=agent_target)
-    agents.set_defaults(handler=agents_command, token=token)
+    agents.set_defaults(handler=agents_command)
     return main
 
 

@@ -6,35 +6,43 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from agent_service.client import AgentClient, AgentServiceError
+from agent_service.server import AgentServer
 from state_service.client import StateClient
+from state_service.server import StateServer
 from state_service.serving.tls import channel_credentials
-from tests.certs import CertificateAuthority
+from tests.certs import CertificateAuthority, Issued
 from tests.conftest import AgentServerFactory, StateServerFactory
 from tests.helpers import NOT_SERVING, SERVING, health_status
 
 pytestmark = pytest.mark.usefixtures("redis_server")
 
 
-async def test_mtls_on_both_hops(
+async def mtls_on_both_hops(
+    ca: CertificateAuthority,
+    agent_identity: Issued,
     state_server_factory: StateServerFactory,
     agent_server_factory: AgentServerFactory,
-    tmp_path: Path,
-) -> None:
-    ca = CertificateAuthority(tmp_path / "pki")
+    *,
+    state_options: dict[str, Any] | None = None,
+    agent_options: dict[str, Any] | None = None,
+) -> tuple[StateServer, AgentServer]:
+    """A state service requiring client certificates (tenant = CN) and an agent
+    service serving mTLS that reaches it with `agent_identity`."""
     state_cert = ca.issue("state-service", server=True)
     state = await state_server_factory(
         auth="mtls",
         tls_cert_file=state_cert.cert,
         tls_key_file=state_cert.key,
         tls_client_ca_file=ca.cert_file,
+        **(state_options or {}),
     )
     agent_cert = ca.issue("agent-service", server=True)
-    agent_identity = ca.issue("team-a")  # the agent's tenant at the state service
     agent = await agent_server_factory(
         state_target=state.address,
         tls_cert_file=agent_cert.cert,
@@ -43,6 +51,20 @@ async def test_mtls_on_both_hops(
         state_tls_ca_file=ca.cert_file,
         state_tls_cert_file=agent_identity.cert,
         state_tls_key_file=agent_identity.key,
+        **(agent_options or {}),
+    )
+    return state, agent
+
+
+async def test_mtls_on_both_hops(
+    state_server_factory: StateServerFactory,
+    agent_server_factory: AgentServerFactory,
+    tmp_path: Path,
+) -> None:
+    ca = CertificateAuthority(tmp_path / "pki")
+    agent_identity = ca.issue("team-a")  # the agent's tenant at the state service
+    state, agent = await mtls_on_both_hops(
+        ca, agent_identity, state_server_factory, agent_server_factory
     )
     caller = ca.issue("backend")
     credentials = channel_credentials(ca.cert_file, caller.cert, caller.key)
@@ -167,25 +189,14 @@ async def test_agent_mtls_callers_are_tenants(
     tmp_path: Path,
 ) -> None:
     ca = CertificateAuthority(tmp_path / "pki")
-    state_cert = ca.issue("state-service", server=True)
-    state = await state_server_factory(
-        auth="mtls",
-        tls_cert_file=state_cert.cert,
-        tls_key_file=state_cert.key,
-        tls_client_ca_file=ca.cert_file,
-        auth_delegates="agents",
-    )
-    agent_cert = ca.issue("agent-service", server=True)
     agent_identity = ca.issue("agents")
-    agent = await agent_server_factory(
-        state_target=state.address,
-        auth="mtls",
-        tls_cert_file=agent_cert.cert,
-        tls_key_file=agent_cert.key,
-        tls_client_ca_file=ca.cert_file,
-        state_tls_ca_file=ca.cert_file,
-        state_tls_cert_file=agent_identity.cert,
-        state_tls_key_file=agent_identity.key,
+    state, agent = await mtls_on_both_hops(
+        ca,
+        agent_identity,
+        state_server_factory,
+        agent_server_factory,
+        state_options={"auth_delegates": "agents"},
+        agent_options={"auth": "mtls"},
     )
     for team in ("team-x", "team-y"):
         identity = ca.issue(team)

@@ -168,10 +168,12 @@ class StateClient:
         method: Callable[..., Awaitable[R]],
         request: Any,
         timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> R:
-        metadata = self._metadata
-        if self._acting_for is not None:
-            metadata = (*metadata, (TENANT_METADATA_KEY, self._acting_for()))
+        if metadata is None:
+            metadata = self._metadata
+            if self._acting_for is not None:
+                metadata = (*metadata, (TENANT_METADATA_KEY, self._acting_for()))
         try:
             return await method(
                 request,
@@ -203,17 +205,12 @@ class StateClient:
         request = pb.GetSessionRequest(session_id="statecar-delegation-check")
         invalid_tenant = (*self._metadata, (TENANT_METADATA_KEY, "-"))
         try:
-            await self._stub.GetSession(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=invalid_tenant,
-            )
-        except grpc.aio.AioRpcError as error:
-            refused = from_rpc_error(error)
+            await self._call(self._stub.GetSession, request, timeout, invalid_tenant)
+        except StateServiceError as refused:
             if refused.metadata.get("field") == f"{TENANT_METADATA_KEY} metadata":
                 return  # the metadata was read and checked: delegation works
             if refused.code != grpc.StatusCode.NOT_FOUND:
-                raise refused from error
+                raise
         raise StateServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"the state service ignores {TENANT_METADATA_KEY} metadata, so every tenant "

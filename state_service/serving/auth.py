@@ -58,9 +58,12 @@ def current_tenant() -> str:
     return _current_tenant.get()
 
 
-# Resolves the tenant of a call from its context; each authenticator reads only
-# what it needs (building the auth context costs more than the bearer check).
-Authenticator = Callable[[ServicerContext[Any, Any]], str]
+# The call's metadata (a tuple at run time), read once per call by AuthInterceptor.
+Metadata = Iterable[tuple[str, str | bytes]]
+# Resolves the tenant of a call from its context and metadata; each
+# authenticator reads only what it needs (building the auth context costs more
+# than the bearer check).
+Authenticator = Callable[[ServicerContext[Any, Any], Metadata], str]
 
 
 def _digest(token: str) -> bytes:
@@ -126,8 +129,8 @@ class TokenFile:
 
 
 def bearer_authenticator(tokens: TokenFile) -> Authenticator:
-    def authenticate(context: ServicerContext[Any, Any]) -> str:
-        values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    def authenticate(context: ServicerContext[Any, Any], metadata: Metadata) -> str:
+        values = [v for k, v in metadata if k == "authorization"]
         if not values:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
         scheme, _, token = str(values[0]).partition(" ")
@@ -141,7 +144,7 @@ def bearer_authenticator(tokens: TokenFile) -> Authenticator:
     return authenticate
 
 
-def mtls_authenticator(context: ServicerContext[Any, Any]) -> str:
+def mtls_authenticator(context: ServicerContext[Any, Any], metadata: Metadata) -> str:
     auth_context: Mapping[str, Iterable[bytes]] = context.auth_context() or {}
     names = list(auth_context.get("x509_common_name") or [])
     if not names:
@@ -154,7 +157,7 @@ def mtls_authenticator(context: ServicerContext[Any, Any]) -> str:
     return tenant
 
 
-def anonymous_authenticator(context: ServicerContext[Any, Any]) -> str:
+def anonymous_authenticator(context: ServicerContext[Any, Any], metadata: Metadata) -> str:
     """Authentication off: every caller is the default tenant."""
     return DEFAULT_TENANT
 
@@ -188,8 +191,9 @@ class AuthInterceptor(WrappingInterceptor):
         return not method.startswith(EXEMPT_SERVICES)
 
     def _enter(self, context: ServicerContext[Any, Any]) -> None:
-        identity = self._authenticate(context)
-        acting_for = [v for k, v in context.invocation_metadata() or () if k == TENANT_METADATA_KEY]
+        metadata: Metadata = context.invocation_metadata() or ()
+        identity = self._authenticate(context, metadata)
+        acting_for = [v for k, v in metadata if k == TENANT_METADATA_KEY]
         if not acting_for:
             _current_tenant.set(identity)
             return
