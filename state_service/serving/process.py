@@ -94,18 +94,32 @@ class Service(Protocol):
 
 
 async def serve_until_terminated(start: Callable[[], Awaitable[Service]], name: str) -> None:
-    """Runs a service until SIGTERM/SIGINT, then drains it (see its stop)."""
-    app = await start()
-    # What start-up built (modules, descriptors, settings) lives as long as
-    # the process: moved out of the collector's sight, so full collections
-    # scan only what requests allocate (they showed up in the p99).
-    gc.collect()
-    gc.freeze()
-    print(f"{name} ready on {app.address}", flush=True)
+    """Runs a service until SIGTERM/SIGINT, then drains it (see its stop).
+
+    The handlers go in before start-up: health reports SERVING from inside
+    `start`, and a SIGTERM that came between that and a later handler
+    installation killed the process without draining its in-flight calls."""
     loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(app.stop())))
-    await app.wait_for_termination()
-    if stopping:
-        await asyncio.gather(*stopping)
+    terminate = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, terminate.set)
+    try:
+        app = await start()
+        if not terminate.is_set():
+            # What start-up built (modules, descriptors, settings) lives as long
+            # as the process: moved out of the collector's sight, so full
+            # collections scan only what requests allocate (seen in the p99).
+            gc.collect()
+            gc.freeze()
+            print(f"{name} ready on {app.address}", flush=True)
+        terminated = asyncio.ensure_future(app.wait_for_termination())
+        signalled = asyncio.ensure_future(terminate.wait())
+        await asyncio.wait({terminated, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if terminate.is_set():
+            await app.stop()
+        await terminated
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

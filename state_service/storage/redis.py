@@ -495,21 +495,24 @@ class RedisStorage:
     ) -> Any:
         """Runs a script by hash (loading it on NOSCRIPT).
 
-        ``index_add`` first adds a session id to a tenant index: in the same round
-        trip on one node, as a separate, earlier step on a cluster (the index is
-        in another slot). ``write`` scripts are followed by WAIT on the same
-        connection when ``wait_replicas`` is set."""
+        ``index_add`` names the tenant index of a script that may create a
+        session: on one node it is the script's KEYS[5] and the script adds the
+        session in the same atomic step; on a cluster (the index is in another
+        slot) it is added in a separate, earlier step. ``write`` scripts are
+        followed by WAIT on the same connection when ``wait_replicas`` is set."""
         body, sha = self._scripts[name]
         label = operation or name
         wait = write and self.wait_replicas > 0
-        if index_add is not None and self._cluster is not None:
-            await self._index_add(*index_add)
-            index_add = None
-        if index_add is None and not wait and self._pipelined is not None:
+        if index_add is not None:
+            if self._cluster is not None:
+                await self._index_add(*index_add)
+            else:
+                keys = [*keys, index_add[0]]
+        if not wait and self._pipelined is not None:
             # The common case on one node: one command on the shared pipelined
             # connection (see storage/connection.py).
             return await self._call(label, self._evalsha_pipelined(body, sha, keys, args))
-        if index_add is None and not wait and self._cluster is None:
+        if not wait and self._cluster is None:
             # The same without a pipelined connection: one command, no pipeline
             # bookkeeping. (On a cluster, scripts take _on_one_connection's
             # failover retries.)
@@ -519,23 +522,16 @@ class RedisStorage:
                 await self._call("script_load", self._redis.script_load(body))
                 return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
         for attempt in range(2):
-            commands: list[tuple[Any, ...]] = []
-            if index_add is not None:
-                commands.append(("ZADD", index_add[0], "NX", 0, index_add[1]))
-            script_at = len(commands)
-            commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+            commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)]
             if wait:
                 commands.append(("WAIT", self.wait_replicas, self._wait_ms))
             replies = await self._call(label, self._on_one_connection(keys[0], commands))
-            reply = replies[script_at]
+            reply = replies[0]
             if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
                 await self._call("script_load", self._redis.script_load(body))
                 continue
             if isinstance(reply, Exception):
                 await self._call(label, _reraise(reply))  # the script wrote nothing
-            # A refused index entry (e.g. out of memory) while the script ran
-            # is not an error here: a step that created a session adds its
-            # entry again afterwards (see append, update).
             if wait:
                 if isinstance(replies[-1], Exception):
                     await self._call(label, _reraise(replies[-1]))
@@ -667,12 +663,13 @@ class RedisStorage:
             now_ms,
             new_incarnation,
             tokens,
+            session_id,
             *payloads,
         ]
-        # The index entry goes first (same round trip on one node, an earlier
-        # step on a cluster): a crash between the two leaves an index entry
-        # ListSessions prunes, never a session missing from the index. Only an
-        # append that may create the session touches the index.
+        # The index entry is part of the creating step on one node; on a
+        # cluster it goes first, so a crash between the two leaves an index
+        # entry ListSessions prunes, never a session missing from the index.
+        # Only an append that may create the session touches the index.
         may_create = bool(payloads) and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
         reply = await self._script("append", keys.as_list(), args, write=True, index_add=index_add)
@@ -680,7 +677,7 @@ class RedisStorage:
         if status == "conflict":
             raise EtagMismatch(body)
         etag, first, last = body.split(" ")
-        if may_create and first == "1":
+        if may_create and first == "1" and self._cluster is not None:
             # This step created the session (or replays the one that did): add
             # the entry again, in case a concurrent prune (which saw no session
             # yet) removed it between our two steps.
@@ -724,6 +721,7 @@ class RedisStorage:
             "" if ttl_setting is None else str(ttl_setting),
             "" if strategy is None else str(strategy),
             "" if shares is None else (shares or "-"),
+            session_id,
         ]
         may_create = allow_missing and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
@@ -734,7 +732,7 @@ class RedisStorage:
         if status == "missing":
             return None
         head = _parse_head(reply[1])
-        if may_create and head is not None and head.version == 1:
+        if may_create and head is not None and head.version == 1 and self._cluster is not None:
             await self._index_created(tenant, session_id)  # as in append
         return head
 

@@ -11,6 +11,11 @@
 -- shares "recent,summary,retrieval", absent = service default), tok (tokens
 -- of the items appended, as counted by the service).
 -- The etag of a session is inc .. "." .. ver; of a missing session "0".
+-- Scripts that may create a session (append, update) take an optional KEYS[5],
+-- the tenant's session index (a single node only: on a cluster it lives in
+-- another slot and is added in an earlier step), and add the session id to it
+-- in the same atomic step that creates the session, so a write refused at
+-- maxmemory leaves nothing behind, not even an index entry.
 
 --- common
 local function etag_of(inc, ver)
@@ -20,13 +25,17 @@ end
 
 local function apply_ttl(ttl_setting, default_ttl)
   local ttl = tonumber(ttl_setting) or 0
-  for i = 1, #KEYS do
+  for i = 1, 4 do
     if ttl < 0 then
       redis.call('PERSIST', KEYS[i])
     else
       redis.call('EXPIRE', KEYS[i], ttl > 0 and ttl or default_ttl)
     end
   end
+end
+
+local function index_created(member)
+  if KEYS[5] then redis.call('ZADD', KEYS[5], 'NX', 0, member) end
 end
 
 local function head()
@@ -42,7 +51,7 @@ end
 
 --- append
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
---       tokens of the payloads, payload...
+--       tokens of the payloads, session id (index member), payload...
 -- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}.
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local field = 'a:' .. request_id
@@ -54,7 +63,7 @@ local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'ttl')
 local inc = h[1]
 local current = etag_of(inc, h[2])
 if expected ~= '' and expected ~= current then return {'conflict', current} end
-local count = #ARGV - 6
+local count = #ARGV - 7
 local response
 if count == 0 then
   response = current .. ' 0 0'
@@ -74,10 +83,11 @@ else
   inc = ARGV[5]
   redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  index_created(ARGV[7])
 end
 local batch = {}
 for i = 1, count do
-  batch[#batch + 1] = (last + i) .. ':' .. ARGV[6 + i]
+  batch[#batch + 1] = (last + i) .. ':' .. ARGV[7 + i]
   if #batch == 500 then
     redis.call('RPUSH', KEYS[2], unpack(batch))
     batch = {}
@@ -129,7 +139,7 @@ return {'ok', response}
 -- ARGV: expected etag, default ttl (s), now (ms), new incarnation,
 --       allow_missing ('1'|'0'), new ttl setting ('' = unchanged),
 --       strategy ('' = unchanged, '0' = service default), shares ('' =
---       unchanged, '-' = service default).
+--       unchanged, '-' = service default), session id (index member).
 -- Returns {'ok', head} or {'conflict', etag} or {'missing', ''}.
 local expected, default_ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
@@ -142,6 +152,7 @@ if inc then
 elseif ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'inc', ARGV[4], 'ctime', now, 'trunc', 0, 'last', 0, 'n', 0)
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])  -- after HSET, as in append
+  index_created(ARGV[9])
 else
   return {'missing', ''}
 end
