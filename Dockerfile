@@ -17,6 +17,7 @@ RUN python -m venv /opt/statecar
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
+COPY shared_runtime/ shared_runtime/
 COPY state_service/ state_service/
 COPY agent_service/ agent_service/
 # A regular (not editable) install: the final stage needs no source tree.

@@ -44,7 +44,7 @@ k8s-check: $(STAMP)
 
 # Regenerates k8s/components/monitoring/prometheus-rules.yaml from monitoring/rules/.
 k8s-rules: $(STAMP)
-	$(BIN)/python -m tests.manifests
+	$(BIN)/python -m tools.prometheus_rules
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -41,8 +41,8 @@ from agent_service.client import (
 from agent_service.config import ConfigError
 from agent_service.server import AgentServer
 from agent_service.settings import AgentServiceSettings
+from shared_runtime.items import item_text
 from state_service.client import StateClient, StateServiceError
-from state_service.compression.text import item_text
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 

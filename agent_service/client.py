@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from shared_runtime.errors import error_info
 from state_service.client import channel_target, service_config
-from state_service.serving.errors import error_info
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 

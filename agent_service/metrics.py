@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from state_service.serving.build_info import register_build_info
+from shared_runtime.build_info import register_build_info
 
 BUILD_INFO = register_build_info("statecar_agent")
 

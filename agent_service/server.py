@@ -17,23 +17,23 @@ from agent_service.servicer import AgentServicer
 from agent_service.settings import AgentServiceSettings
 from agent_service.turns import TurnRunner, deadline_error
 from agent_service.workflows import WorkflowRunner
-from state_service.client import StateClient, StateServiceError
-from state_service.serving.auth import auth_interceptor, current_tenant
-from state_service.serving.grpc_metrics import (
+from shared_runtime.auth import auth_interceptor, current_tenant
+from shared_runtime.grpc_metrics import (
     ServerMetricsInterceptor,
     client_interceptors,
     server_metrics,
 )
-from state_service.serving.health import Readiness
-from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-from state_service.serving.metrics_http import MetricsEndpoint
-from state_service.serving.process import (
+from shared_runtime.health import Readiness
+from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from shared_runtime.metrics_http import MetricsEndpoint
+from shared_runtime.process import (
     add_health_reflection_and_bind,
     create_server,
     reachable_address,
     serve_until_terminated,
 )
-from state_service.serving.tls import channel_credentials
+from shared_runtime.tls import channel_credentials
+from state_service.client import StateClient, StateServiceError
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 

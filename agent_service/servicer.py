@@ -12,8 +12,8 @@ from agent_service.catalog import AgentCatalog
 from agent_service.settings import AgentServiceSettings
 from agent_service.turns import Deadline, TurnRequest, TurnRunner
 from agent_service.workflows import WorkflowRunner, workflow_message
-from state_service import validation
-from state_service.serving.errors import InvalidArgument
+from shared_runtime import identifiers
+from shared_runtime.errors import InvalidArgument
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -35,13 +35,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     def _turn_request(self, request: pb.ChatRequest, context: Context) -> TurnRequest:
         if request.workflow_id:
-            validation.session_id(request.workflow_id, "workflow_id")
+            identifiers.session_id(request.workflow_id, "workflow_id")
             if request.session_id:
                 raise InvalidArgument(
                     "session_id", "must be empty with workflow_id (each agent has its own)"
                 )
         else:
-            validation.session_id(request.session_id)
+            identifiers.session_id(request.session_id)
         if not request.message.strip():
             raise InvalidArgument("message", "is required")
         if len(request.message) > self._settings.max_message_chars:
@@ -56,7 +56,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             session_id=request.session_id,
             message=request.message,
             agent=request.agent,
-            request_id=validation.request_id(request.request_id),
+            request_id=identifiers.request_id(request.request_id),
             deadline=Deadline(context.time_remaining()),
         )
 
@@ -97,21 +97,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
 
     async def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Context) -> pb.Workflow:
-        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        workflow_id = identifiers.session_id(request.workflow_id, "workflow_id")
         info = await self._workflows.require(workflow_id, Deadline(context.time_remaining()))
         return workflow_message(info)
 
     async def UpdateWorkflow(
         self, request: pb.UpdateWorkflowRequest, context: Context
     ) -> pb.Workflow:
-        workflow_id = validation.session_id(request.workflow_id, "workflow_id")
+        workflow_id = identifiers.session_id(request.workflow_id, "workflow_id")
         if not request.current_stage:
             raise InvalidArgument("current_stage", "is required")
         info = await self._workflows.update(
             workflow_id,
             stage=request.current_stage,
             results_json=request.results_json,
-            etag=validation.etag(request.etag),
+            etag=identifiers.etag(request.etag),
             deadline=Deadline(context.time_remaining()),
         )
         return workflow_message(info)

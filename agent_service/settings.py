@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state_service.serving.auth import check_caller_auth
+from shared_runtime.auth import check_caller_auth
 
 
 class AgentServiceSettings(BaseSettings):

@@ -47,6 +47,15 @@ from agent_service import metrics
 from agent_service.catalog import AgentCatalog, CatalogEntry
 from agent_service.settings import AgentServiceSettings
 from agent_service.tools import TurnContext
+from shared_runtime.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from state_service.client import (
     Context,
     EtagMismatchError,
@@ -55,15 +64,6 @@ from state_service.client import (
     StateServiceError,
     StateUnavailableError,
     StoredItem,
-)
-from state_service.serving.errors import (
-    Aborted,
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServiceError,
-    Unavailable,
 )
 from statecar.agent.v1 import agent_service_pb2 as pb
 

@@ -28,6 +28,7 @@ from agent_service.turns import (
     state_error,
     state_request_id,
 )
+from shared_runtime.errors import Aborted, InvalidArgument, NotFound
 from state_service.client import (
     EtagMismatchError,
     NewItem,
@@ -36,7 +37,6 @@ from state_service.client import (
     StateServiceError,
     WorkflowInfo,
 )
-from state_service.serving.errors import Aborted, InvalidArgument, NotFound
 from statecar.agent.v1 import agent_service_pb2 as pb
 
 SESSION_ID_LIMIT = 256

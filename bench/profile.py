@@ -69,7 +69,7 @@ COMPONENTS = (
         "Redis client (storage/, redis-py, hiredis)",
         ("state_service/storage/", "redis/", "hiredis"),
     ),  # fmt: skip
-    ("interceptors (serving/)", ("state_service/serving/",)),
+    ("interceptors (serving/)", ("shared_runtime/",)),
     (
         "context and cache (sessions, cache, context, compression)",
         (

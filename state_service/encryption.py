@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from state_service.serving.errors import FailedPrecondition
+from shared_runtime.errors import FailedPrecondition
 
 logger = logging.getLogger("statecar.encryption")
 

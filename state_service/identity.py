@@ -11,7 +11,7 @@ from typing import Any
 
 from grpc.aio import ServicerContext
 
-from state_service.serving.auth import DEFAULT_TENANT, current_tenant
+from shared_runtime.auth import DEFAULT_TENANT, current_tenant
 
 __all__ = ["DEFAULT_TENANT", "tenant_of"]
 

@@ -19,7 +19,7 @@ import functools
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from state_service.serving.build_info import register_build_info
+from shared_runtime.build_info import register_build_info
 
 CACHE_LOOKUPS = Counter(
     "statecar_state_cache_lookups_total",

@@ -9,7 +9,7 @@ import binascii
 import json
 from typing import Any
 
-from state_service.serving.errors import InvalidArgument
+from shared_runtime.errors import InvalidArgument
 
 _MAX_TOKEN_LENGTH = 2048
 

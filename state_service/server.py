@@ -9,23 +9,23 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from state_service import metrics
-from state_service.cache import CACHE_NAME, SessionCache
-from state_service.compression.engine import Compression, build_compression
-from state_service.encryption import KeyRing
-from state_service.servicer import StateServicer
-from state_service.serving.auth import auth_interceptor, parse_delegates
-from state_service.serving.errors import Unavailable
-from state_service.serving.grpc_metrics import ServerMetricsInterceptor, server_metrics
-from state_service.serving.health import Readiness
-from state_service.serving.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-from state_service.serving.metrics_http import MetricsEndpoint
-from state_service.serving.process import (
+from shared_runtime.auth import auth_interceptor, parse_delegates
+from shared_runtime.errors import Unavailable
+from shared_runtime.grpc_metrics import ServerMetricsInterceptor, server_metrics
+from shared_runtime.health import Readiness
+from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from shared_runtime.metrics_http import MetricsEndpoint
+from shared_runtime.process import (
     add_health_reflection_and_bind,
     create_server,
     reachable_address,
     serve_until_terminated,
 )
+from state_service import metrics
+from state_service.cache import CACHE_NAME, SessionCache
+from state_service.compression.engine import Compression, build_compression
+from state_service.encryption import KeyRing
+from state_service.servicer import StateServicer
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis

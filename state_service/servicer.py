@@ -7,9 +7,9 @@ from typing import Any
 
 from grpc.aio import ServicerContext
 
+from shared_runtime.errors import InvalidArgument
 from state_service import validation
 from state_service.identity import tenant_of
-from state_service.serving.errors import InvalidArgument
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.workflows import WorkflowStore

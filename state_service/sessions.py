@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from shared_runtime.errors import EtagMismatch, InvalidArgument, NotFound
 from state_service import metrics, paging
 from state_service.cache import CachedTail, SessionCache
 from state_service.compression import strategies
@@ -22,7 +23,6 @@ from state_service.compression.strategies import ContextView, Shares, Strategy
 from state_service.compression.text import item_text_of_json
 from state_service.context import LogEntry, describe
 from state_service.encryption import KeyRing
-from state_service.serving.errors import EtagMismatch, InvalidArgument, NotFound
 from state_service.storage.redis import (
     ABSENT_ETAG,
     TTL_DEFAULT,

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state_service.serving.auth import check_caller_auth, parse_delegates
+from shared_runtime.auth import check_caller_auth, parse_delegates
 
 
 class StateServiceSettings(BaseSettings):

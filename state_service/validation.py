@@ -1,49 +1,29 @@
 """Request validation: everything a client can get wrong is refused here with
-INVALID_ARGUMENT naming the field, before anything touches storage."""
+INVALID_ARGUMENT naming the field, before anything touches storage.
+
+Identifiers (session ids, request ids, etags) follow the rules in
+shared_runtime.identifiers, which the agent service applies too."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shared_runtime.errors import InvalidArgument
+from shared_runtime.identifiers import etag as etag
+from shared_runtime.identifiers import request_id as request_id
+from shared_runtime.identifiers import session_id as session_id
 from state_service.compression.engine import STRATEGY_OF_PROTO
 from state_service.compression.strategies import Shares, Strategy
-from state_service.serving.errors import InvalidArgument
 from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
 
-SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@=-]{1,256}")
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@=-]{1,128}")
-ETAG_PATTERN = re.compile(r"0|[0-9a-f]{1,32}\.[0-9]{1,19}")
 MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def session_id(value: str, field: str = "session_id") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not SESSION_ID_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, "must be 1 to 256 characters from A-Z a-z 0-9 and . _ : @ = -")
-    return value
-
-
-def request_id(value: str) -> str:
-    if value and not REQUEST_ID_PATTERN.fullmatch(value):
-        raise InvalidArgument(
-            "request_id", "must be at most 128 characters from A-Z a-z 0-9 and . _ : @ = -"
-        )
-    return value
-
-
-def etag(value: str) -> str:
-    if value and not ETAG_PATTERN.fullmatch(value):
-        raise InvalidArgument("etag", "is not an etag this service issued")
-    return value
 
 
 def json_object(raw: bytes, field: str, max_bytes: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import uuid
 
 from google.protobuf import timestamp_pb2
 
+from shared_runtime.errors import EtagMismatch, NotFound
 from state_service import metrics
-from state_service.serving.errors import EtagMismatch, NotFound
 from state_service.storage.redis import RedisStorage, WorkflowRecord
 from statecar.state.v1 import state_service_pb2 as pb
 

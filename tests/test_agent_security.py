@@ -13,9 +13,9 @@ import pytest
 
 from agent_service.client import AgentClient, AgentServiceError
 from agent_service.server import AgentServer
+from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient
 from state_service.server import StateServer
-from state_service.serving.tls import channel_credentials
 from tests.certs import CertificateAuthority, Issued
 from tests.conftest import AgentServerFactory, StateServerFactory
 from tests.helpers import NOT_SERVING, SERVING, health_status, wait_health

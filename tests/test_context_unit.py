@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from shared_runtime.errors import InvalidArgument
 from state_service import paging
 from state_service.context import describe, token_window
-from state_service.serving.errors import InvalidArgument
 from state_service.tokens import EstimatingTokenCounter
 from statecar.state.v1 import state_service_pb2 as pb
 

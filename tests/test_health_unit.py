@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from state_service.serving.health import Readiness
+from shared_runtime.health import Readiness
 
 
 async def test_stop_ends_the_probe_loop_when_stop_races_a_completing_check() -> None:

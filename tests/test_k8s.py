@@ -32,18 +32,16 @@ from agent_service.client import AgentClient
 from agent_service.config import load_config
 from agent_service.server import SERVICE_NAME as AGENT_API
 from agent_service.settings import AgentServiceSettings
+from shared_runtime.health import LIVENESS_SERVICE
 from state_service.client import StateClient
 from state_service.client.errors import StateServiceError
 from state_service.server import SERVICE_NAME as STATE_API
-from state_service.serving.health import LIVENESS_SERVICE
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import free_port
 from tests.manifests import (
     KUBECTL,
     OVERLAYS,
-    PROMETHEUS_RULE,
     ROOT,
-    RULE_FILES,
     MissingReference,
     Obj,
     Pod,
@@ -59,7 +57,6 @@ from tests.manifests import (
     of_kind,
     pod_labels,
     pod_spec,
-    prometheus_rule_text,
     render,
     selects,
     start_pod,
@@ -70,6 +67,7 @@ from tests.manifests import (
     workloads,
 )
 from tests.prometheus import promtool
+from tools.prometheus_rules import PROMETHEUS_RULE, RULE_FILES, prometheus_rule_text
 
 # In CI a missing kubectl fails these tests (render() says why) instead of skipping.
 needs_kubectl = pytest.mark.skipif(

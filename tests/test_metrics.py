@@ -17,14 +17,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from state_service.client import EtagMismatchError, SessionNotFoundError, StateClient
-from state_service.serving import build_info
-from state_service.serving.grpc_metrics import (
+from shared_runtime import build_info
+from shared_runtime.grpc_metrics import (
     GrpcMetrics,
     ServerMetricsInterceptor,
     client_interceptors,
     go_code,
 )
+from state_service.client import EtagMismatchError, SessionNotFoundError, StateClient
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
 from tests.helpers import NOT_SERVING, SERVING, has_series, metric, scrape, wait_health

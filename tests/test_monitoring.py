@@ -14,13 +14,13 @@ import yaml
 from prometheus_client import REGISTRY
 
 import agent_service.metrics  # noqa: F401  (registers the agent's families)
-from state_service import metrics
-from state_service.serving.grpc_metrics import (
+from shared_runtime.grpc_metrics import (
     SERVER_FAULT_CODES,
     client_metrics,
     go_code,
     server_metrics,
 )
+from state_service import metrics
 from tests.prometheus import MONITORING, RULE_FILES, promtool
 
 DASHBOARD = MONITORING / "grafana" / "statecar-dashboard.json"

@@ -11,13 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared_runtime.tls import channel_credentials
 from state_service.client import (
     InvalidRequestError,
     SessionNotFoundError,
     StateClient,
     StateServiceError,
 )
-from state_service.serving.tls import channel_credentials
 from state_service.storage.embedded import EmbeddedRedis
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc

@@ -17,9 +17,9 @@ import grpc_testing
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from shared_runtime.errors import ServiceError
 from state_service.cache import SessionCache
 from state_service.servicer import StateServicer
-from state_service.serving.errors import ServiceError
 from state_service.sessions import SessionStore
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.storage.redis import RedisStorage

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, field_mask_pb2
 
+from shared_runtime.errors import error_info
 from state_service.server import StateServer
-from state_service.serving.errors import error_info
 from state_service.storage.embedded import EmbeddedRedis
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc

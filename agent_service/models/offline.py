@@ -39,7 +39,7 @@ from openai.types.responses import (
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from state_service.compression.text import item_text
+from shared_runtime.items import item_text
 
 MODEL_NAME = "statecar-offline"
 PREFIX = "(offline model)"

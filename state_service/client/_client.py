@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared_runtime.auth import TENANT_METADATA_KEY
 from state_service.client.errors import StateServiceError, StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
@@ -28,7 +29,6 @@ from state_service.client.types import (
     WorkflowInfo,
     strategy_to_proto,
 )
-from state_service.serving.auth import TENANT_METADATA_KEY
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -101,9 +101,9 @@ class StateClient:
     """Async client of the state service.
 
     Every call has a deadline (`timeout`, overridable per call). `bearer_token`
-    authenticates as a tenant; a delegate (see state_service.serving.auth)
+    authenticates as a tenant; a delegate (see shared_runtime.auth)
     passes `acting_for`, called per call for the tenant to act for;
-    `credentials` (see state_service.serving.tls.channel_credentials) turns
+    `credentials` (see shared_runtime.tls.channel_credentials) turns
     on TLS / mTLS. Writes carry a request_id (generated when not given), so
     gRPC's automatic retries of UNAVAILABLE never apply a write twice.
     Failures raise StateServiceError subclasses. Use as `async with StateClient(...) as client:`.

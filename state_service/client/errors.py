@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from state_service.serving.errors import error_info
+from shared_runtime.errors import error_info
 
 
 class StateServiceError(Exception):

@@ -45,7 +45,7 @@ from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from state_service.serving.errors import EtagMismatch, ResourceExhausted, Unavailable
+from shared_runtime.errors import EtagMismatch, ResourceExhausted, Unavailable
 from state_service.storage.connection import PipelinedConnection
 
 T = TypeVar("T")

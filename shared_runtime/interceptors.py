@@ -17,15 +17,15 @@ from typing import Any
 import grpc
 from grpc.aio import ServicerContext
 
-from state_service.serving.errors import (
+from shared_runtime.errors import (
     InvalidArgument,
     ServiceError,
     Unavailable,
     internal_status,
 )
-from state_service.serving.grpc_metrics import SERVER_FAULT_CODES
-from state_service.serving.grpc_metrics import ServerMetricsInterceptor as MetricsInterceptor
-from state_service.serving.handlers import (
+from shared_runtime.grpc_metrics import SERVER_FAULT_CODES
+from shared_runtime.grpc_metrics import ServerMetricsInterceptor as MetricsInterceptor
+from shared_runtime.handlers import (
     Deserializer,
     StreamBehavior,
     UnaryBehavior,

@@ -32,8 +32,8 @@ from typing import Any
 
 from grpc.aio import ServicerContext
 
-from state_service.serving.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from state_service.serving.handlers import (
+from shared_runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from shared_runtime.handlers import (
     StreamBehavior,
     UnaryBehavior,
     WrappingInterceptor,

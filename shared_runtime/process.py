@@ -14,8 +14,8 @@ from typing import Protocol
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from state_service.serving.health import Readiness
-from state_service.serving.tls import ReloadingServerCredentials
+from shared_runtime.health import Readiness
+from shared_runtime.tls import ReloadingServerCredentials
 
 
 class ServerSettings(Protocol):

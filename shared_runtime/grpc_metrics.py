@@ -37,7 +37,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from state_service.serving.handlers import (
+from shared_runtime.handlers import (
     BIDI_STREAM,
     CLIENT_STREAM,
     SERVER_STREAM,

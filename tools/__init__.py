@@ -1,0 +1,1 @@
+"""Project tooling: generators and checks run by the Makefile, not shipped."""
