@@ -121,6 +121,7 @@ class AgentServer:
             [SERVICE_NAME],
             StateReadiness(state, settings).check,
             interval=settings.health_interval_seconds,
+            failure_threshold=settings.health_failure_threshold,
         )
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["AgentService"])
         interceptors: list[grpc.aio.ServerInterceptor] = [

@@ -107,6 +107,12 @@ class AgentServiceSettings(BaseSettings):
     health_interval_seconds: float = Field(
         1.0, gt=0, description="how often readiness re-checks the state service"
     )
+    health_failure_threshold: int = Field(
+        3,
+        ge=1,
+        description="failed readiness checks in a row before NOT_SERVING (one slow check under "
+        "CPU load is not an outage)",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @property

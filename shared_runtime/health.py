@@ -3,6 +3,13 @@
 Service names: "" and each API service report readiness (NOT_SERVING while a
 dependency is down or the process drains); "liveness" stays SERVING until the
 process stops, so a Redis outage never gets pods restarted.
+
+A replica turns NOT_SERVING only after `failure_threshold` probes in a row
+fail (as a Kubernetes probe's failureThreshold): one probe that times out
+because the machine is busy is not an outage, and NOT_SERVING has costs
+(the state service empties its caches, which are only safe to keep while
+Redis stays reachable). A replica that has never been ready reports its
+first failure at once.
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ class Readiness:
         *,
         interval: float,
         on_change: Callable[[bool], None] | None = None,
+        failure_threshold: int = 3,
     ) -> None:
         self.servicer = health.aio.HealthServicer()
         self._services = ["", *services]
         self._check = check
         self._interval = interval
         self._on_change = on_change
+        self._failure_threshold = max(1, failure_threshold)
+        self._failures = 0
         self._ready: bool | None = None
         self._draining = False
         self._stopping = False
@@ -72,7 +82,9 @@ class Readiness:
             ok = True
         except Exception:
             ok = False
-        await self._set(ok)
+        self._failures = 0 if ok else self._failures + 1
+        if ok or self._ready is None or self._failures >= self._failure_threshold:
+            await self._set(ok)
         return ok
 
     async def start(self) -> None:

@@ -134,6 +134,7 @@ class StateServer:
             [SERVICE_NAME],
             storage.ping,
             interval=settings.health_interval_seconds,
+            failure_threshold=settings.health_failure_threshold,
             on_change=on_readiness,
         )
         metrics.build_info()

@@ -180,6 +180,12 @@ class StateServiceSettings(BaseSettings):
     health_interval_seconds: float = Field(
         0.5, gt=0, description="how often readiness re-checks Redis"
     )
+    health_failure_threshold: int = Field(
+        3,
+        ge=1,
+        description="failed readiness checks in a row before NOT_SERVING (one slow check under "
+        "CPU load is not an outage)",
+    )
     drain_seconds: float = Field(
         10.0, ge=0, description="SIGTERM grace for in-flight RPCs before exit"
     )

@@ -54,3 +54,43 @@ async def test_stop_is_bounded_when_the_check_swallows_cancellation() -> None:
     done, _ = await asyncio.wait({asyncio.create_task(readiness.stop())}, timeout=5)
     assert done
     assert readiness._task is not None and readiness._task.done()
+
+
+async def test_one_failed_check_is_not_an_outage_but_several_in_a_row_are() -> None:
+    # A probe that times out once because the machine is busy must not turn a
+    # replica NOT_SERVING (the state service empties its caches then).
+    outcomes = iter([True, False, True, False, False, False, True])
+    changes: list[bool] = []
+
+    async def check() -> None:
+        if not next(outcomes):
+            raise ConnectionError("unreachable")
+
+    readiness = Readiness(["svc"], check, interval=60, on_change=changes.append)
+    await readiness.start()  # first probe: ready
+    try:
+        assert await readiness.probe_once() is False
+        assert readiness.ready and changes == [True]
+        assert await readiness.probe_once() is True
+        for _ in range(2):
+            await readiness.probe_once()
+        assert readiness.ready and changes == [True]
+        await readiness.probe_once()  # the third failure in a row
+        assert not readiness.ready and changes == [True, False]
+        await readiness.probe_once()
+        assert readiness.ready and changes == [True, False, True]
+    finally:
+        await readiness.stop()
+
+
+async def test_a_replica_never_ready_reports_its_first_failure_at_once() -> None:
+    async def check() -> None:
+        raise ConnectionError("unreachable")
+
+    changes: list[bool] = []
+    readiness = Readiness(["svc"], check, interval=60, on_change=changes.append)
+    await readiness.start()
+    try:
+        assert changes == [False] and not readiness.ready
+    finally:
+        await readiness.stop()
