@@ -11,6 +11,7 @@ from pydantic_settings import CliApp
 from agent_service.config import ConfigError
 from agent_service.server import serve
 from agent_service.settings import AgentServiceSettings
+from shared_runtime.process import StartupError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(settings))
     except ConfigError as error:
         raise SystemExit(f"agent-service: {error}") from None
+    except StartupError as error:
+        logging.getLogger("statecar.agent").error("cannot start: %s", error)
+        sys.exit(78)  # EX_CONFIG
 
 
 if __name__ == "__main__":

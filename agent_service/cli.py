@@ -42,6 +42,7 @@ from agent_service.config import ConfigError
 from agent_service.server import AgentServer
 from agent_service.settings import AgentServiceSettings
 from shared_runtime.items import item_text
+from shared_runtime.process import StartupError
 from state_service.client import StateClient, StateServiceError
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
@@ -247,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         errors.print(f"[red]config:[/] {error}")
         code = 2
+    except StartupError as error:
+        errors.print(f"[red]cannot start:[/] {error}")
+        code = 78  # EX_CONFIG, as the services exit
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)

@@ -31,6 +31,7 @@ from shared_runtime.process import (
     create_server,
     reachable_address,
     serve_until_terminated,
+    setting_hint,
 )
 from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient, StateServiceError
@@ -139,7 +140,11 @@ class AgentServer:
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None
         if settings.metrics_port:
-            endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
+            endpoint = MetricsEndpoint.start(
+                settings.metrics_host,
+                settings.metrics_port,
+                hint=setting_hint(settings, "metrics_port"),
+            )
         await server.start()
         await readiness.start()
         instance = cls(settings, server, state, models, readiness, port, endpoint)

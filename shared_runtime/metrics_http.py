@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
+from shared_runtime.process import StartupError
+
 logger = logging.getLogger("statecar.metrics")
 
 
@@ -24,8 +26,18 @@ class MetricsEndpoint:
     _thread: Any
 
     @classmethod
-    def start(cls, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> MetricsEndpoint:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+    def start(
+        cls, host: str, port: int, registry: CollectorRegistry = REGISTRY, *, hint: str = ""
+    ) -> MetricsEndpoint:
+        """Serves /metrics on host:port; a port that cannot be bound is a
+        StartupError naming it and, with `hint`, the setting that changes it."""
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as error:
+            advice = f"; choose another with {hint}" if hint else ""
+            raise StartupError(
+                f"cannot serve /metrics on {host}:{port}: {error.strerror}{advice}"
+            ) from None
         endpoint = cls(host, server.server_port, server, thread)
         logger.info("metrics on http://%s/metrics", endpoint.address)
         return endpoint

@@ -18,6 +18,18 @@ from shared_runtime.health import Readiness
 from shared_runtime.tls import ReloadingServerCredentials
 
 
+class StartupError(RuntimeError):
+    """A start-up failure the user can fix: one line that names the cause and
+    the setting that changes it (the message is safe to log)."""
+
+
+def setting_hint(settings: object, field: str) -> str:
+    """How a user changes `field`: its CLI flag and its environment variable."""
+    config: dict[str, object] = getattr(settings, "model_config", {})
+    prefix = str(config.get("env_prefix", ""))
+    return f"--{field.replace('_', '-')} or {prefix}{field.upper()}"
+
+
 class ServerSettings(Protocol):
     """The settings every statecar gRPC server has."""
 
@@ -64,15 +76,21 @@ def add_health_reflection_and_bind(
     reflection.enable_server_reflection(
         [service_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
     )
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        tls = ReloadingServerCredentials(
-            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-        )
-        port = server.add_secure_port(settings.listen, tls.credentials)
-    else:
-        port = server.add_insecure_port(settings.listen)
+    try:
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            tls = ReloadingServerCredentials(
+                settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+            )
+            port = server.add_secure_port(settings.listen, tls.credentials)
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {settings.listen}")
+        raise StartupError(
+            f"cannot listen on {settings.listen}: the port is in use or the address is not "
+            f"on this machine; choose another with {setting_hint(settings, 'listen')}"
+        )
     return port
 
 

@@ -8,7 +8,8 @@ import sys
 
 from pydantic_settings import CliApp
 
-from state_service.server import StartupError, serve
+from shared_runtime.process import StartupError
+from state_service.server import serve
 from state_service.settings import StateServiceSettings
 
 

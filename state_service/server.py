@@ -4,6 +4,7 @@ a drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -16,10 +17,12 @@ from shared_runtime.health import Readiness
 from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from shared_runtime.metrics_http import MetricsEndpoint
 from shared_runtime.process import (
+    StartupError,
     add_health_reflection_and_bind,
     create_server,
     reachable_address,
     serve_until_terminated,
+    setting_hint,
 )
 from state_service import metrics
 from state_service.cache import CACHE_NAME, SessionCache
@@ -28,7 +31,7 @@ from state_service.encryption import KeyRing
 from state_service.servicer import StateServicer
 from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
-from state_service.storage.embedded import EmbeddedRedis
+from state_service.storage.embedded import EmbeddedRedis, EmbeddedRedisError
 from state_service.storage.redis import RedisConnectOptions, RedisStorage
 from state_service.tokens import make_token_counter
 from state_service.workflows import WorkflowStore
@@ -39,10 +42,6 @@ logger = logging.getLogger("statecar.state")
 
 
 _CLOSE_TIMEOUT_SECONDS = 5.0
-
-
-class StartupError(RuntimeError):
-    """A configuration the service cannot run with (message safe to log)."""
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StateService"].full_name
@@ -73,11 +72,32 @@ class StateServer:
 
     @classmethod
     async def start(cls, settings: StateServiceSettings) -> StateServer:
+        """Starts the service; a failed start leaves nothing running behind
+        (no embedded redis-server, no Redis connections, no bound ports)."""
+        async with contextlib.AsyncExitStack() as undo:
+            instance = await cls._start(settings, undo)
+            undo.pop_all()  # started: from now on stop() owns the cleanup
+            return instance
+        raise AssertionError("unreachable")
+
+    @classmethod
+    async def _start(
+        cls, settings: StateServiceSettings, undo: contextlib.AsyncExitStack
+    ) -> StateServer:
         embedded = None
         redis_url = settings.redis_url
         if not redis_url:
             embedded = EmbeddedRedis(settings.data_dir)
-            redis_url = await asyncio.to_thread(embedded.start)
+            undo.push_async_callback(asyncio.to_thread, embedded.close)
+            try:
+                embedded.launch()  # on the loop's thread: see launch()
+                redis_url = await asyncio.to_thread(embedded.wait_ready)
+            except EmbeddedRedisError as error:
+                raise StartupError(
+                    f"{error}; choose another data directory with "
+                    f"{setting_hint(settings, 'data_dir')}, or use a Redis of your own "
+                    f"with {setting_hint(settings, 'redis_url')}"
+                ) from None
             logger.info("embedded redis-server at %s (data in %s)", redis_url, settings.data_dir)
         storage = RedisStorage.from_url(
             redis_url,
@@ -98,7 +118,8 @@ class StateServer:
             default_ttl_seconds=settings.default_ttl_seconds,
             on_command=metrics.observe_redis,
         )
-        await _check_redis(storage, settings, embedded)
+        undo.push_async_callback(storage.close)
+        await _check_redis(storage, settings)
         cache = (
             SessionCache(
                 max_sessions=settings.cache_max_sessions,
@@ -158,9 +179,16 @@ class StateServer:
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None
         if settings.metrics_port:
-            endpoint = MetricsEndpoint.start(settings.metrics_host, settings.metrics_port)
+            endpoint = MetricsEndpoint.start(
+                settings.metrics_host,
+                settings.metrics_port,
+                hint=setting_hint(settings, "metrics_port"),
+            )
+            undo.push_async_callback(endpoint.close)
         await server.start()
+        undo.push_async_callback(server.stop, 0)
         await readiness.start()
+        undo.push_async_callback(readiness.stop)
         compression.start()
         instance = cls(
             settings=settings,
@@ -205,9 +233,7 @@ class StateServer:
         await self.server.wait_for_termination()
 
 
-async def _check_redis(
-    storage: RedisStorage, settings: StateServiceSettings, embedded: EmbeddedRedis | None
-) -> None:
+async def _check_redis(storage: RedisStorage, settings: StateServiceSettings) -> None:
     """Refuses to start on credentials Redis rejects (a config error that will
     not heal); an unreachable Redis only delays readiness."""
     timeout = settings.redis_connect_timeout_seconds + settings.redis_timeout_seconds
@@ -216,9 +242,6 @@ async def _check_redis(
             await storage.ping()
     except Unavailable as error:
         if error.reason in ("BACKEND_AUTH", "BACKEND_PERMISSION"):
-            await storage.close()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.close)
             user = settings.redis_username or "the URL's or default user"
             raise StartupError(
                 f"Redis rejected statecar's credentials ({error.message}; user: {user}); "

@@ -7,6 +7,10 @@ A test module runs the state service against both backends by overriding
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -26,6 +30,60 @@ from tests.redis_cluster import EmbeddedRedisCluster
 
 StateServerFactory = Callable[..., Awaitable[StateServer]]
 PrometheusFactory = Callable[..., Awaitable[Prometheus]]
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every live, non-zombie process."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rpartition(")")[2].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z":
+            found[int(proc.name)] = (int(stat[1]), cmdline)
+    return found
+
+
+def _leftovers(basetemp: Path) -> dict[int, bytes]:
+    """Processes the test run started and did not stop: descendants of this
+    process, and anything (a reparented orphan) running from its temp dirs."""
+    processes = _processes()
+    ours = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (parent, _) in processes.items():
+            if parent in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    ours.discard(os.getpid())
+    marker = str(basetemp).encode()
+    return {
+        pid: cmdline
+        for pid, (_, cmdline) in processes.items()
+        if (pid in ours or marker in cmdline) and pid != os.getpid()
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fails the run if a test left a process running (e.g. a redis-server
+    orphaned by a killed service), after stopping it so nothing outlives us."""
+    basetemp = tmp_path_factory.getbasetemp()
+    yield
+    deadline = time.monotonic() + 10
+    while (left := _leftovers(basetemp)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a process may still be exiting after its SIGTERM
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, "processes left behind by the tests:\n" + "\n".join(
+        f"  {pid}: {cmdline.decode(errors='replace')[:200]}" for pid, cmdline in left.items()
+    )
 
 
 @pytest.fixture

