@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint fmt protos protos-check bench k8s-check k8s-rules clean
+.PHONY: venv run test lint fmt protos protos-check bench k8s-check k8s-rules docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ k8s-check: $(STAMP)
 # Regenerates k8s/components/monitoring/prometheus-rules.yaml from monitoring/rules/.
 k8s-rules: $(STAMP)
 	$(BIN)/python -m tools.prometheus_rules
+
+# Regenerates docs/configuration.md from the settings classes.
+docs: $(STAMP)
+	$(BIN)/python -m tools.settings_docs
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
