@@ -3,21 +3,30 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Two install levels in one virtualenv: running needs the runtime
+# dependencies only; tests, lint and benchmarks add the dev and bench extras.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint fmt protos protos-check bench k8s-check k8s-rules docs clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 venv: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/statecar up
 
 test: $(STAMP) lint protos-check
