@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint fmt protos protos-check bench k8s-check k8s-rules docs clean
+.PHONY: venv run test node-deps lint fmt protos protos-check bench k8s-check k8s-rules docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,19 @@ venv: $(STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/statecar up
 
-test: $(STAMP) lint protos-check
+test: $(STAMP) lint protos-check node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The Node.js client test's packages (tests/node): installed when npm exists;
+# without it that test skips (outside CI) and says why.
+NODE_STAMP := tests/node/node_modules/.installed
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $(NODE_STAMP)
+
+node-deps:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(NODE_STAMP); \
+	else echo "npm not found: tests/test_node_client.py will skip"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
