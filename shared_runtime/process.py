@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from shared_runtime.health import Readiness
 from shared_runtime.tls import ReloadingServerCredentials
@@ -73,9 +74,7 @@ def add_health_reflection_and_bind(
     """Health and reflection beside the API service; binds settings.listen
     (TLS when a certificate is configured) and returns the port."""
     readiness.add_to_server(server)
-    reflection.enable_server_reflection(
-        [service_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
-    )
+    _add_reflection(server, [service_name, "grpc.health.v1.Health"])
     try:
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             tls = ReloadingServerCredentials(
@@ -92,6 +91,31 @@ def add_health_reflection_and_bind(
             f"on this machine; choose another with {setting_hint(settings, 'listen')}"
         )
     return port
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
+    """Server reflection as grpc.reflection.v1 (what current grpcurl, Postman
+    and grpc-js clients ask for first) and v1alpha (older clients).
+    grpcio-reflection implements only v1alpha; v1 is the same protocol under
+    another package name, field for field, so the v1alpha servicer answers it
+    with the v1alpha messages' (identical) wire encoding."""
+    names = [*services, REFLECTION_V1, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    servicer = ReflectionServicer(names)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
 
 
 def reachable_address(listen: str, port: int) -> str:

@@ -398,3 +398,38 @@ async def test_health_reflection_and_liveness(state_server: StateServer) -> None
             names = {s.name for s in response.list_services_response.service}
             assert "statecar.state.v1.StateService" in names
             break
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_v1_and_v1alpha_describe_the_api(
+    state_server: StateServer, version: str
+) -> None:
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    async with grpc.aio.insecure_channel(state_server.address) as channel:
+        call = channel.stream_stream(
+            method,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="statecar.state.v1.StateService"
+            ),
+        ]
+        responses = [r async for r in call(iter(requests))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {
+        "statecar.state.v1.StateService",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in responses[1].file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(f.package == "statecar.state.v1" for f in files)
