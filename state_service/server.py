@@ -15,6 +15,7 @@ from shared_runtime.errors import Unavailable
 from shared_runtime.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from shared_runtime.health import Readiness
 from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from shared_runtime.items import prepare_input_item_check
 from shared_runtime.metrics_http import MetricsEndpoint
 from shared_runtime.process import (
     StartupError,
@@ -130,6 +131,8 @@ class StateServer:
             else None
         )
         keys = KeyRing(settings.encryption_keys_file) if settings.encryption_keys_file else None
+        if settings.item_schema == "openai-agents":
+            await asyncio.to_thread(prepare_input_item_check)
         counter = make_token_counter(settings.token_counter, settings.tiktoken_encoding)
         logger.info("counting tokens with %s", counter.name)
         store = SessionStore(storage, cache=cache, token_counter=counter, keys=keys)

@@ -86,6 +86,12 @@ class StateServiceSettings(BaseSettings):
     )
 
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
+    item_schema: Literal["openai-agents", "json-object"] = Field(
+        "openai-agents",
+        description="what an appended item must be: an openai-agents input item (a message, a "
+        "tool call or its output, ...; anything else is INVALID_ARGUMENT naming the field) or "
+        "any JSON object",
+    )
     max_items_per_append: int = Field(1000, ge=1, description="items in one AppendItems")
     max_metadata_entries: int = Field(64, ge=0, description="metadata entries of one item")
     max_metadata_bytes: int = Field(8 * 1024, ge=0, description="keys+values of one item")

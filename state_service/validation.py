@@ -14,6 +14,7 @@ from shared_runtime.errors import InvalidArgument
 from shared_runtime.identifiers import etag as etag
 from shared_runtime.identifiers import request_id as request_id
 from shared_runtime.identifiers import session_id as session_id
+from shared_runtime.items import input_item_problem
 from state_service.compression.engine import STRATEGY_OF_PROTO
 from state_service.compression.strategies import Shares, Strategy
 from state_service.settings import StateServiceSettings
@@ -64,8 +65,12 @@ def items(values: Sequence[pb.Item], settings: StateServiceSettings) -> list[dic
             f"has {len(values)} items; the limit is {settings.max_items_per_append} per append",
         )
     parsed = []
+    check_shape = settings.item_schema == "openai-agents"
     for i, item in enumerate(values):
-        parsed.append(json_object(item.json, f"items[{i}].json", settings.max_item_bytes))
+        data = json_object(item.json, f"items[{i}].json", settings.max_item_bytes)
+        if check_shape and (problem := input_item_problem(data)) is not None:
+            raise InvalidArgument(f"items[{i}].json", problem)
+        parsed.append(data)
         metadata(item.metadata, f"items[{i}].metadata", settings)
     return parsed
 

@@ -47,6 +47,19 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
      INVALID, "items[1].json"),
     ("json array", "AppendItems", pb.AppendItemsRequest(session_id="s", items=[item(b"[1]")]),
      INVALID, "items[0].json"),
+    ("empty object", "AppendItems", pb.AppendItemsRequest(session_id="s", items=[item(b"{}")]),
+     INVALID, "items[0].json"),
+    ("not an item", "AppendItems",
+     pb.AppendItemsRequest(session_id="s", items=[GOOD, item(b'{"foo":"bar"}')]),
+     INVALID, "items[1].json"),
+    ("unknown type", "AppendItems",
+     pb.AppendItemsRequest(session_id="s", items=[item(b'{"type":"bogus"}')]),
+     INVALID, "items[0].json"),
+    ("call without name", "AppendItems",
+     pb.AppendItemsRequest(
+         session_id="s", items=[item(b'{"type":"function_call","call_id":"c","arguments":""}')]
+     ),
+     INVALID, "items[0].json"),
     ("invalid utf8", "AppendItems",
      pb.AppendItemsRequest(session_id="s", items=[item(b'{"a":"\xff\xfe"}')]),
      INVALID, "items[0].json"),
@@ -218,3 +231,16 @@ async def test_bad_input_is_refused_cleanly(
     assert info.domain == "state.statecar.dev"
     assert detail in (info.metadata.get("field"), info.reason), (name, info)
     assert await _snapshot(redis_server.url) == before, name
+
+
+async def test_any_json_object_is_accepted_when_items_are_not_checked(
+    state_server_factory: Any, redis_server: EmbeddedRedis
+) -> None:
+    server = await state_server_factory(redis_url=redis_server.url, item_schema="json-object")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.StateServiceStub(channel)
+        await stub.AppendItems(
+            pb.AppendItemsRequest(session_id="any", items=[item(b"{}"), item(b'{"foo":"bar"}')])
+        )
+        listed = await stub.ListItems(pb.ListItemsRequest(session_id="any"))
+    assert [i.json for i in listed.items] == [b"{}", b'{"foo":"bar"}']
