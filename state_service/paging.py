@@ -1,6 +1,12 @@
 """Opaque page tokens: URL-safe base64 of a small JSON document bound to the
 request that issued it. A token from another session, order or a bogus one is
-INVALID_ARGUMENT."""
+INVALID_ARGUMENT.
+
+Tokens are not signed (replicas would need a shared secret), so every token
+is validated in full before any field is used: a flat JSON object of short
+strings and integers within int64, nothing nested (a crafted token of 1,500
+nested brackets once raised RecursionError, a position of 2^63 a Redis range
+error; both surfaced as INTERNAL)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import Any
 from shared_runtime.errors import InvalidArgument
 
 _MAX_TOKEN_LENGTH = 2048
+_MAX_POSITION = 2**62
+_NOT_OURS = "is not a token this service issued"
 
 
 def encode(fields: dict[str, Any]) -> str:
@@ -22,14 +30,17 @@ def encode(fields: dict[str, Any]) -> str:
 def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
     """Decodes a token and checks that it was issued for `expected` fields."""
     if len(token) > _MAX_TOKEN_LENGTH:
-        raise InvalidArgument("page_token", "is not a token this service issued")
+        raise InvalidArgument("page_token", _NOT_OURS)
     try:
         padded = token + "=" * (-len(token) % 4)
         fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, binascii.Error, UnicodeError):
-        raise InvalidArgument("page_token", "is not a token this service issued") from None
-    if not isinstance(fields, dict):
-        raise InvalidArgument("page_token", "is not a token this service issued")
+    except (ValueError, binascii.Error, UnicodeError, RecursionError):
+        raise InvalidArgument("page_token", _NOT_OURS) from None
+    if not isinstance(fields, dict) or not all(
+        isinstance(value, str) or (type(value) is int and abs(value) <= _MAX_POSITION)
+        for value in fields.values()
+    ):
+        raise InvalidArgument("page_token", _NOT_OURS)
     for key, value in expected.items():
         if fields.get(key) != value:
             raise InvalidArgument(
@@ -40,6 +51,6 @@ def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
 
 def int_field(fields: dict[str, Any], key: str) -> int:
     value = fields.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-        raise InvalidArgument("page_token", "is not a token this service issued")
+    if type(value) is not int or not -1 <= value <= _MAX_POSITION:
+        raise InvalidArgument("page_token", _NOT_OURS)
     return value

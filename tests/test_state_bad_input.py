@@ -3,6 +3,7 @@ with an ErrorInfo detail, never INTERNAL, and Redis byte-for-byte unchanged."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,16 @@ def item(raw: bytes, **metadata: str) -> pb.Item:
 
 
 GOOD = item(b'{"role":"user","content":"ok"}')
+
+
+def crafted_token(raw: bytes) -> str:
+    """A well-formed token (base64 of JSON) this service never issued."""
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+DEEP_TOKEN = crafted_token(b"[" * 1500)
+ITEMS_AT = '{{"i":{},"o":"oldest","s":"s"}}'
+
 NESTED = b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
 
 CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
@@ -108,6 +119,21 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
      INVALID, "page_token"),
     ("base64 garbage token", "ListItems",
      pb.ListItemsRequest(session_id="s", page_token="e30"), INVALID, "page_token"),
+    ("nested token", "ListItems", pb.ListItemsRequest(session_id="s", page_token=DEEP_TOKEN),
+     INVALID, "page_token"),
+    ("position 2^63", "ListItems",
+     pb.ListItemsRequest(
+         session_id="s", page_token=crafted_token(ITEMS_AT.format(2**63).encode())
+     ),
+     INVALID, "page_token"),
+    ("float position", "ListItems",
+     pb.ListItemsRequest(session_id="s", page_token=crafted_token(ITEMS_AT.format(1.5).encode())),
+     INVALID, "page_token"),
+    ("nested sessions token", "ListSessions",
+     pb.ListSessionsRequest(page_token=crafted_token(b'{"k":"sessions","a":{"x":[1]}}')),
+     INVALID, "page_token"),
+    ("deep sessions token", "ListSessions", pb.ListSessionsRequest(page_token=DEEP_TOKEN),
+     INVALID, "page_token"),
     ("unknown order", "ListItems", pb.ListItemsRequest(session_id="s", order=99),  # type: ignore[arg-type]
      INVALID, "order"),
     ("pop bogus etag", "PopItem", pb.PopItemRequest(session_id="s", etag="1.x"),
