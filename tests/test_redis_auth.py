@@ -23,6 +23,7 @@ from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import state_settings
 from tests.helpers import NOT_SERVING, health_status
+from tests.patience import patience
 from tests.processes import wait_serving
 from tests.redis_cluster import EmbeddedRedisCluster
 
@@ -112,12 +113,12 @@ async def test_password_change_at_runtime_is_unavailable_not_internal(
             with pytest.raises(StateUnavailableError) as raised:
                 await client.get_context("s", timeout=2.0)
             assert raised.value.reason == "BACKEND_AUTH"
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + patience(5)
             while await health_status(server.address) != NOT_SERVING:
                 assert time.monotonic() < deadline, "readiness never went NOT_SERVING"
                 await asyncio.sleep(0.05)
             await r.execute_command("ACL", "SETUSER", "statecar", "resetpass", f">{PASSWORD}")
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + patience(5)
             while True:
                 try:
                     context = await client.get_context("s", timeout=1.0)

@@ -19,6 +19,7 @@ from state_service.client import StateClient, StateServiceError, StateUnavailabl
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import StateServerFactory
 from tests.helpers import NOT_SERVING, SERVING, health_status
+from tests.patience import patience
 
 pytestmark = pytest.mark.fault
 REFUSED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -41,7 +42,7 @@ async def test_redis_down_means_unavailable_and_not_serving_then_recovers(
         with pytest.raises(StateUnavailableError):
             await client.append_items("s", [{"role": "user", "content": "lost?"}], timeout=2.0)
 
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + patience(5)
         while await health_status(server.address) != NOT_SERVING:
             assert time.monotonic() < deadline, "health never went NOT_SERVING"
             await asyncio.sleep(0.05)
