@@ -78,6 +78,11 @@ STATE_REQUEST_ID_LIMIT = 128
 REPLAY_SCAN_ITEMS = 2000
 # Kept back from the caller's deadline so the turn itself reports it.
 DEADLINE_MARGIN_SECONDS = 0.1
+# State-service reasons passed on unchanged, by status code: they mean the same
+# to a client of this service (see ErrorReason in the agent proto). Any other
+# reason with that code gets this service's own (NOT_FOUND, STATE_FULL).
+FORWARDED_NOT_FOUND = ("SESSION_NOT_FOUND", "WORKFLOW_NOT_FOUND")
+FORWARDED_EXHAUSTED = ("BACKEND_FULL",)
 
 
 class Deadline:
@@ -139,11 +144,17 @@ def state_error(error: StateServiceError) -> ServiceError:
     if isinstance(error, EtagMismatchError):
         return Aborted(str(error.message), reason="ETAG_MISMATCH", metadata=error.metadata)
     if isinstance(error, SessionNotFoundError):
-        return NotFound(error.message, reason=error.reason or "NOT_FOUND")
+        return NotFound(
+            error.message,
+            reason=error.reason if error.reason in FORWARDED_NOT_FOUND else "NOT_FOUND",
+        )
     if isinstance(error, InvalidRequestError):
         return InvalidArgument(error.metadata.get("field", "request"), error.message)
     if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(error.message, reason=error.reason or "STATE_FULL")
+        return ResourceExhausted(
+            error.message,
+            reason=error.reason if error.reason in FORWARDED_EXHAUSTED else "STATE_FULL",
+        )
     return Unavailable(
         f"the state service failed: {error.code.name}: {error.message}", reason="STATE_FAILED"
     )

@@ -62,6 +62,253 @@ relevant to the message.
 """
 Global___ContextStrategy: _TypeAlias = ContextStrategy  # noqa: Y015
 
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    Never sent.
+    """
+    INVALID_FIELD: _ErrorReason.ValueType  # 1
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    INVALID_ARGUMENT: a request field (metadata "field", e.g. "session_id",
+    "message", "results_json", "request" for a message that does not decode)
+    is invalid. Nothing ran or was stored; fix the request.
+    """
+    AGENT_NOT_FOUND: _ErrorReason.ValueType  # 2
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: ChatRequest.agent (or the workflow's stage) names no
+    configured agent; ListAgents shows them. Nothing ran.
+    """
+    WORKFLOW_NOT_FOUND: _ErrorReason.ValueType  # 3
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: GetWorkflow or UpdateWorkflow named a workflow that does
+    not exist (it is created by its first Chat) or has expired.
+    """
+    SESSION_NOT_FOUND: _ErrorReason.ValueType  # 4
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: passed on from the state service: a session the call needed
+    does not exist. Nothing was stored.
+    """
+    NOT_FOUND: _ErrorReason.ValueType  # 5
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: the state service answered NOT_FOUND for a reason not listed
+    here. Nothing was stored.
+    """
+    CONCURRENT_TURN: _ErrorReason.ValueType  # 6
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: another turn on the session was stored while this one ran.
+    Nothing was stored; send the turn again (same request_id is fine) to run
+    it on the fresh context.
+    """
+    ETAG_MISMATCH: _ErrorReason.ValueType  # 7
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: UpdateWorkflow's etag is not the workflow's current one
+    (metadata "current_etag"), or the workflow changed during the update.
+    Nothing was written; re-read, then retry with the new etag.
+    """
+    WORKFLOW_CONTENDED: _ErrorReason.ValueType  # 8
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the turn is stored, but the workflow kept changing while the
+    turn tried to record itself in it. Retry with the same request_id: the
+    stored turn is replayed and recorded.
+    """
+    MODEL_FAILED: _ErrorReason.ValueType  # 9
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the agent's model call failed (endpoint down, refused,
+    malformed answer). Nothing was stored; retry with the same request_id.
+    """
+    MODEL_CALL_LIMIT: _ErrorReason.ValueType  # 10
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the agent made more model calls in one turn than
+    AGENT_SERVICE_MAX_MODEL_CALLS allows (tool loops, handoff cycles).
+    Nothing was stored; the same turn is likely to fail again.
+    """
+    STATE_UNAVAILABLE: _ErrorReason.ValueType  # 11
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the state service is unreachable or did not answer in
+    time. Retry with the same request_id: a turn stored before the failure
+    is replayed, not run again.
+    """
+    STATE_FAILED: _ErrorReason.ValueType  # 12
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the state service refused a call for a reason not listed
+    here (its message says which). Retrying may not help; an operator may
+    need to look.
+    """
+    BACKEND_FULL: _ErrorReason.ValueType  # 13
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: passed on from the state service: its Redis is out
+    of memory. Nothing was stored; retry later.
+    """
+    STATE_FULL: _ErrorReason.ValueType  # 14
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the state service refused the write for lack of
+    resources, for a reason not listed here. Nothing was stored; retry
+    later.
+    """
+    TURN_DEADLINE: _ErrorReason.ValueType  # 15
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    DEADLINE_EXCEEDED: the turn did not finish within the call's deadline.
+    Nothing was stored; retry with a longer deadline.
+    """
+    BACKEND_TIMEOUT: _ErrorReason.ValueType  # 16
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the shared runtime's answer to a call that outlives its
+    deadline. The agent service reports its deadline as TURN_DEADLINE
+    instead; treat this one the same way.
+    """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+    form (no "authorization: Bearer <token>" metadata, no client
+    certificate). Send credentials.
+    """
+    INVALID_TOKEN: _ErrorReason.ValueType  # 18
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+    valid token; retrying with this one does not help.
+    """
+    INVALID_IDENTITY: _ErrorReason.ValueType  # 19
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the client certificate's common name is not a valid
+    tenant id. Use a certificate whose CN is a tenant id.
+    """
+    NOT_A_DELEGATE: _ErrorReason.ValueType  # 20
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+    a configured delegate. Drop the metadata or have the caller configured
+    as a delegate.
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The reason of the google.rpc.ErrorInfo of every error the service sends
+    (domain "agent.statecar.dev"). The value names are the reason strings, as
+    AIP-193 has them; the numbers carry no meaning. Clients should branch on the
+    reason, not on the message, and treat a reason they do not know by its
+    status code.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+Never sent.
+"""
+INVALID_FIELD: ErrorReason.ValueType  # 1
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+INVALID_ARGUMENT: a request field (metadata "field", e.g. "session_id",
+"message", "results_json", "request" for a message that does not decode)
+is invalid. Nothing ran or was stored; fix the request.
+"""
+AGENT_NOT_FOUND: ErrorReason.ValueType  # 2
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: ChatRequest.agent (or the workflow's stage) names no
+configured agent; ListAgents shows them. Nothing ran.
+"""
+WORKFLOW_NOT_FOUND: ErrorReason.ValueType  # 3
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: GetWorkflow or UpdateWorkflow named a workflow that does
+not exist (it is created by its first Chat) or has expired.
+"""
+SESSION_NOT_FOUND: ErrorReason.ValueType  # 4
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: passed on from the state service: a session the call needed
+does not exist. Nothing was stored.
+"""
+NOT_FOUND: ErrorReason.ValueType  # 5
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: the state service answered NOT_FOUND for a reason not listed
+here. Nothing was stored.
+"""
+CONCURRENT_TURN: ErrorReason.ValueType  # 6
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: another turn on the session was stored while this one ran.
+Nothing was stored; send the turn again (same request_id is fine) to run
+it on the fresh context.
+"""
+ETAG_MISMATCH: ErrorReason.ValueType  # 7
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: UpdateWorkflow's etag is not the workflow's current one
+(metadata "current_etag"), or the workflow changed during the update.
+Nothing was written; re-read, then retry with the new etag.
+"""
+WORKFLOW_CONTENDED: ErrorReason.ValueType  # 8
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the turn is stored, but the workflow kept changing while the
+turn tried to record itself in it. Retry with the same request_id: the
+stored turn is replayed and recorded.
+"""
+MODEL_FAILED: ErrorReason.ValueType  # 9
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the agent's model call failed (endpoint down, refused,
+malformed answer). Nothing was stored; retry with the same request_id.
+"""
+MODEL_CALL_LIMIT: ErrorReason.ValueType  # 10
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the agent made more model calls in one turn than
+AGENT_SERVICE_MAX_MODEL_CALLS allows (tool loops, handoff cycles).
+Nothing was stored; the same turn is likely to fail again.
+"""
+STATE_UNAVAILABLE: ErrorReason.ValueType  # 11
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the state service is unreachable or did not answer in
+time. Retry with the same request_id: a turn stored before the failure
+is replayed, not run again.
+"""
+STATE_FAILED: ErrorReason.ValueType  # 12
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the state service refused a call for a reason not listed
+here (its message says which). Retrying may not help; an operator may
+need to look.
+"""
+BACKEND_FULL: ErrorReason.ValueType  # 13
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: passed on from the state service: its Redis is out
+of memory. Nothing was stored; retry later.
+"""
+STATE_FULL: ErrorReason.ValueType  # 14
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the state service refused the write for lack of
+resources, for a reason not listed here. Nothing was stored; retry
+later.
+"""
+TURN_DEADLINE: ErrorReason.ValueType  # 15
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+DEADLINE_EXCEEDED: the turn did not finish within the call's deadline.
+Nothing was stored; retry with a longer deadline.
+"""
+BACKEND_TIMEOUT: ErrorReason.ValueType  # 16
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the shared runtime's answer to a call that outlives its
+deadline. The agent service reports its deadline as TURN_DEADLINE
+instead; treat this one the same way.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 17
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+form (no "authorization: Bearer <token>" metadata, no client
+certificate). Send credentials.
+"""
+INVALID_TOKEN: ErrorReason.ValueType  # 18
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+valid token; retrying with this one does not help.
+"""
+INVALID_IDENTITY: ErrorReason.ValueType  # 19
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the client certificate's common name is not a valid
+tenant id. Use a certificate whose CN is a tenant id.
+"""
+NOT_A_DELEGATE: ErrorReason.ValueType  # 20
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+a configured delegate. Drop the metadata or have the caller configured
+as a delegate.
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 @_typing.final
 class ChatRequest(_message.Message):
     """Request for Chat."""

@@ -36,8 +36,8 @@ class AgentServiceStub:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def __init__(self, channel):
@@ -84,8 +84,8 @@ class AgentServiceServicer:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def Chat(self, request, context):
@@ -178,8 +178,8 @@ class AgentService:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @staticmethod

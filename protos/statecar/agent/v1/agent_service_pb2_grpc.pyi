@@ -37,8 +37,8 @@ class AgentServiceStub:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @_typing.overload
@@ -80,8 +80,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -119,8 +119,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @_abc_1.abstractmethod
