@@ -2,7 +2,7 @@
 # One image, both services: `state-service` (the default command) and
 # `agent-service`; the Kubernetes manifests in k8s/ choose one per container.
 #
-#   docker build -t statecar:0.1.0 .
+#   docker build -t statecar:0.2.0 .
 #
 # The build stage installs the project (with its committed protobuf code) into a
 # virtualenv; the final stage copies only that virtualenv onto the same slim

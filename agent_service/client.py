@@ -79,6 +79,8 @@ class Workflow:
     etag: str
     create_time: datetime
     update_time: datetime
+    # None when the workflow does not expire.
+    expire_time: datetime | None = None
 
     @classmethod
     def from_proto(cls, message: pb.Workflow) -> Workflow:
@@ -90,6 +92,9 @@ class Workflow:
             etag=message.etag,
             create_time=message.create_time.ToDatetime(),
             update_time=message.update_time.ToDatetime(),
+            expire_time=message.expire_time.ToDatetime()
+            if message.HasField("expire_time")
+            else None,
         )
 
 
@@ -161,7 +166,7 @@ class HandoffEvent:
 ChatEvent = TextDelta | ToolCallStarted | ToolCallFinished | HandoffEvent | ChatResult
 
 
-def _event(message: pb.ChatEvent) -> ChatEvent | None:
+def _event(message: pb.StreamChatResponse) -> ChatEvent | None:
     kind = message.WhichOneof("event")
     if kind == "text_delta":
         return TextDelta(message.text_delta)
@@ -247,16 +252,17 @@ class AgentClient:
             raise AgentServiceError.from_rpc_error(error) from error
 
     @staticmethod
-    def _request(
+    def _turn_fields(
         session_id: str, message: str, agent: str, request_id: str | None, workflow_id: str
-    ) -> pb.ChatRequest:
-        return pb.ChatRequest(
-            session_id=session_id,
-            message=message,
-            agent=agent,
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
-            workflow_id=workflow_id,
-        )
+    ) -> dict[str, str]:
+        """The fields of a ChatRequest or StreamChatRequest (the same in both)."""
+        return {
+            "session_id": session_id,
+            "message": message,
+            "agent": agent,
+            "request_id": request_id if request_id is not None else uuid.uuid4().hex,
+            "workflow_id": workflow_id,
+        }
 
     async def chat(
         self,
@@ -270,7 +276,9 @@ class AgentClient:
     ) -> ChatResult:
         """One turn. With workflow_id, leave session_id empty: each agent of
         the workflow has its own session."""
-        request = self._request(session_id, message, agent, request_id, workflow_id)
+        request = pb.ChatRequest(
+            **self._turn_fields(session_id, message, agent, request_id, workflow_id)
+        )
         return ChatResult.from_proto(await self._call(self._stub.Chat, request, timeout))
 
     async def stream_chat(
@@ -284,7 +292,9 @@ class AgentClient:
         timeout: float | None = None,
     ) -> AsyncIterator[ChatEvent]:
         """The turn's events; the last one is the ChatResult."""
-        request = self._request(session_id, message, agent, request_id, workflow_id)
+        request = pb.StreamChatRequest(
+            **self._turn_fields(session_id, message, agent, request_id, workflow_id)
+        )
         call = self._stub.StreamChat(
             request, timeout=self._timeout(timeout), metadata=self._metadata
         )
@@ -311,7 +321,8 @@ class AgentClient:
 
     async def get_workflow(self, workflow_id: str, *, timeout: float | None = None) -> Workflow:
         request = pb.GetWorkflowRequest(workflow_id=workflow_id)
-        return Workflow.from_proto(await self._call(self._stub.GetWorkflow, request, timeout))
+        response = await self._call(self._stub.GetWorkflow, request, timeout)
+        return Workflow.from_proto(response.workflow)
 
     async def update_workflow(
         self,
@@ -328,4 +339,5 @@ class AgentClient:
             results_json=json.dumps(results).encode() if results is not None else b"",
             etag=etag,
         )
-        return Workflow.from_proto(await self._call(self._stub.UpdateWorkflow, request, timeout))
+        response = await self._call(self._stub.UpdateWorkflow, request, timeout)
+        return Workflow.from_proto(response.workflow)

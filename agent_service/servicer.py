@@ -33,7 +33,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._workflows = workflows
         self._settings = settings
 
-    def _turn_request(self, request: pb.ChatRequest, context: Context) -> TurnRequest:
+    def _turn_request(
+        self, request: pb.ChatRequest | pb.StreamChatRequest, context: Context
+    ) -> TurnRequest:
         if request.workflow_id:
             identifiers.session_id(request.workflow_id, "workflow_id")
             if request.session_id:
@@ -67,8 +69,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return await self._turns.chat(turn)
 
     async def StreamChat(
-        self, request: pb.ChatRequest, context: Context
-    ) -> AsyncIterator[pb.ChatEvent]:
+        self, request: pb.StreamChatRequest, context: Context
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         turn = self._turn_request(request, context)
         events = (
             self._workflows.stream(request.workflow_id, turn)
@@ -96,14 +98,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             default_agent=self._catalog.default,
         )
 
-    async def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Context) -> pb.Workflow:
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: Context
+    ) -> pb.GetWorkflowResponse:
         workflow_id = identifiers.session_id(request.workflow_id, "workflow_id")
         info = await self._workflows.require(workflow_id, Deadline(context.time_remaining()))
-        return workflow_message(info)
+        return pb.GetWorkflowResponse(workflow=workflow_message(info))
 
     async def UpdateWorkflow(
         self, request: pb.UpdateWorkflowRequest, context: Context
-    ) -> pb.Workflow:
+    ) -> pb.UpdateWorkflowResponse:
         workflow_id = identifiers.session_id(request.workflow_id, "workflow_id")
         if not request.current_stage:
             raise InvalidArgument("current_stage", "is required")
@@ -114,4 +118,4 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             etag=identifiers.etag(request.etag),
             deadline=Deadline(context.time_remaining()),
         )
-        return workflow_message(info)
+        return pb.UpdateWorkflowResponse(workflow=workflow_message(info))

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import openai
 from agents import (
     AgentsException,
@@ -59,7 +60,9 @@ from shared_runtime.errors import (
 from state_service.client import (
     Context,
     EtagMismatchError,
+    InvalidRequestError,
     NewItem,
+    SessionNotFoundError,
     StateClient,
     StateServiceError,
     StateUnavailableError,
@@ -75,6 +78,11 @@ STATE_REQUEST_ID_LIMIT = 128
 REPLAY_SCAN_ITEMS = 2000
 # Kept back from the caller's deadline so the turn itself reports it.
 DEADLINE_MARGIN_SECONDS = 0.1
+# State-service reasons passed on unchanged, by status code: they mean the same
+# to a client of this service (see ErrorReason in the agent proto). Any other
+# reason with that code gets this service's own (NOT_FOUND, STATE_FULL).
+FORWARDED_NOT_FOUND = ("SESSION_NOT_FOUND", "WORKFLOW_NOT_FOUND")
+FORWARDED_EXHAUSTED = ("BACKEND_FULL",)
 
 
 class Deadline:
@@ -135,12 +143,18 @@ def state_error(error: StateServiceError) -> ServiceError:
         )
     if isinstance(error, EtagMismatchError):
         return Aborted(str(error.message), reason="ETAG_MISMATCH", metadata=error.metadata)
-    if error.code.name == "NOT_FOUND":
-        return NotFound(error.message, reason=error.reason or "NOT_FOUND")
-    if error.code.name == "INVALID_ARGUMENT":
+    if isinstance(error, SessionNotFoundError):
+        return NotFound(
+            error.message,
+            reason=error.reason if error.reason in FORWARDED_NOT_FOUND else "NOT_FOUND",
+        )
+    if isinstance(error, InvalidRequestError):
         return InvalidArgument(error.metadata.get("field", "request"), error.message)
-    if error.code.name == "RESOURCE_EXHAUSTED":
-        return ResourceExhausted(error.message, reason=error.reason or "STATE_FULL")
+    if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(
+            error.message,
+            reason=error.reason if error.reason in FORWARDED_EXHAUSTED else "STATE_FULL",
+        )
     return Unavailable(
         f"the state service failed: {error.code.name}: {error.message}", reason="STATE_FAILED"
     )
@@ -178,6 +192,17 @@ def _reply_of(items: Sequence[tuple[dict[str, Any], str]]) -> tuple[str, str]:
     return "", items[-1][1] if items else ""
 
 
+# The state client's strategy names; a name this version does not know is
+# UNSPECIFIED, as the proto says.
+_STRATEGIES: dict[str | None, pb.ContextStrategy.ValueType] = {
+    "sliding_window": pb.CONTEXT_STRATEGY_SLIDING_WINDOW,
+    "token_window": pb.CONTEXT_STRATEGY_TOKEN_WINDOW,
+    "summary": pb.CONTEXT_STRATEGY_SUMMARY,
+    "retrieval": pb.CONTEXT_STRATEGY_RETRIEVAL,
+    "tiered": pb.CONTEXT_STRATEGY_TIERED,
+}
+
+
 def _context_stats(context: Context) -> pb.ContextStats:
     return pb.ContextStats(
         items=len(context.items) + len(context.retrieved),
@@ -186,7 +211,7 @@ def _context_stats(context: Context) -> pb.ContextStats:
         omitted_items=context.omitted_item_count,
         summary_used=context.summary is not None,
         retrieval_used=bool(context.retrieved),
-        strategy=context.strategy or "",
+        strategy=_STRATEGIES.get(context.strategy, pb.CONTEXT_STRATEGY_UNSPECIFIED),
         retrieved_items=len(context.retrieved),
     )
 
@@ -227,7 +252,7 @@ class TurnRunner:
 
     async def stream(
         self, request: TurnRequest, *, streamed: bool = True
-    ) -> AsyncIterator[pb.ChatEvent]:
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         """The turn's events; the last one carries the ChatResponse."""
         entry = self.entry(request.agent)
         started = time.perf_counter()
@@ -249,7 +274,7 @@ class TurnRunner:
 
     async def _turn(
         self, entry: CatalogEntry, request: TurnRequest, *, streamed: bool
-    ) -> AsyncIterator[pb.ChatEvent]:
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         turn_id = state_request_id(request.request_id)
         # A streamed reply has been seen by the caller; it cannot be redone.
         attempts = 2 if self._settings.on_conflict == "retry" and not streamed else 1
@@ -322,7 +347,7 @@ class TurnRunner:
         context: Context,
         produced: _Produced,
         streamed: bool,
-    ) -> AsyncIterator[pb.ChatEvent]:
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         user_item: TResponseInputItem = {"role": "user", "content": request.message}
         # The compressed context: summary (as a system message), retrieved older
         # items, then the newest items.
@@ -431,12 +456,12 @@ class TurnRunner:
                 *args, timeout=deadline.bound(self._settings.state_timeout_seconds), **kwargs
             )
         except StateServiceError as error:
-            if error.code.name == "DEADLINE_EXCEEDED" and (deadline.remaining() or 1) <= 0:
+            if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and (deadline.remaining() or 1) <= 0:
                 raise deadline_error() from error
             raise state_error(error) from error
 
 
-async def final_response(events: AsyncIterator[pb.ChatEvent]) -> pb.ChatResponse:
+async def final_response(events: AsyncIterator[pb.StreamChatResponse]) -> pb.ChatResponse:
     """The ChatResponse a turn's events end with."""
     final: pb.ChatResponse | None = None
     async for event in events:
@@ -450,8 +475,8 @@ def _json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _final(response: pb.ChatResponse) -> pb.ChatEvent:
-    return pb.ChatEvent(final=response)
+def _final(response: pb.ChatResponse) -> pb.StreamChatResponse:
+    return pb.StreamChatResponse(final=response)
 
 
 def _count(produced: _Produced) -> None:
@@ -476,16 +501,16 @@ def _outcome_of(error: ServiceError) -> str:
     }.get(error.reason, "error")
 
 
-def _chat_event(event: StreamEvent) -> pb.ChatEvent | None:
+def _chat_event(event: StreamEvent) -> pb.StreamChatResponse | None:
     if isinstance(event, RawResponsesStreamEvent):
         if event.data.type == "response.output_text.delta":
-            return pb.ChatEvent(text_delta=event.data.delta)
+            return pb.StreamChatResponse(text_delta=event.data.delta)
         return None
     if isinstance(event, RunItemStreamEvent):
         item = event.item
         if isinstance(item, ToolCallItem):
             raw = item.raw_item
-            return pb.ChatEvent(
+            return pb.StreamChatResponse(
                 tool_call_started=pb.ToolCallStarted(
                     call_id=str(getattr(raw, "call_id", "") or ""),
                     name=str(getattr(raw, "name", "") or ""),
@@ -499,13 +524,13 @@ def _chat_event(event: StreamEvent) -> pb.ChatEvent | None:
                 if isinstance(raw_output, dict)
                 else getattr(raw_output, "call_id", "")
             )
-            return pb.ChatEvent(
+            return pb.StreamChatResponse(
                 tool_call_finished=pb.ToolCallFinished(
                     call_id=str(call_id), output=str(item.output)
                 )
             )
         if isinstance(item, HandoffOutputItem):
-            return pb.ChatEvent(
+            return pb.StreamChatResponse(
                 handoff=pb.Handoff(
                     from_agent=item.source_agent.name, to_agent=item.target_agent.name
                 )

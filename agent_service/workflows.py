@@ -62,6 +62,8 @@ def workflow_message(info: WorkflowInfo) -> pb.Workflow:
     )
     workflow.create_time.FromDatetime(info.create_time)
     workflow.update_time.FromDatetime(info.update_time)
+    if info.expire_time is not None:
+        workflow.expire_time.FromDatetime(info.expire_time)
     return workflow
 
 
@@ -95,7 +97,7 @@ class WorkflowRunner:
 
     async def stream(
         self, workflow_id: str, request: TurnRequest, *, streamed: bool = True
-    ) -> AsyncIterator[pb.ChatEvent]:
+    ) -> AsyncIterator[pb.StreamChatResponse]:
         """The stage agent's events as it produces them; the final event comes
         once the turn, the handoff seed and the workflow update are stored."""
         info = await self.get(workflow_id, request.deadline)
@@ -121,7 +123,7 @@ class WorkflowRunner:
             workflow_id, info, response.agent, {response.agent: response.reply}, sessions, request
         )
         response.workflow.CopyFrom(workflow_message(updated))
-        yield pb.ChatEvent(final=response)
+        yield pb.StreamChatResponse(final=response)
 
     async def _seed(
         self, session: str, request_id: str, request: TurnRequest, response: pb.ChatResponse

@@ -19,6 +19,7 @@ from agent_service.client import (
 )
 from agent_service.turns import AGENT_KEY, REQUEST_ID_KEY
 from state_service.client import StateClient
+from statecar.agent.v1 import agent_service_pb2 as pb
 from tests.conftest import AgentServerFactory, write_agents_file
 
 
@@ -197,5 +198,5 @@ async def test_compressed_context_reaches_the_model(
         result = await agents.chat("long", "What is my locker code?")
     assert "4471" in result.reply
     assert result.retrieval_used
-    assert result.raw.context.strategy == "tiered"
+    assert result.raw.context.strategy == pb.CONTEXT_STRATEGY_TIERED
     assert result.context_tokens <= 400

@@ -58,17 +58,16 @@ results = st.one_of(
 )
 etags = st.one_of(st.just(""), st.text(max_size=40), st.from_regex(r"[0-9a-f]{4,16}\.[0-9]{1,3}"))
 
-chat_requests = st.builds(
-    pb.ChatRequest,
-    session_id=st.one_of(st.just(""), ids),
-    message=messages,
-    agent=agent_names,
-    request_id=request_ids,
-    workflow_id=st.one_of(st.just(""), st.just(""), ids),
-)
+turn_fields: dict[str, Any] = {
+    "session_id": st.one_of(st.just(""), ids),
+    "message": messages,
+    "agent": agent_names,
+    "request_id": request_ids,
+    "workflow_id": st.one_of(st.just(""), st.just(""), ids),
+}
 REQUESTS: dict[str, Any] = {
-    "Chat": chat_requests,
-    "StreamChat": chat_requests,
+    "Chat": st.builds(pb.ChatRequest, **turn_fields),
+    "StreamChat": st.builds(pb.StreamChatRequest, **turn_fields),
     "ListAgents": st.just(pb.ListAgentsRequest()),
     "GetWorkflow": st.builds(pb.GetWorkflowRequest, workflow_id=ids),
     "UpdateWorkflow": st.builds(

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,9 +20,298 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ContextStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContextStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContextStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTEXT_STRATEGY_UNSPECIFIED: _ContextStrategy.ValueType  # 0
+    """Not known: the state service sent a strategy this version does not know."""
+    CONTEXT_STRATEGY_SLIDING_WINDOW: _ContextStrategy.ValueType  # 1
+    """The newest N items, cut at a turn boundary, within the budget."""
+    CONTEXT_STRATEGY_TOKEN_WINDOW: _ContextStrategy.ValueType  # 2
+    """The newest items that fit the budget, cut at a turn boundary."""
+    CONTEXT_STRATEGY_SUMMARY: _ContextStrategy.ValueType  # 3
+    """The newest items plus a running summary of older items."""
+    CONTEXT_STRATEGY_RETRIEVAL: _ContextStrategy.ValueType  # 4
+    """The newest items plus the older items most relevant to the message."""
+    CONTEXT_STRATEGY_TIERED: _ContextStrategy.ValueType  # 5
+    """The newest items, a summary of older items and the older items most
+    relevant to the message.
+    """
+
+class ContextStrategy(_ContextStrategy, metaclass=_ContextStrategyEnumTypeWrapper):
+    """How the state service chose the context the model was shown; the same
+    values, with the same meaning, as statecar.state.v1.ContextStrategy.
+    """
+
+CONTEXT_STRATEGY_UNSPECIFIED: ContextStrategy.ValueType  # 0
+"""Not known: the state service sent a strategy this version does not know."""
+CONTEXT_STRATEGY_SLIDING_WINDOW: ContextStrategy.ValueType  # 1
+"""The newest N items, cut at a turn boundary, within the budget."""
+CONTEXT_STRATEGY_TOKEN_WINDOW: ContextStrategy.ValueType  # 2
+"""The newest items that fit the budget, cut at a turn boundary."""
+CONTEXT_STRATEGY_SUMMARY: ContextStrategy.ValueType  # 3
+"""The newest items plus a running summary of older items."""
+CONTEXT_STRATEGY_RETRIEVAL: ContextStrategy.ValueType  # 4
+"""The newest items plus the older items most relevant to the message."""
+CONTEXT_STRATEGY_TIERED: ContextStrategy.ValueType  # 5
+"""The newest items, a summary of older items and the older items most
+relevant to the message.
+"""
+Global___ContextStrategy: _TypeAlias = ContextStrategy  # noqa: Y015
+
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    Never sent.
+    """
+    INVALID_FIELD: _ErrorReason.ValueType  # 1
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    INVALID_ARGUMENT: a request field (metadata "field", e.g. "session_id",
+    "message", "results_json", "request" for a message that does not decode)
+    is invalid. Nothing ran or was stored; fix the request.
+    """
+    AGENT_NOT_FOUND: _ErrorReason.ValueType  # 2
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: ChatRequest.agent (or the workflow's stage) names no
+    configured agent; ListAgents shows them. Nothing ran.
+    """
+    WORKFLOW_NOT_FOUND: _ErrorReason.ValueType  # 3
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: GetWorkflow or UpdateWorkflow named a workflow that does
+    not exist (it is created by its first Chat) or has expired.
+    """
+    SESSION_NOT_FOUND: _ErrorReason.ValueType  # 4
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: passed on from the state service: a session the call needed
+    does not exist. Nothing was stored.
+    """
+    NOT_FOUND: _ErrorReason.ValueType  # 5
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: the state service answered NOT_FOUND for a reason not listed
+    here. Nothing was stored.
+    """
+    CONCURRENT_TURN: _ErrorReason.ValueType  # 6
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: another turn on the session was stored while this one ran.
+    Nothing was stored; send the turn again (same request_id is fine) to run
+    it on the fresh context.
+    """
+    ETAG_MISMATCH: _ErrorReason.ValueType  # 7
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: UpdateWorkflow's etag is not the workflow's current one
+    (metadata "current_etag"), or the workflow changed during the update.
+    Nothing was written; re-read, then retry with the new etag.
+    """
+    WORKFLOW_CONTENDED: _ErrorReason.ValueType  # 8
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the turn is stored, but the workflow kept changing while the
+    turn tried to record itself in it. Retry with the same request_id: the
+    stored turn is replayed and recorded.
+    """
+    MODEL_FAILED: _ErrorReason.ValueType  # 9
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the agent's model call failed (endpoint down, refused,
+    malformed answer). Nothing was stored; retry with the same request_id.
+    """
+    MODEL_CALL_LIMIT: _ErrorReason.ValueType  # 10
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the agent made more model calls in one turn than
+    AGENT_SERVICE_MAX_MODEL_CALLS allows (tool loops, handoff cycles).
+    Nothing was stored; the same turn is likely to fail again.
+    """
+    STATE_UNAVAILABLE: _ErrorReason.ValueType  # 11
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the state service is unreachable or did not answer in
+    time. Retry with the same request_id: a turn stored before the failure
+    is replayed, not run again.
+    """
+    STATE_FAILED: _ErrorReason.ValueType  # 12
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the state service refused a call for a reason not listed
+    here (its message says which). Retrying may not help; an operator may
+    need to look.
+    """
+    BACKEND_FULL: _ErrorReason.ValueType  # 13
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: passed on from the state service: its Redis is out
+    of memory. Nothing was stored; retry later.
+    """
+    STATE_FULL: _ErrorReason.ValueType  # 14
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the state service refused the write for lack of
+    resources, for a reason not listed here. Nothing was stored; retry
+    later.
+    """
+    TURN_DEADLINE: _ErrorReason.ValueType  # 15
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    DEADLINE_EXCEEDED: the turn did not finish within the call's deadline.
+    Nothing was stored; retry with a longer deadline.
+    """
+    BACKEND_TIMEOUT: _ErrorReason.ValueType  # 16
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the shared runtime's answer to a call that outlives its
+    deadline. The agent service reports its deadline as TURN_DEADLINE
+    instead; treat this one the same way.
+    """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+    form (no "authorization: Bearer <token>" metadata, no client
+    certificate). Send credentials.
+    """
+    INVALID_TOKEN: _ErrorReason.ValueType  # 18
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+    valid token; retrying with this one does not help.
+    """
+    INVALID_IDENTITY: _ErrorReason.ValueType  # 19
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the client certificate's common name is not a valid
+    tenant id. Use a certificate whose CN is a tenant id.
+    """
+    NOT_A_DELEGATE: _ErrorReason.ValueType  # 20
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+    a configured delegate. Drop the metadata or have the caller configured
+    as a delegate.
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The reason of the google.rpc.ErrorInfo of every error the service sends
+    (domain "agent.statecar.dev"). The value names are the reason strings, as
+    AIP-193 has them; the numbers carry no meaning. Clients should branch on the
+    reason, not on the message, and treat a reason they do not know by its
+    status code.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+Never sent.
+"""
+INVALID_FIELD: ErrorReason.ValueType  # 1
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+INVALID_ARGUMENT: a request field (metadata "field", e.g. "session_id",
+"message", "results_json", "request" for a message that does not decode)
+is invalid. Nothing ran or was stored; fix the request.
+"""
+AGENT_NOT_FOUND: ErrorReason.ValueType  # 2
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: ChatRequest.agent (or the workflow's stage) names no
+configured agent; ListAgents shows them. Nothing ran.
+"""
+WORKFLOW_NOT_FOUND: ErrorReason.ValueType  # 3
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: GetWorkflow or UpdateWorkflow named a workflow that does
+not exist (it is created by its first Chat) or has expired.
+"""
+SESSION_NOT_FOUND: ErrorReason.ValueType  # 4
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: passed on from the state service: a session the call needed
+does not exist. Nothing was stored.
+"""
+NOT_FOUND: ErrorReason.ValueType  # 5
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: the state service answered NOT_FOUND for a reason not listed
+here. Nothing was stored.
+"""
+CONCURRENT_TURN: ErrorReason.ValueType  # 6
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: another turn on the session was stored while this one ran.
+Nothing was stored; send the turn again (same request_id is fine) to run
+it on the fresh context.
+"""
+ETAG_MISMATCH: ErrorReason.ValueType  # 7
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: UpdateWorkflow's etag is not the workflow's current one
+(metadata "current_etag"), or the workflow changed during the update.
+Nothing was written; re-read, then retry with the new etag.
+"""
+WORKFLOW_CONTENDED: ErrorReason.ValueType  # 8
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the turn is stored, but the workflow kept changing while the
+turn tried to record itself in it. Retry with the same request_id: the
+stored turn is replayed and recorded.
+"""
+MODEL_FAILED: ErrorReason.ValueType  # 9
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the agent's model call failed (endpoint down, refused,
+malformed answer). Nothing was stored; retry with the same request_id.
+"""
+MODEL_CALL_LIMIT: ErrorReason.ValueType  # 10
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the agent made more model calls in one turn than
+AGENT_SERVICE_MAX_MODEL_CALLS allows (tool loops, handoff cycles).
+Nothing was stored; the same turn is likely to fail again.
+"""
+STATE_UNAVAILABLE: ErrorReason.ValueType  # 11
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the state service is unreachable or did not answer in
+time. Retry with the same request_id: a turn stored before the failure
+is replayed, not run again.
+"""
+STATE_FAILED: ErrorReason.ValueType  # 12
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the state service refused a call for a reason not listed
+here (its message says which). Retrying may not help; an operator may
+need to look.
+"""
+BACKEND_FULL: ErrorReason.ValueType  # 13
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: passed on from the state service: its Redis is out
+of memory. Nothing was stored; retry later.
+"""
+STATE_FULL: ErrorReason.ValueType  # 14
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the state service refused the write for lack of
+resources, for a reason not listed here. Nothing was stored; retry
+later.
+"""
+TURN_DEADLINE: ErrorReason.ValueType  # 15
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+DEADLINE_EXCEEDED: the turn did not finish within the call's deadline.
+Nothing was stored; retry with a longer deadline.
+"""
+BACKEND_TIMEOUT: ErrorReason.ValueType  # 16
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the shared runtime's answer to a call that outlives its
+deadline. The agent service reports its deadline as TURN_DEADLINE
+instead; treat this one the same way.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 17
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+form (no "authorization: Bearer <token>" metadata, no client
+certificate). Send credentials.
+"""
+INVALID_TOKEN: ErrorReason.ValueType  # 18
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+valid token; retrying with this one does not help.
+"""
+INVALID_IDENTITY: ErrorReason.ValueType  # 19
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the client certificate's common name is not a valid
+tenant id. Use a certificate whose CN is a tenant id.
+"""
+NOT_A_DELEGATE: ErrorReason.ValueType  # 20
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+a configured delegate. Drop the metadata or have the caller configured
+as a delegate.
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 @_typing.final
 class ChatRequest(_message.Message):
-    """Request for Chat and StreamChat."""
+    """Request for Chat."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -31,19 +321,22 @@ class ChatRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The conversation. Required unless workflow_id is set; 1 to 256
-    characters from [A-Za-z0-9._:@=-].
+    """The conversation. Required unless workflow_id is set, and must be empty
+    when it is; 1 to 256 characters from [A-Za-z0-9._:@=-].
     """
     message: _builtins.str
-    """Required. What the user says."""
+    """Required. What the user says; not blank, at most
+    AGENT_SERVICE_MAX_MESSAGE_CHARS characters (32,000 by default).
+    """
     agent: _builtins.str
-    """Optional. The agent to answer; the configured default when empty. In a
-    workflow, the workflow's current agent when empty.
+    """Optional. The agent to answer (NOT_FOUND, AGENT_NOT_FOUND if it is not
+    configured); the configured default when empty. In a workflow, the
+    workflow's current stage when empty.
     """
     request_id: _builtins.str
     """Optional but recommended. Identifies the turn: a retried call with the
-    same request_id returns the turn stored the first time and stores
-    nothing again. At most 128 characters from [A-Za-z0-9._:@=-].
+    same request_id returns the turn stored the first time (replayed = true)
+    and stores nothing again. At most 128 characters from [A-Za-z0-9._:@=-].
     """
     workflow_id: _builtins.str
     """Optional. Runs the turn inside a multi-agent workflow: the agent is the
@@ -69,8 +362,48 @@ class ChatRequest(_message.Message):
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
 @_typing.final
+class StreamChatRequest(_message.Message):
+    """Request for StreamChat: the same fields, meaning the same, as ChatRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """As ChatRequest.session_id."""
+    message: _builtins.str
+    """As ChatRequest.message."""
+    agent: _builtins.str
+    """As ChatRequest.agent."""
+    request_id: _builtins.str
+    """As ChatRequest.request_id. A retried stream with the same request_id
+    whose turn was stored sends only the final event (replayed = true).
+    """
+    workflow_id: _builtins.str
+    """As ChatRequest.workflow_id."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        workflow_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "message", b"message", "request_id", b"request_id", "session_id", b"session_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamChatRequest: _TypeAlias = StreamChatRequest  # noqa: Y015
+
+@_typing.final
 class TurnItem(_message.Message):
-    """One item the turn produced, as openai-agents stores it."""
+    """One item the turn stored, as openai-agents stores it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -79,13 +412,17 @@ class TurnItem(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """Item type: "message", "function_call", "function_call_output", ..."""
+    """The item's type: "message", "function_call", "function_call_output", ...
+    ("message" when the item itself has none).
+    """
     json: _builtins.bytes
-    """The item as JSON (an openai-agents input item)."""
+    """The item as a UTF-8 JSON object (an openai-agents input item)."""
     seq: _builtins.int
     """The item's sequence number in the session log."""
     agent: _builtins.str
-    """The agent that produced it."""
+    """The name of the agent that produced it (for the user message, the agent
+    the turn started with).
+    """
     def __init__(
         self,
         *,
@@ -104,7 +441,9 @@ Global___TurnItem: _TypeAlias = TurnItem  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
-    """Tokens the model used in the turn, over all model calls."""
+    """Tokens the model used in the turn, summed over all its model calls. All
+    zero for a replayed turn.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -113,9 +452,15 @@ class TokenUsage(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_REQUESTS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
+    """Input (prompt) tokens, as reported by the model."""
     output_tokens: _builtins.int
+    """Output (completion) tokens, as reported by the model."""
     total_tokens: _builtins.int
+    """input_tokens + output_tokens, as reported by the model."""
     model_requests: _builtins.int
+    """How many model calls the turn made (tool round trips and handoffs add
+    calls; at most AGENT_SERVICE_MAX_MODEL_CALLS).
+    """
     def __init__(
         self,
         *,
@@ -134,7 +479,7 @@ Global___TokenUsage: _TypeAlias = TokenUsage  # noqa: Y015
 
 @_typing.final
 class ContextStats(_message.Message):
-    """What the model was shown."""
+    """What the model was shown of the session (before this turn's input)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -144,26 +489,30 @@ class ContextStats(_message.Message):
     OMITTED_ITEMS_FIELD_NUMBER: _builtins.int
     SUMMARY_USED_FIELD_NUMBER: _builtins.int
     RETRIEVAL_USED_FIELD_NUMBER: _builtins.int
-    STRATEGY_FIELD_NUMBER: _builtins.int
     RETRIEVED_ITEMS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     items: _builtins.int
-    """Items of the session log sent to the model (before this turn's input):
-    retrieved older items plus the recent ones.
+    """Items of the session log sent to the model: retrieved older items plus
+    the recent ones.
     """
     tokens: _builtins.int
-    """Tokens of those items, as counted by the state service."""
+    """Tokens of the context (summary, retrieved and recent items), as counted
+    by the state service; never above token_budget.
+    """
     token_budget: _builtins.int
-    """The token budget applied."""
+    """The token budget applied: the agent's token_budget."""
     omitted_items: _builtins.int
-    """Items of the log left out of the context."""
+    """Items of the log sent neither as recent nor as retrieved items (some may
+    be covered by the summary).
+    """
     summary_used: _builtins.bool
     """Whether a summary of older items was part of the context."""
     retrieval_used: _builtins.bool
     """Whether older items were retrieved into the context by relevance."""
-    strategy: _builtins.str
-    """The context strategy the state service applied ("tiered", "token_window", ...)."""
     retrieved_items: _builtins.int
     """Older items retrieved into the context (counted in `items`)."""
+    strategy: Global___ContextStrategy.ValueType
+    """The strategy the state service applied."""
     def __init__(
         self,
         *,
@@ -173,8 +522,8 @@ class ContextStats(_message.Message):
         omitted_items: _builtins.int = ...,
         summary_used: _builtins.bool = ...,
         retrieval_used: _builtins.bool = ...,
-        strategy: _builtins.str = ...,
         retrieved_items: _builtins.int = ...,
+        strategy: Global___ContextStrategy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -200,15 +549,19 @@ class ChatResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     reply: _builtins.str
-    """The final answer."""
+    """The final answer (the last assistant message's text)."""
     agent: _builtins.str
     """The agent that gave the final answer (differs from the requested one
     after a handoff).
     """
     etag: _builtins.str
-    """The session's etag after the turn."""
+    """The session's etag after the turn (for a replayed turn, its current
+    etag).
+    """
     session_id: _builtins.str
-    """The session the turn was stored in."""
+    """The session the turn was stored in (in a workflow, the answering agent's
+    session).
+    """
     replayed: _builtins.bool
     """True when the request_id had been served before: this is the stored
     turn, nothing ran or was stored now.
@@ -220,12 +573,16 @@ class ChatResponse(_message.Message):
         """
 
     @_builtins.property
-    def usage(self) -> Global___TokenUsage: ...
+    def usage(self) -> Global___TokenUsage:
+        """Tokens the turn's model calls used; all zero when replayed."""
+
     @_builtins.property
-    def context(self) -> Global___ContextStats: ...
+    def context(self) -> Global___ContextStats:
+        """What the model was shown. For a replayed turn, the context as it is now."""
+
     @_builtins.property
     def workflow(self) -> Global___Workflow:
-        """Set when the turn ran in a workflow: its state after the turn."""
+        """Set when the turn ran in a workflow: the workflow after the turn."""
 
     def __init__(
         self,
@@ -249,7 +606,7 @@ class ChatResponse(_message.Message):
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
 
 @_typing.final
-class ChatEvent(_message.Message):
+class StreamChatResponse(_message.Message):
     """One event of StreamChat."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -260,7 +617,7 @@ class ChatEvent(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     text_delta: _builtins.str
-    """A piece of the reply text."""
+    """A piece of the reply text, in order."""
     @_builtins.property
     def tool_call_started(self) -> Global___ToolCallStarted:
         """The model asked for a tool call."""
@@ -275,7 +632,7 @@ class ChatEvent(_message.Message):
 
     @_builtins.property
     def final(self) -> Global___ChatResponse:
-        """The turn is stored; always the last event."""
+        """The turn is stored; always the last event, exactly once."""
 
     def __init__(
         self,
@@ -294,19 +651,23 @@ class ChatEvent(_message.Message):
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
-Global___ChatEvent: _TypeAlias = ChatEvent  # noqa: Y015
+Global___StreamChatResponse: _TypeAlias = StreamChatResponse  # noqa: Y015
 
 @_typing.final
 class ToolCallStarted(_message.Message):
+    """The model asked for a function tool call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CALL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
+    """The call's id, as the model gave it; ToolCallFinished carries the same."""
     name: _builtins.str
+    """The tool's name."""
     arguments: _builtins.str
-    """The arguments as JSON text."""
+    """The arguments as JSON text, as the model wrote them."""
     def __init__(
         self,
         *,
@@ -324,11 +685,14 @@ Global___ToolCallStarted: _TypeAlias = ToolCallStarted  # noqa: Y015
 
 @_typing.final
 class ToolCallFinished(_message.Message):
+    """A function tool call returned."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CALL_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
+    """The id of the call (as in its ToolCallStarted)."""
     output: _builtins.str
     """The tool's output as text."""
     def __init__(
@@ -347,12 +711,16 @@ Global___ToolCallFinished: _TypeAlias = ToolCallFinished  # noqa: Y015
 
 @_typing.final
 class Handoff(_message.Message):
+    """One agent handed the conversation to another."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_AGENT_FIELD_NUMBER: _builtins.int
     TO_AGENT_FIELD_NUMBER: _builtins.int
     from_agent: _builtins.str
+    """The agent handing off."""
     to_agent: _builtins.str
+    """The agent taking over; it answers the rest of the turn."""
     def __init__(
         self,
         *,
@@ -369,6 +737,8 @@ Global___Handoff: _TypeAlias = Handoff  # noqa: Y015
 
 @_typing.final
 class ListAgentsRequest(_message.Message):
+    """Request for ListAgents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -384,6 +754,8 @@ Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
 
 @_typing.final
 class ListAgentsResponse(_message.Message):
+    """Response for ListAgents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
@@ -391,7 +763,9 @@ class ListAgentsResponse(_message.Message):
     default_agent: _builtins.str
     """The agent used when a request names none."""
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
+        """Every configured agent, in configuration order."""
+
     def __init__(
         self,
         *,
@@ -408,6 +782,8 @@ Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
 class AgentInfo(_message.Message):
+    """A configured agent."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -417,12 +793,19 @@ class AgentInfo(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     HANDOFFS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent's name, as ChatRequest.agent takes it."""
     description: _builtins.str
+    """What the agent is for, as configured (may be empty)."""
     model: _builtins.str
     """The model name as configured ("offline" for the built-in model)."""
     token_budget: _builtins.int
+    """Tokens of session context the agent is shown per turn (the GetContext
+    budget).
+    """
     @_builtins.property
-    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the function tools the agent may call."""
+
     @_builtins.property
     def handoffs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Agents this one can hand off to."""
@@ -448,7 +831,8 @@ Global___AgentInfo: _TypeAlias = AgentInfo  # noqa: Y015
 @_typing.final
 class Workflow(_message.Message):
     """A multi-agent workflow: which agent is on, what each has produced, and each
-    agent's own session.
+    agent's own session. The same resource, with the same fields, etag and
+    retention, as statecar.state.v1.Workflow.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -480,23 +864,37 @@ class Workflow(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
+    """The workflow id (same charset and length as session ids)."""
     current_stage: _builtins.str
-    """The agent that answers the workflow's next turn."""
+    """The stage the workflow is in: the name of the agent that answers the
+    workflow's next turn.
+    """
     results_json: _builtins.bytes
-    """Accumulated results as a JSON object (by default, each agent's latest
-    reply under its name).
+    """Accumulated results as a UTF-8 JSON object (by default, each agent's
+    latest reply under its name).
     """
     etag: _builtins.str
-    """Changes on every update; send it back to UpdateWorkflow."""
+    """Opaque version; changes with every update. Send it back as
+    UpdateWorkflowRequest.etag to make the update conditional.
+    """
     @_builtins.property
     def agent_sessions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Agent name -> that agent's session id in this workflow."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the workflow was created (by its first turn)."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the workflow was last updated."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the workflow expires unless updated again; unset if it does not."""
+
     def __init__(
         self,
         *,
@@ -507,10 +905,11 @@ class Workflow(_message.Message):
         etag: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_sessions", b"agent_sessions", "create_time", b"create_time", "current_stage", b"current_stage", "etag", b"etag", "results_json", b"results_json", "update_time", b"update_time", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_sessions", b"agent_sessions", "create_time", b"create_time", "current_stage", b"current_stage", "etag", b"etag", "expire_time", b"expire_time", "results_json", b"results_json", "update_time", b"update_time", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,10 +917,13 @@ Global___Workflow: _TypeAlias = Workflow  # noqa: Y015
 
 @_typing.final
 class GetWorkflowRequest(_message.Message):
+    """Request for GetWorkflow."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
+    """Required. The workflow to read."""
     def __init__(
         self,
         *,
@@ -536,7 +938,33 @@ class GetWorkflowRequest(_message.Message):
 Global___GetWorkflowRequest: _TypeAlias = GetWorkflowRequest  # noqa: Y015
 
 @_typing.final
+class GetWorkflowResponse(_message.Message):
+    """Response for GetWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> Global___Workflow:
+        """The workflow."""
+
+    def __init__(
+        self,
+        *,
+        workflow: Global___Workflow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkflowResponse: _TypeAlias = GetWorkflowResponse  # noqa: Y015
+
+@_typing.final
 class UpdateWorkflowRequest(_message.Message):
+    """Request for UpdateWorkflow."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
@@ -544,12 +972,20 @@ class UpdateWorkflowRequest(_message.Message):
     RESULTS_JSON_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
+    """Required. The workflow to change; it must exist (NOT_FOUND,
+    WORKFLOW_NOT_FOUND otherwise).
+    """
     current_stage: _builtins.str
-    """The agent to answer next; must be a configured agent."""
+    """Required. The agent to answer the workflow's next turn; must be a
+    configured agent. It gets a session in agent_sessions if it has none.
+    """
     results_json: _builtins.bytes
-    """Replaces the results; a JSON object. Empty keeps them."""
+    """Optional. Replaces the results; a UTF-8 JSON object. Empty keeps them."""
     etag: _builtins.str
-    """Optional. Only update if the workflow's etag is still this."""
+    """Optional. Update only if the workflow's etag is still this value;
+    mismatch: ABORTED (ETAG_MISMATCH, metadata "current_etag"), nothing
+    written. Empty: update unconditionally.
+    """
     def __init__(
         self,
         *,
@@ -565,3 +1001,27 @@ class UpdateWorkflowRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateWorkflowRequest: _TypeAlias = UpdateWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class UpdateWorkflowResponse(_message.Message):
+    """Response for UpdateWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> Global___Workflow:
+        """The workflow after the update."""
+
+    def __init__(
+        self,
+        *,
+        workflow: Global___Workflow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWorkflowResponse: _TypeAlias = UpdateWorkflowResponse  # noqa: Y015

@@ -36,8 +36,8 @@ class AgentServiceStub:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def __init__(self, channel):
@@ -53,8 +53,8 @@ class AgentServiceStub:
                 _registered_method=True)
         self.StreamChat = channel.unary_stream(
                 '/statecar.agent.v1.AgentService/StreamChat',
-                request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatRequest.SerializeToString,
-                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatEvent.FromString,
+                request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatRequest.SerializeToString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatResponse.FromString,
                 _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/statecar.agent.v1.AgentService/ListAgents',
@@ -64,12 +64,12 @@ class AgentServiceStub:
         self.GetWorkflow = channel.unary_unary(
                 '/statecar.agent.v1.AgentService/GetWorkflow',
                 request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowRequest.SerializeToString,
-                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.FromString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowResponse.FromString,
                 _registered_method=True)
         self.UpdateWorkflow = channel.unary_unary(
                 '/statecar.agent.v1.AgentService/UpdateWorkflow',
                 request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.SerializeToString,
-                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.FromString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.FromString,
                 _registered_method=True)
 
 
@@ -84,42 +84,48 @@ class AgentServiceServicer:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def Chat(self, request, context):
-        """Runs one turn: the agent answers `message` in the context of the session.
+        """Runs one turn: the agent answers `message` in the context of the session
+        and the turn is stored in the session's log. Safe to retry with the same
+        request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamChat(self, request, context):
-        """The same turn, streamed: text deltas as the model produces them, tool
-        calls as they start and finish, then one final event with the response.
+        """The same turn as Chat, streamed: text deltas as the model produces them,
+        tool calls as they start and finish, handoffs, then exactly one final
+        event carrying the ChatResponse once the turn is stored. A stream that
+        ends with an error stored nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """The configured agents.
+        """Lists the configured agents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetWorkflow(self, request, context):
-        """The state of a multi-agent workflow.
+        """Returns the state of a multi-agent workflow; NOT_FOUND
+        (WORKFLOW_NOT_FOUND) before its first turn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateWorkflow(self, request, context):
-        """Replaces a workflow's stage and results; with an etag, only if nobody
-        changed the workflow since (ABORTED otherwise).
+        """Moves an existing workflow to another stage and optionally replaces its
+        results; with an etag, only if nobody changed the workflow since
+        (ABORTED, ETAG_MISMATCH otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,8 +141,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'StreamChat': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamChat,
-                    request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatRequest.FromString,
-                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatEvent.SerializeToString,
+                    request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatRequest.FromString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
@@ -146,12 +152,12 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'GetWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkflow,
                     request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowRequest.FromString,
-                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.SerializeToString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowResponse.SerializeToString,
             ),
             'UpdateWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateWorkflow,
                     request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.FromString,
-                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.SerializeToString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,8 +178,8 @@ class AgentService:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @staticmethod
@@ -218,8 +224,8 @@ class AgentService:
             request,
             target,
             '/statecar.agent.v1.AgentService/StreamChat',
-            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatRequest.SerializeToString,
-            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ChatEvent.FromString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatRequest.SerializeToString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.StreamChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -273,7 +279,7 @@ class AgentService:
             target,
             '/statecar.agent.v1.AgentService/GetWorkflow',
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowRequest.SerializeToString,
-            statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.FromString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.GetWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,7 +306,7 @@ class AgentService:
             target,
             '/statecar.agent.v1.AgentService/UpdateWorkflow',
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.SerializeToString,
-            statecar_dot_agent_dot_v1_dot_agent__service__pb2.Workflow.FromString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,8 +37,8 @@ class AgentServiceStub:
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @_typing.overload
@@ -46,18 +46,26 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Chat: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ChatRequest, _agent_service_pb2.ChatResponse]
-    """Runs one turn: the agent answers `message` in the context of the session."""
-    StreamChat: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.ChatRequest, _agent_service_pb2.ChatEvent]
-    """The same turn, streamed: text deltas as the model produces them, tool
-    calls as they start and finish, then one final event with the response.
+    """Runs one turn: the agent answers `message` in the context of the session
+    and the turn is stored in the session's log. Safe to retry with the same
+    request_id.
+    """
+    StreamChat: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.StreamChatRequest, _agent_service_pb2.StreamChatResponse]
+    """The same turn as Chat, streamed: text deltas as the model produces them,
+    tool calls as they start and finish, handoffs, then exactly one final
+    event carrying the ChatResponse once the turn is stored. A stream that
+    ends with an error stored nothing.
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
-    """The configured agents."""
-    GetWorkflow: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetWorkflowRequest, _agent_service_pb2.Workflow]
-    """The state of a multi-agent workflow."""
-    UpdateWorkflow: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateWorkflowRequest, _agent_service_pb2.Workflow]
-    """Replaces a workflow's stage and results; with an etag, only if nobody
-    changed the workflow since (ABORTED otherwise).
+    """Lists the configured agents."""
+    GetWorkflow: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetWorkflowRequest, _agent_service_pb2.GetWorkflowResponse]
+    """Returns the state of a multi-agent workflow; NOT_FOUND
+    (WORKFLOW_NOT_FOUND) before its first turn.
+    """
+    UpdateWorkflow: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateWorkflowRequest, _agent_service_pb2.UpdateWorkflowResponse]
+    """Moves an existing workflow to another stage and optionally replaces its
+    results; with an etag, only if nobody changed the workflow since
+    (ABORTED, ETAG_MISMATCH otherwise).
     """
 
 @_typing.type_check_only
@@ -72,24 +80,32 @@ class AgentServiceAsyncStub(AgentServiceStub):
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Chat: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ChatRequest, _agent_service_pb2.ChatResponse]  # type: ignore[assignment]
-    """Runs one turn: the agent answers `message` in the context of the session."""
-    StreamChat: _aio.UnaryStreamMultiCallable[_agent_service_pb2.ChatRequest, _agent_service_pb2.ChatEvent]  # type: ignore[assignment]
-    """The same turn, streamed: text deltas as the model produces them, tool
-    calls as they start and finish, then one final event with the response.
+    """Runs one turn: the agent answers `message` in the context of the session
+    and the turn is stored in the session's log. Safe to retry with the same
+    request_id.
+    """
+    StreamChat: _aio.UnaryStreamMultiCallable[_agent_service_pb2.StreamChatRequest, _agent_service_pb2.StreamChatResponse]  # type: ignore[assignment]
+    """The same turn as Chat, streamed: text deltas as the model produces them,
+    tool calls as they start and finish, handoffs, then exactly one final
+    event carrying the ChatResponse once the turn is stored. A stream that
+    ends with an error stored nothing.
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """The configured agents."""
-    GetWorkflow: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetWorkflowRequest, _agent_service_pb2.Workflow]  # type: ignore[assignment]
-    """The state of a multi-agent workflow."""
-    UpdateWorkflow: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateWorkflowRequest, _agent_service_pb2.Workflow]  # type: ignore[assignment]
-    """Replaces a workflow's stage and results; with an etag, only if nobody
-    changed the workflow since (ABORTED otherwise).
+    """Lists the configured agents."""
+    GetWorkflow: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetWorkflowRequest, _agent_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
+    """Returns the state of a multi-agent workflow; NOT_FOUND
+    (WORKFLOW_NOT_FOUND) before its first turn.
+    """
+    UpdateWorkflow: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateWorkflowRequest, _agent_service_pb2.UpdateWorkflowResponse]  # type: ignore[assignment]
+    """Moves an existing workflow to another stage and optionally replaces its
+    results; with an etag, only if nobody changed the workflow since
+    (ABORTED, ETAG_MISMATCH otherwise).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,8 +119,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     "field"), NOT_FOUND (AGENT_NOT_FOUND, WORKFLOW_NOT_FOUND), ABORTED
     (CONCURRENT_TURN when another turn on the session was stored first;
     ETAG_MISMATCH for UpdateWorkflow), UNAVAILABLE (MODEL_FAILED,
-    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). A failed turn
-    stores nothing.
+    STATE_UNAVAILABLE), DEADLINE_EXCEEDED (TURN_DEADLINE). ErrorReason lists
+    every reason the service sends. A failed turn stores nothing.
     """
 
     @_abc_1.abstractmethod
@@ -113,16 +129,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ChatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ChatResponse, _abc.Awaitable[_agent_service_pb2.ChatResponse]]:
-        """Runs one turn: the agent answers `message` in the context of the session."""
+        """Runs one turn: the agent answers `message` in the context of the session
+        and the turn is stored in the session's log. Safe to retry with the same
+        request_id.
+        """
 
     @_abc_1.abstractmethod
     def StreamChat(
         self,
-        request: _agent_service_pb2.ChatRequest,
+        request: _agent_service_pb2.StreamChatRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.ChatEvent], _abc.AsyncIterator[_agent_service_pb2.ChatEvent]]:
-        """The same turn, streamed: text deltas as the model produces them, tool
-        calls as they start and finish, then one final event with the response.
+    ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.StreamChatResponse], _abc.AsyncIterator[_agent_service_pb2.StreamChatResponse]]:
+        """The same turn as Chat, streamed: text deltas as the model produces them,
+        tool calls as they start and finish, handoffs, then exactly one final
+        event carrying the ChatResponse once the turn is stored. A stream that
+        ends with an error stored nothing.
         """
 
     @_abc_1.abstractmethod
@@ -131,24 +152,27 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.ListAgentsResponse, _abc.Awaitable[_agent_service_pb2.ListAgentsResponse]]:
-        """The configured agents."""
+        """Lists the configured agents."""
 
     @_abc_1.abstractmethod
     def GetWorkflow(
         self,
         request: _agent_service_pb2.GetWorkflowRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agent_service_pb2.Workflow, _abc.Awaitable[_agent_service_pb2.Workflow]]:
-        """The state of a multi-agent workflow."""
+    ) -> _typing.Union[_agent_service_pb2.GetWorkflowResponse, _abc.Awaitable[_agent_service_pb2.GetWorkflowResponse]]:
+        """Returns the state of a multi-agent workflow; NOT_FOUND
+        (WORKFLOW_NOT_FOUND) before its first turn.
+        """
 
     @_abc_1.abstractmethod
     def UpdateWorkflow(
         self,
         request: _agent_service_pb2.UpdateWorkflowRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agent_service_pb2.Workflow, _abc.Awaitable[_agent_service_pb2.Workflow]]:
-        """Replaces a workflow's stage and results; with an etag, only if nobody
-        changed the workflow since (ABORTED otherwise).
+    ) -> _typing.Union[_agent_service_pb2.UpdateWorkflowResponse, _abc.Awaitable[_agent_service_pb2.UpdateWorkflowResponse]]:
+        """Moves an existing workflow to another stage and optionally replaces its
+        results; with an etag, only if nobody changed the workflow since
+        (ABORTED, ETAG_MISMATCH otherwise).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

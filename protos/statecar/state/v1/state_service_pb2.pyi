@@ -99,6 +99,233 @@ ITEM_ORDER_NEWEST_FIRST: ItemOrder.ValueType  # 2
 """Newest first."""
 Global___ItemOrder: _TypeAlias = ItemOrder  # noqa: Y015
 
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    Never sent.
+    """
+    INVALID_FIELD: _ErrorReason.ValueType  # 1
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    INVALID_ARGUMENT: a request field (metadata "field", e.g.
+    "session_id", "page_size", "settings.tier_shares", "request" for a
+    message that does not decode) is invalid. Nothing was written; fix the
+    request, do not retry it as is.
+    """
+    ETAG_MISMATCH: _ErrorReason.ValueType  # 2
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the request's etag is not the current one (metadata
+    "current_etag"). Nothing was written; re-read, then retry with the new
+    etag.
+    """
+    SESSION_NOT_FOUND: _ErrorReason.ValueType  # 3
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: GetSession, UpdateSession (without allow_missing) or
+    DeleteSession (without allow_missing) named a session that does not
+    exist (or has expired).
+    """
+    WORKFLOW_NOT_FOUND: _ErrorReason.ValueType  # 4
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: GetWorkflow, UpdateWorkflow (without allow_missing) or
+    DeleteWorkflow (without allow_missing) named a workflow that does not
+    exist (or has expired).
+    """
+    BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 5
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: Redis is unreachable. Retry with backoff; writes are safe
+    to retry with the same request_id.
+    """
+    BACKEND_TIMEOUT: _ErrorReason.ValueType  # 6
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the call's deadline was reached before Redis answered.
+    Whether a write was applied is unknown: retry it with the same
+    request_id.
+    """
+    BACKEND_FAILOVER: _ErrorReason.ValueType  # 7
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: Redis Cluster is failing over or resharding. Retry with
+    backoff (same request_id for writes).
+    """
+    BACKEND_AUTH: _ErrorReason.ValueType  # 8
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: Redis refused the service's credentials. An operator must
+    fix the configuration; retrying does not help until then.
+    """
+    BACKEND_PERMISSION: _ErrorReason.ValueType  # 9
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: Redis's ACL user lacks a permission the service needs. An
+    operator must fix the configuration; retrying does not help until then.
+    """
+    REPLICATION_TIMEOUT: _ErrorReason.ValueType  # 10
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the write was applied on the Redis primary but fewer
+    replicas than configured confirmed it in time. Retry with the same
+    request_id: it replays, or re-applies after a failover lost the write.
+    """
+    INDEX_PENDING: _ErrorReason.ValueType  # 11
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the write was applied but the new session is not in the
+    session index yet (ListSessions may miss it). Retry with the same
+    request_id to complete it.
+    """
+    BACKEND_FULL: _ErrorReason.ValueType  # 12
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: Redis is out of memory. Nothing was written; retry
+    later, or delete sessions to make room.
+    """
+    ENCRYPTION_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 13
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    FAILED_PRECONDITION: an item is encrypted with a key the service no
+    longer has. An operator must configure the key again; retrying does not
+    help.
+    """
+    ENCRYPTION_INTEGRITY: _ErrorReason.ValueType  # 14
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    FAILED_PRECONDITION: a stored item failed authentication (wrong key or
+    tampered data). An operator must investigate; retrying does not help.
+    """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 15
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+    form (no "authorization: Bearer <token>" metadata, no client
+    certificate). Send credentials.
+    """
+    INVALID_TOKEN: _ErrorReason.ValueType  # 16
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+    valid token; retrying with this one does not help.
+    """
+    INVALID_IDENTITY: _ErrorReason.ValueType  # 17
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAUTHENTICATED: the client certificate's common name is not a valid
+    tenant id. Use a certificate whose CN is a tenant id.
+    """
+    NOT_A_DELEGATE: _ErrorReason.ValueType  # 18
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+    a configured delegate. Drop the metadata or have the caller configured
+    as a delegate.
+    """
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The reason of the google.rpc.ErrorInfo of every error the service sends
+    (domain "state.statecar.dev"). The value names are the reason strings, as
+    AIP-193 has them; the numbers carry no meaning. Clients should branch on the
+    reason, not on the message, and treat a reason they do not know by its
+    status code.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+Never sent.
+"""
+INVALID_FIELD: ErrorReason.ValueType  # 1
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+INVALID_ARGUMENT: a request field (metadata "field", e.g.
+"session_id", "page_size", "settings.tier_shares", "request" for a
+message that does not decode) is invalid. Nothing was written; fix the
+request, do not retry it as is.
+"""
+ETAG_MISMATCH: ErrorReason.ValueType  # 2
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the request's etag is not the current one (metadata
+"current_etag"). Nothing was written; re-read, then retry with the new
+etag.
+"""
+SESSION_NOT_FOUND: ErrorReason.ValueType  # 3
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: GetSession, UpdateSession (without allow_missing) or
+DeleteSession (without allow_missing) named a session that does not
+exist (or has expired).
+"""
+WORKFLOW_NOT_FOUND: ErrorReason.ValueType  # 4
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: GetWorkflow, UpdateWorkflow (without allow_missing) or
+DeleteWorkflow (without allow_missing) named a workflow that does not
+exist (or has expired).
+"""
+BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 5
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: Redis is unreachable. Retry with backoff; writes are safe
+to retry with the same request_id.
+"""
+BACKEND_TIMEOUT: ErrorReason.ValueType  # 6
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the call's deadline was reached before Redis answered.
+Whether a write was applied is unknown: retry it with the same
+request_id.
+"""
+BACKEND_FAILOVER: ErrorReason.ValueType  # 7
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: Redis Cluster is failing over or resharding. Retry with
+backoff (same request_id for writes).
+"""
+BACKEND_AUTH: ErrorReason.ValueType  # 8
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: Redis refused the service's credentials. An operator must
+fix the configuration; retrying does not help until then.
+"""
+BACKEND_PERMISSION: ErrorReason.ValueType  # 9
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: Redis's ACL user lacks a permission the service needs. An
+operator must fix the configuration; retrying does not help until then.
+"""
+REPLICATION_TIMEOUT: ErrorReason.ValueType  # 10
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the write was applied on the Redis primary but fewer
+replicas than configured confirmed it in time. Retry with the same
+request_id: it replays, or re-applies after a failover lost the write.
+"""
+INDEX_PENDING: ErrorReason.ValueType  # 11
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the write was applied but the new session is not in the
+session index yet (ListSessions may miss it). Retry with the same
+request_id to complete it.
+"""
+BACKEND_FULL: ErrorReason.ValueType  # 12
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: Redis is out of memory. Nothing was written; retry
+later, or delete sessions to make room.
+"""
+ENCRYPTION_KEY_UNAVAILABLE: ErrorReason.ValueType  # 13
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+FAILED_PRECONDITION: an item is encrypted with a key the service no
+longer has. An operator must configure the key again; retrying does not
+help.
+"""
+ENCRYPTION_INTEGRITY: ErrorReason.ValueType  # 14
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+FAILED_PRECONDITION: a stored item failed authentication (wrong key or
+tampered data). An operator must investigate; retrying does not help.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 15
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the call carries no credentials, or ones in the wrong
+form (no "authorization: Bearer <token>" metadata, no client
+certificate). Send credentials.
+"""
+INVALID_TOKEN: ErrorReason.ValueType  # 16
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the bearer token is not one the service knows. Use a
+valid token; retrying with this one does not help.
+"""
+INVALID_IDENTITY: ErrorReason.ValueType  # 17
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAUTHENTICATED: the client certificate's common name is not a valid
+tenant id. Use a certificate whose CN is a tenant id.
+"""
+NOT_A_DELEGATE: ErrorReason.ValueType  # 18
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
+a configured delegate. Drop the metadata or have the caller configured
+as a delegate.
+"""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 @_typing.final
 class Item(_message.Message):
     """One entry of a session's log."""
@@ -793,7 +1020,13 @@ class UpdateSessionRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields of settings to change ("ttl", "persist"). Empty means all."""
+        """Which fields of settings to change: "ttl", "persist", "context_strategy",
+        "tier_shares" (a "settings." prefix is accepted); any other path is
+        INVALID_ARGUMENT. Empty means all four. ttl and persist are one stored
+        retention, so naming either sets it from both fields: persist wins, else
+        ttl (unset = the service default). A named field left unset resets it to
+        the service default.
+        """
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ class StateServiceStub:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     def __init__(self, channel):
@@ -126,6 +127,7 @@ class StateServiceServicer:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     def AppendItems(self, request, context):
@@ -172,7 +174,8 @@ class StateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSession(self, request, context):
-        """Changes a session's settings (retention). Bumps the etag.
+        """Changes a session's settings (retention, context strategy, budget
+        shares). Bumps the etag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -297,6 +300,7 @@ class StateService:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     @staticmethod

@@ -44,6 +44,7 @@ class StateServiceStub:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     @_typing.overload
@@ -71,7 +72,9 @@ class StateServiceStub:
     GetSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetSessionRequest, _state_service_pb2.GetSessionResponse]
     """Returns a session's metadata."""
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.UpdateSessionRequest, _state_service_pb2.UpdateSessionResponse]
-    """Changes a session's settings (retention). Bumps the etag."""
+    """Changes a session's settings (retention, context strategy, budget
+    shares). Bumps the etag.
+    """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.DeleteSessionRequest, _state_service_pb2.DeleteSessionResponse]
     """Deletes a session and its whole log."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListSessionsRequest, _state_service_pb2.ListSessionsResponse]
@@ -102,6 +105,7 @@ class StateServiceAsyncStub(StateServiceStub):
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -126,7 +130,9 @@ class StateServiceAsyncStub(StateServiceStub):
     GetSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetSessionRequest, _state_service_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns a session's metadata."""
     UpdateSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.UpdateSessionRequest, _state_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
-    """Changes a session's settings (retention). Bumps the etag."""
+    """Changes a session's settings (retention, context strategy, budget
+    shares). Bumps the etag.
+    """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.DeleteSessionRequest, _state_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Deletes a session and its whole log."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListSessionsRequest, _state_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
@@ -156,6 +162,7 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
+    ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
 
     @_abc_1.abstractmethod
@@ -214,7 +221,9 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _state_service_pb2.UpdateSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.UpdateSessionResponse, _abc.Awaitable[_state_service_pb2.UpdateSessionResponse]]:
-        """Changes a session's settings (retention). Bumps the etag."""
+        """Changes a session's settings (retention, context strategy, budget
+        shares). Bumps the etag.
+        """
 
     @_abc_1.abstractmethod
     def DeleteSession(
