@@ -1,7 +1,7 @@
 """The `statecar` command line.
 
     statecar up                                # embedded Redis + state + agent service
-    statecar chat --session S [--agent A] "message"
+    statecar chat --session S [--agent A] "message"   # "-" (or nothing): read stdin
     statecar history --session S
     statecar sessions
     statecar agents
@@ -10,6 +10,9 @@
 services; the other commands talk to running services (--agent-target,
 --state-target, or STATECAR_AGENT_TARGET / STATECAR_STATE_TARGET) and present
 STATECAR_TOKEN as a bearer token when it is set.
+
+Only `up` imports the servers (and openai-agents, which takes seconds to
+import); the other commands load the clients alone, so they start fast.
 """
 
 from __future__ import annotations
@@ -38,23 +41,47 @@ from agent_service.client import (
     ToolCallFinished,
     ToolCallStarted,
 )
-from agent_service.config import ConfigError
-from agent_service.server import AgentServer
-from agent_service.settings import AgentServiceSettings
 from shared_runtime.items import item_text
 from shared_runtime.process import StartupError
 from state_service.client import StateClient, StateServiceError
-from state_service.server import StateServer
-from state_service.settings import StateServiceSettings
 
 DEFAULT_AGENT_TARGET = "127.0.0.1:50061"
 DEFAULT_STATE_TARGET = "127.0.0.1:50051"
+# How long a command waits for a connection before saying nothing answers.
+CONNECT_TIMEOUT_SECONDS = 2.0
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
 
+class Unreachable(Exception):
+    """Nothing answers at a service's address (the message says what to do)."""
+
+
+async def _require(client: AgentClient | StateClient, what: str, target: str, flag: str) -> None:
+    if not await client.reachable(CONNECT_TIMEOUT_SECONDS):
+        raise Unreachable(
+            f"no {what} answers at {target}. Start the stack with `make run` (or `statecar "
+            f"up`), or point {flag} at a running one"
+        )
+
+
 async def up(args: argparse.Namespace) -> int:
+    from agent_service.config import ConfigError
+
+    try:
+        return await _up(args)
+    except ConfigError as error:
+        errors.print(f"[red]config:[/] {error}")
+        return 2
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from agent_service.server import AgentServer
+    from agent_service.settings import AgentServiceSettings
+    from state_service.server import StateServer
+    from state_service.settings import StateServiceSettings
+
     state_overrides: dict[str, Any] = {"data_dir": Path(args.data_dir) / "state"}
     if args.state_listen:
         state_overrides["listen"] = args.state_listen
@@ -92,14 +119,24 @@ async def up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(argument: str | None) -> str:
+    if argument not in (None, "-"):
+        return str(argument)
+    if sys.stdin.isatty():
+        raise SystemExit('statecar chat: give the message as an argument, or "-" to read stdin')
+    return sys.stdin.read().strip()
+
+
 async def chat(args: argparse.Namespace) -> int:
+    message = _message(args.message)
     async with AgentClient(
         args.agent_target, timeout=args.timeout, bearer_token=args.token
     ) as agents:
+        await _require(agents, "agent service", args.agent_target, "--agent-target")
         final: ChatResult | None = None
         async for event in agents.stream_chat(
             args.session or "",
-            args.message,
+            message,
             agent=args.agent or "",
             request_id=args.request_id,
             workflow_id=args.workflow or "",
@@ -130,12 +167,14 @@ async def chat(args: argparse.Namespace) -> int:
 
 async def history(args: argparse.Namespace) -> int:
     async with StateClient(args.state_target, bearer_token=args.token) as state:
+        await _require(state, "state service", args.state_target, "--state-target")
         items = await state.all_items(args.session)
     if args.json:
+        # JSON Lines: one compact object per item, for jq and other programs.
         for item in items:
-            console.print_json(json.dumps({"seq": item.seq, "item": item.data}))
+            sys.stdout.write(json.dumps({"seq": item.seq, "item": item.data}) + "\n")
         return 0
-    table = Table(title=f"session {args.session}: {len(items)} items", show_lines=False)
+    table = Table(title=f"session {args.session}: {_count(len(items), 'item')}", show_lines=False)
     table.add_column("seq", justify="right")
     table.add_column("who")
     table.add_column("agent")
@@ -154,8 +193,9 @@ async def history(args: argparse.Namespace) -> int:
 
 async def sessions(args: argparse.Namespace) -> int:
     async with StateClient(args.state_target, bearer_token=args.token) as state:
+        await _require(state, "state service", args.state_target, "--state-target")
         page = await state.list_sessions(page_size=args.limit)
-    table = Table(title=f"{len(page.sessions)} sessions")
+    table = Table(title=_count(len(page.sessions), "session"))
     for column in ("session", "items", "updated (UTC)", "expires (UTC)"):
         table.add_column(column)
     for info in page.sessions:
@@ -174,6 +214,7 @@ async def sessions(args: argparse.Namespace) -> int:
 
 async def agents_command(args: argparse.Namespace) -> int:
     async with AgentClient(args.agent_target, bearer_token=args.token) as client:
+        await _require(client, "agent service", args.agent_target, "--agent-target")
         listed, default = await client.list_agents()
     table = Table(title="agents")
     for column in ("name", "model", "budget", "tools", "handoffs", "description"):
@@ -192,6 +233,10 @@ async def agents_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="statecar", description=__doc__.split("\n\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
@@ -208,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=up)
 
     talk = commands.add_parser("chat", help="one turn; streams the reply")
-    talk.add_argument("message")
+    talk.add_argument("message", nargs="?", help='the message; "-" or none: read stdin')
     talk.add_argument("--session", help="session id (omit with --workflow)")
     talk.add_argument("--agent", help="agent name (default: the configured default)")
     talk.add_argument("--workflow", help="run the turn in this multi-agent workflow")
@@ -219,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("history", help="a session's whole log")
     show.add_argument("--session", required=True)
-    show.add_argument("--json", action="store_true", help="raw items, one JSON per item")
+    show.add_argument("--json", action="store_true", help="JSON Lines: one object per item")
     show.add_argument("--state-target", default=state_target)
     show.set_defaults(handler=history)
 
@@ -245,9 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StateServiceError as error:
         errors.print(f"[red]state service:[/] {error.code.name}: {error.message}", markup=True)
         code = 1
-    except ConfigError as error:
-        errors.print(f"[red]config:[/] {error}")
-        code = 2
+    except Unreachable as error:
+        errors.print(f"[red]unreachable:[/] {error}", markup=True)
+        code = 1
     except StartupError as error:
         errors.print(f"[red]cannot start:[/] {error}")
         code = 78  # EX_CONFIG, as the services exit

@@ -12,6 +12,7 @@ the client retries UNAVAILABLE itself only for calls that carry one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -236,6 +237,17 @@ class AgentClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def reachable(self, timeout: float) -> bool:
+        """Whether a connection to the target is up within `timeout` seconds:
+        lets a caller say "nothing is listening there" at once instead of
+        waiting out a call's deadline."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.channel_ready()
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         await self._channel.close()

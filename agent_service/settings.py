@@ -17,6 +17,7 @@ class AgentServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AGENT_SERVICE_",
         cli_kebab_case=True,
+        cli_hide_none_type=True,
         cli_prog_name="agent-service",
         extra="ignore",
     )

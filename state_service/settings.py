@@ -16,6 +16,7 @@ class StateServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STATE_SERVICE_",
         cli_kebab_case=True,
+        cli_hide_none_type=True,
         cli_prog_name="state-service",
         extra="ignore",
     )

@@ -3,6 +3,7 @@ processes, the embedded Redis, the offline model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,13 +21,14 @@ pytestmark = pytest.mark.slow
 STATECAR = [sys.executable, "-m", "agent_service.cli"]
 
 
-def _statecar(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _statecar(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*STATECAR, *args],
         cwd=cwd,
+        input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=patience(60),
         env={**os.environ, "COLUMNS": "200"},
         check=False,
     )
@@ -80,8 +82,20 @@ def test_up_then_chat_history_sessions_and_ctrl_c(tmp_path: Path) -> None:
         assert "8 items" in history.stdout
         assert "What is my cat called?" in history.stdout
 
+        lines = _statecar(
+            "history", "--state-target", state, "--session", "demo", "--json", cwd=tmp_path
+        ).stdout.splitlines()
+        assert len(lines) == 8 and [json.loads(line)["seq"] for line in lines] == list(range(1, 9))
+
+        piped = _statecar(
+            "chat", "--agent-target", agent, "--session", "piped", "-",
+            cwd=tmp_path, stdin="Remember: the demo is on Friday\n",
+        )  # fmt: skip
+        assert piped.returncode == 0, piped.stderr
+        assert "save_note" in piped.stdout
+
         sessions = _statecar("sessions", "--state-target", state, cwd=tmp_path)
-        assert "demo" in sessions.stdout
+        assert "demo" in sessions.stdout and "2 sessions" in sessions.stdout
 
         missing = _statecar(
             "chat", "--agent-target", agent, "--session", "bad id!", "hi", cwd=tmp_path
@@ -99,3 +113,29 @@ def test_up_then_chat_history_sessions_and_ctrl_c(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_commands_say_how_to_start_the_stack_when_nothing_answers(tmp_path: Path) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    for args in (
+        ("chat", "--agent-target", nobody, "--session", "s", "hi"),
+        ("history", "--state-target", nobody, "--session", "s"),
+        ("sessions", "--state-target", nobody),
+        ("agents", "--agent-target", nobody),
+    ):
+        result = _statecar(*args, cwd=tmp_path)
+        assert result.returncode == 1, result
+        assert nobody in result.stderr and "make run" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_help_does_not_import_the_servers() -> None:
+    probe = (
+        "import sys, agent_service.cli;"
+        "print(sorted(m for m in ('agents', 'agent_service.server', 'state_service.server') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert loaded == "[]"

@@ -1,5 +1,11 @@
 """The public Python API of the state service: `StateClient` for every RPC and
-`StateServiceSession`, an openai-agents `Session`."""
+`StateServiceSession`, an openai-agents `Session`.
+
+`StateServiceSession` is imported on first use: it needs openai-agents, whose
+import takes seconds, and most users of the client (the CLI, the agent
+service's own state calls) never touch it."""
+
+from typing import TYPE_CHECKING, Any
 
 from state_service.client._client import StateClient, channel_target, service_config
 from state_service.client.errors import (
@@ -9,7 +15,6 @@ from state_service.client.errors import (
     StateServiceError,
     StateUnavailableError,
 )
-from state_service.client.session import StateServiceSession
 from state_service.client.types import (
     AppendResult,
     Context,
@@ -24,6 +29,18 @@ from state_service.client.types import (
     TierShares,
     WorkflowInfo,
 )
+
+if TYPE_CHECKING:
+    from state_service.client.session import StateServiceSession
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StateServiceSession":
+        from state_service.client.session import StateServiceSession
+
+        return StateServiceSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AppendResult",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import uuid
@@ -159,6 +160,17 @@ class StateClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def reachable(self, timeout: float) -> bool:
+        """Whether a connection to the target is up within `timeout` seconds:
+        lets a caller say "nothing is listening there" at once instead of
+        waiting out a call's deadline."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.channel_ready()
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         await self._channel.close()
