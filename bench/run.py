@@ -10,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from bench import brief, cache_zipf, ceiling, context_quality, history, sidecar
+from bench import brief, cache_zipf, ceiling, cli_startup, context_quality, history, sidecar
 from bench.report import Report
 
 BENCHMARKS: dict[str, Callable[[Report], Awaitable[None]]] = {
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[Report], Awaitable[None]]] = {
     "cache": cache_zipf.run,
     "brief": brief.run,
     "ceiling": ceiling.run,
+    "cli": cli_startup.run,
     "quality": context_quality.run,
 }
 
