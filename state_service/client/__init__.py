@@ -9,7 +9,7 @@ from state_service.client.errors import (
     StateServiceError,
     StateUnavailableError,
 )
-from state_service.client.session import StateServiceSession
+from state_service.client.session import BudgetedSessionSettings, StateServiceSession
 from state_service.client.types import (
     AppendResult,
     Context,
@@ -27,6 +27,7 @@ from state_service.client.types import (
 
 __all__ = [
     "AppendResult",
+    "BudgetedSessionSettings",
     "Context",
     "ContextSummary",
     "EtagMismatchError",
