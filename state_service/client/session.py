@@ -293,7 +293,7 @@ def _markers(
             for r in retrieved
             if r.item.data.get("type") == "function_call"
         }
-        lines = [f"[item {r.item.seq}] {item_text(r.item.data, names)}" for r in retrieved]
+        lines = [f"#{r.item.seq} {item_text(r.item.data, names)}" for r in retrieved]
         markers.append({"role": role, "content": RETRIEVED_HEADER + "\n".join(lines)})
     return markers
 
