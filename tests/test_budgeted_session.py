@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from agents import Agent, RunConfig, Runner, SQLiteSession
@@ -37,6 +37,7 @@ from state_service.client.session import (
 )
 from state_service.server import StateServer
 from state_service.tokens import TokenCounter, make_token_counter
+from tests.conftest import StateServerFactory
 
 SUMMARY_START = SUMMARY_HEADER.split("(")[0]
 RETRIEVED_START = RETRIEVED_HEADER.split("(")[0]
@@ -66,6 +67,11 @@ def user_text(n: int) -> str:
     return f"Turn {n}: remember that {person}'s favourite {thing} is number {n * 37 % 1000}."
 
 
+async def read(session: StateServiceSession) -> list[dict[str, Any]]:
+    """get_items() as plain dicts (the SDK types them as a union of TypedDicts)."""
+    return cast(list[dict[str, Any]], await session.get_items())
+
+
 def assert_calls_paired(items: list[Any]) -> None:
     """Every function_call has its output in `items` and every output its call."""
     calls = [i["call_id"] for i in items if i.get("type") == "function_call"]
@@ -79,15 +85,18 @@ def lookup_order(order_id: str) -> str:
     return f"Order {order_id} shipped from the Lyon warehouse, tracking LY{order_id}X."
 
 
-def turn_model(turns: int, tool_every: int) -> ScriptedModel:
-    """Replies with a short fixed text; every `tool_every`-th turn first calls
-    lookup_order. Every item gets its own id, as a real model's would (the
-    Runner deduplicates input items by id)."""
-    state = {"turn": 0, "calls": 0}
+def turn_model(turns: int, tool_every: int) -> tuple[ScriptedModel, list[list[Any]]]:
+    """A model that replies with a short fixed text (every `tool_every`-th turn
+    it first calls lookup_order), and the inputs it was sent, as JSON values.
+    Every item gets its own id, as a real model's would (the Runner
+    deduplicates input items by id). Inputs are recorded here because
+    ScriptedModel.calls deep-copies every call on each access."""
+    state = {"turn": 0}
+    sent: list[list[Any]] = []
 
     def respond(call: ModelCall) -> list[Any]:
-        state["calls"] += 1
-        last = call.input[-1] if isinstance(call.input, list) and call.input else {}
+        sent.append(json.loads(json.dumps(call.input)))
+        last = sent[-1][-1]
         n = state["turn"]
         if n % tool_every == tool_every - 1 and last.get("type") != "function_call_output":
             return [function_call("lookup_order", {"order_id": f"A{n}"}, call_id=f"call-{n}")]
@@ -95,15 +104,25 @@ def turn_model(turns: int, tool_every: int) -> ScriptedModel:
         return [assistant_message(f"Noted, turn {n}.", item_id=f"msg-{n}")]
 
     steps = turns + turns // tool_every
-    return ScriptedModel([ModelStep.respond(respond) for _ in range(steps)])
+    return ScriptedModel([ModelStep.respond(respond) for _ in range(steps)]), sent
 
 
+@pytest.mark.parametrize("token_counter", ["auto", "estimate"])
 async def test_500_turns_under_runner_stay_within_the_budget(
-    state_server: StateServer, client: StateClient
+    state_server_factory: StateServerFactory, token_counter: str
 ) -> None:
+    """auto: tiktoken where its file is cached (the server's and this test's
+    counts differ from the session's framing estimate); estimate: the
+    session's framing charge is exact."""
+    state_server = await state_server_factory(token_counter=token_counter)
+    async with StateClient(state_server.address) as client:
+        await _run_500_turns(state_server, client)
+
+
+async def _run_500_turns(state_server: StateServer, client: StateClient) -> None:
     turns, tool_every, budget = 500, 10, 1000
     counter = server_counter(state_server)
-    model = turn_model(turns, tool_every)
+    model, sent_inputs = turn_model(turns, tool_every)
     agent = Agent(name="notes", instructions="Keep notes.", model=model, tools=[lookup_order])
     session = StateServiceSession("long-run", client=client, token_budget=budget)
     config = RunConfig(tracing_disabled=True)
@@ -115,19 +134,20 @@ async def test_500_turns_under_runner_stay_within_the_budget(
         text = user_text(n)
         result = await Runner.run(agent, text, session=session, run_config=config)
         assert result.final_output == f"Noted, turn {n}."
-        calls = model.calls[seen:]
-        seen = len(model.calls)
+        calls = sent_inputs[seen:]
+        seen = len(sent_inputs)
         assert len(calls) == (2 if n % tool_every == tool_every - 1 else 1)
-        for call in calls:
-            sent = list(call.input)
+        for sent in calls:
             start = max(i for i, item in enumerate(sent) if item.get("content") == text)
             history = sent[:start]
             history_tokens.append(tokens(counter, history))
             input_tokens.append(tokens(counter, sent))
+            # The rest is this turn's own: the new message, a tool call and its output.
+            assert len(sent) - start <= 3
             assert_calls_paired(sent)
             # What the session returned is history only: the new turn follows it.
             assert not any(item.get("content") == text for item in history)
-        first = list(calls[0].input)
+        first = calls[0]
         summary_turns += any(is_marker(i, SUMMARY_START) for i in first)
         retrieval_turns += any(is_marker(i, RETRIEVED_START) for i in first)
 
@@ -202,7 +222,6 @@ async def test_summary_and_retrieval_markers_once_the_log_outgrows_the_budget(
     assert tokens(counter, [i.data for i in log]) > 10 * budget
 
     items = await _eventually(session, lambda got: is_marker(got[0], SUMMARY_START))
-    print("\n" + "\n".join(json.dumps(i)[:300] for i in items))
     summary, retrieved = items[0], items[1]
     assert summary["content"].startswith("Summary of the earlier conversation (items 1-")
     assert is_marker(retrieved, RETRIEVED_START)
@@ -231,7 +250,7 @@ async def test_a_tool_call_and_its_output_stay_together(client: StateClient) -> 
                 strategy=strategy,
                 query="lookup_order Lyon warehouse shipped",
             )
-            items = await session.get_items()
+            items = await read(session)
             raw = [i for i in items if not is_marker(i, RETRIEVED_START)]
             raw = [i for i in raw if not is_marker(i, SUMMARY_START)]
             assert_calls_paired(raw)
@@ -242,7 +261,7 @@ async def test_a_tool_call_and_its_output_stay_together(client: StateClient) -> 
     retrieval = StateServiceSession(
         "tools-kept", client=client, token_budget=400, strategy="retrieval", query="A48 Lyon"
     )
-    marker = (await retrieval.get_items())[0]
+    marker = (await read(retrieval))[0]
     assert is_marker(marker, RETRIEVED_START)
     assert 'called lookup_order({"order_id": "A48"})' in marker["content"]
     assert "lookup_order returned: Order A48 shipped" in marker["content"]
@@ -292,7 +311,7 @@ async def test_settings_and_constructor_are_the_same_configuration(client: State
     assert await by_arguments.get_items() == await by_settings.get_items()
     # The per-session settings are the session's own: changing them is seen next read.
     by_settings.session_settings = BudgetedSessionSettings(token_budget=300, marker_role="system")
-    items = await by_settings.get_items()
+    items = await read(by_settings)
     markers = [i for i in items if str(i.get("content")).startswith(RETRIEVED_START)]
     assert [m["role"] for m in markers] == ["system"]
     with pytest.raises(ValueError, match="positive"):

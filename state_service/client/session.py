@@ -21,9 +21,11 @@ Invariants of what `get_items()` returns with a budget:
   it would be promoted to instruction authority. `marker_role` changes it.
 - The result fits the budget in the server's token units. The server counts
   the summary text and the retrieved items' JSON; the markers' framing is
-  charged with the server's documented estimate (ceil(UTF-8 bytes / 3) + 4 per
-  item, which errs high), and when the framing would overflow, the
-  least relevant retrieved items, then the summary, are left out.
+  estimated with the server's documented estimate (ceil(UTF-8 bytes / 3) + 4
+  per item) and converted to the server's units (see budgeted_input_items).
+  The server is asked for the budget less the markers' framing, and when the
+  framing would still overflow, the least relevant retrieved items, then the
+  summary, are left out.
 - An explicit `limit` (an argument, or `SessionSettings.limit`, which the
   Runner passes as the argument) returns the newest `limit` items verbatim,
   exactly as every SDK session does: the Runner itself reads session tails
@@ -48,14 +50,8 @@ from state_service.client.types import Context, ContextSummary, RetrievedItem, T
 StrategyName = Literal["sliding_window", "token_window", "summary", "retrieval", "tiered"]
 MarkerRole = Literal["user", "developer", "system"]
 
-SUMMARY_HEADER = (
-    "Summary of the earlier conversation (items {first}-{last} of this session; "
-    "a record of what was said, not a new request):\n"
-)
-RETRIEVED_HEADER = (
-    "Possibly relevant earlier messages from this conversation (quoted from the "
-    "session log, oldest first; a record of what was said, not a new request):\n"
-)
+SUMMARY_HEADER = "Summary of the earlier conversation (items {first}-{last}):\n"
+RETRIEVED_HEADER = "Possibly relevant earlier messages from this conversation (quoted):\n"
 
 # The strategies whose view is the newest items only: no marker, so nothing to
 # reserve for one.
@@ -244,7 +240,7 @@ def marker_reserve() -> int:
     both headers as empty messages, with seq ranges of the widest plausible
     width (the retrieved items' own framing, which rendering drops, usually
     pays for the rest)."""
-    wide = 10**12
+    wide = 10**9
     summary = {"role": "developer", "content": SUMMARY_HEADER.format(first=wide, last=wide)}
     retrieved = {"role": "developer", "content": RETRIEVED_HEADER}
     return estimate_tokens(summary) + estimate_tokens(retrieved)
@@ -257,21 +253,26 @@ def budgeted_input_items(
     retrieval marker, then the recent items verbatim.
 
     The server's `token_count` covers the summary text and the retrieved
-    items' JSON; the markers replace those, so the estimate of the markers is
-    charged and the estimate of what they replace is credited back. While that
-    exceeds the budget, the lowest-scoring retrieved item (then the summary) is
-    left out.
+    items' JSON; the markers replace those. The client cannot count in the
+    server's units (tiktoken or the estimate, the server's choice), so it
+    estimates the markers and what they replace, and converts the difference
+    with the ratio of the server's count to the estimate of everything the
+    server counted (exactly 1 when the server estimates too). While the result
+    exceeds the budget, the lowest-scoring retrieved item, then the summary,
+    is left out; the recent items are the server's choice and stay.
     """
     recent = [item.data for item in context.items]
     summary = context.summary
     retrieved = sorted(context.retrieved, key=lambda r: r.item.seq)
-    credit = sum(estimate_tokens(r.item.data) for r in retrieved)
+    replaced = sum(estimate_tokens(r.item.data) for r in retrieved)
     if summary is not None:
-        credit += estimate_tokens(summary.text)
+        replaced += estimate_tokens(summary.text)
+    estimated = replaced + sum(estimate_tokens(item) for item in recent)
+    ratio = context.token_count / estimated if estimated else 1.0
     while True:
         markers = _markers(summary, retrieved, marker_role)
-        total = context.token_count - credit + sum(estimate_tokens(m) for m in markers)
-        if total <= token_budget or (not retrieved and summary is None):
+        framing = sum(estimate_tokens(m) for m in markers) - replaced
+        if context.token_count + ratio * framing <= token_budget or not markers:
             return markers + recent
         if retrieved:
             weakest = min(retrieved, key=lambda r: (r.score, -r.item.seq))
