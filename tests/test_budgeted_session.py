@@ -46,6 +46,16 @@ PEOPLE = ["Ada", "Bjorn", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hiro", 
 THINGS = ["colour", "city", "book", "tea", "mountain", "song", "river", "painter", "bird"]
 
 
+@pytest.fixture(params=["auto", "estimate"])
+async def state_server(
+    request: pytest.FixtureRequest, state_server_factory: StateServerFactory
+) -> StateServer:
+    """Every test against a server counting with tiktoken (auto: where its file
+    is cached, as here) and one counting with the estimate: the session's
+    framing charge is exact for the second and converted for the first."""
+    return await state_server_factory(token_counter=request.param)
+
+
 def server_counter(server: StateServer) -> TokenCounter:
     return make_token_counter(server.settings.token_counter, server.settings.tiktoken_encoding)
 
@@ -107,19 +117,9 @@ def turn_model(turns: int, tool_every: int) -> tuple[ScriptedModel, list[list[An
     return ScriptedModel([ModelStep.respond(respond) for _ in range(steps)]), sent
 
 
-@pytest.mark.parametrize("token_counter", ["auto", "estimate"])
 async def test_500_turns_under_runner_stay_within_the_budget(
-    state_server_factory: StateServerFactory, token_counter: str
+    state_server: StateServer, client: StateClient
 ) -> None:
-    """auto: tiktoken where its file is cached (the server's and this test's
-    counts differ from the session's framing estimate); estimate: the
-    session's framing charge is exact."""
-    state_server = await state_server_factory(token_counter=token_counter)
-    async with StateClient(state_server.address) as client:
-        await _run_500_turns(state_server, client)
-
-
-async def _run_500_turns(state_server: StateServer, client: StateClient) -> None:
     turns, tool_every, budget = 500, 10, 1000
     counter = server_counter(state_server)
     model, sent_inputs = turn_model(turns, tool_every)
@@ -237,11 +237,14 @@ async def test_summary_and_retrieval_markers_once_the_log_outgrows_the_budget(
     assert [i.data for i in await client.all_items("markers")] == [i.data for i in log]
 
 
-async def test_a_tool_call_and_its_output_stay_together(client: StateClient) -> None:
+async def test_a_tool_call_and_its_output_stay_together(
+    state_server: StateServer, client: StateClient
+) -> None:
+    counter = server_counter(state_server)
     plain = StateServiceSession("tools-kept", client=client)
     await _fill(plain, 60)
     log = [i.data for i in await client.all_items("tools-kept")]
-    for budget in range(150, 1500, 37):
+    for budget in [20, 60, *range(150, 1500, 37)]:
         for strategy in ("token_window", "retrieval", "tiered"):
             session = StateServiceSession(
                 "tools-kept",
@@ -255,6 +258,7 @@ async def test_a_tool_call_and_its_output_stay_together(client: StateClient) -> 
             raw = [i for i in raw if not is_marker(i, SUMMARY_START)]
             assert_calls_paired(raw)
             assert raw == log[len(log) - len(raw) :], (budget, strategy)
+            assert tokens(counter, items) <= budget, (budget, strategy)
             for marker in items[: len(items) - len(raw)]:
                 # A retrieved tool call is quoted text, never a raw call item.
                 assert set(marker) == {"role", "content"}

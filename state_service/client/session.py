@@ -15,7 +15,8 @@ Invariants of what `get_items()` returns with a budget:
   ahead of the recent items. Retrieved items are rendered as quoted text
   inside their marker, never as raw items: a retrieved `function_call`
   without its output (or an output without its call) is refused by the model
-  APIs, and the Runner prunes orphans only when a `limit` is set.
+  APIs, and the Runner drops orphan calls but keeps orphan outputs unless a
+  `limit` is set.
 - The markers default to the `user` role. Their text comes from users and
   tool outputs (a fetched web page, say); as a `developer` or `system` message
   it would be promoted to instruction authority. `marker_role` changes it.
@@ -67,8 +68,9 @@ class BudgetedSessionSettings(SessionSettings):
     the session's own, set with UpdateSession, else the service default).
     `tier_shares`: the budget split of summary / retrieval / recent (None: the
     session's or the service's). `query`: what retrieval looks for (None: the
-    newest user message in the log). `marker_role`: the role of the summary and
-    retrieval messages (None: "user").
+    newest user message in the log; under `Runner.run` that is the previous
+    turn's, since the Runner reads the history before it stores the new input).
+    `marker_role`: the role of the summary and retrieval messages (None: "user").
     """
 
     token_budget: int | None = None
@@ -95,9 +97,10 @@ class StateServiceSession:
     """The conversation history of one session, kept by the state service.
 
     Give it either a `client` (shared, not closed here) or a `target` (a client
-    of its own, closed by `close()`). `token_budget`, `strategy`, `tier_shares`
-    and `query` make `get_items()` budgeted (see the module docstring); they
-    override the same fields of `session_settings`.
+    of its own, closed by `close()`). `token_budget`, `strategy`, `tier_shares`,
+    `query` and `marker_role` make `get_items()` budgeted (see the module
+    docstring and BudgetedSessionSettings); they override the same fields of
+    `session_settings`.
     """
 
     def __init__(
@@ -111,10 +114,11 @@ class StateServiceSession:
         strategy: StrategyName | None = None,
         tier_shares: TierShares | None = None,
         query: str | None = None,
+        marker_role: MarkerRole | None = None,
     ) -> None:
         if (client is None) == (target is None):
             raise ValueError("give exactly one of target or client")
-        if (token_budget, strategy, tier_shares, query) != (None, None, None, None):
+        if (token_budget, strategy, tier_shares, query, marker_role) != (None,) * 5:
             base = (
                 session_settings
                 if isinstance(session_settings, BudgetedSessionSettings)
@@ -128,6 +132,7 @@ class StateServiceSession:
                 strategy=base.strategy if strategy is None else strategy,
                 tier_shares=base.tier_shares if tier_shares is None else tier_shares,
                 query=base.query if query is None else query,
+                marker_role=base.marker_role if marker_role is None else marker_role,
             )
         if (
             isinstance(session_settings, BudgetedSessionSettings)
@@ -185,11 +190,14 @@ class StateServiceSession:
         return await self._context(settings, settings.token_budget)
 
     async def _context(self, settings: BudgetedSessionSettings, budget: int) -> Context:
+        # A budget too small for the framing still gets most of itself for the
+        # recent items; the markers are then trimmed away.
         reserve = 0 if settings.strategy in _WINDOW_STRATEGIES else marker_reserve()
+        reserve = min(reserve, budget // 4)
         return await self._client.get_context(
             self.session_id,
             query=settings.query or "",
-            token_budget=max(1, budget - reserve),
+            token_budget=budget - reserve,
             strategy=settings.strategy,
             tier_shares=settings.tier_shares,
         )
