@@ -34,6 +34,7 @@ from state_service.client.session import (
     SUMMARY_HEADER,
     budgeted_input_items,
     estimate_tokens,
+    item_text,
 )
 from state_service.server import StateServer
 from state_service.tokens import TokenCounter, make_token_counter
@@ -393,3 +394,60 @@ def test_framing_that_would_overflow_drops_the_least_relevant_first() -> None:
     assert sum(estimate_tokens(i) for i in trimmed) <= full_cost - 1
     bare = budgeted_input_items(context(parts), token_budget=estimate_tokens(recent[0].data))
     assert bare == [recent[0].data]
+
+
+@pytest.mark.parametrize(
+    ("item", "text"),
+    [
+        ({"role": "user", "content": "hi"}, "user: hi"),
+        (
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello", "annotations": []}],
+            },
+            "assistant: Hello",
+        ),
+        (
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "see"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                    {"type": "input_file", "filename": "a.pdf", "file_data": "AAAA"},
+                ],
+            },
+            "user: see [image] [file a.pdf]",
+        ),
+        (
+            {"type": "function_call", "call_id": "c1", "name": "add", "arguments": '{"a":2}'},
+            'called add({"a":2})',
+        ),
+        ({"type": "function_call_output", "call_id": "c1", "output": "5"}, "add returned: 5"),
+        ({"type": "function_call_output", "call_id": "c9", "output": "7"}, "a tool returned: 7"),
+        (
+            {"type": "custom_tool_call", "call_id": "c2", "name": "grep", "input": "foo"},
+            "called grep(foo)",
+        ),
+        (
+            {
+                "type": "computer_call_output",
+                "call_id": "c3",
+                "output": {"type": "computer_screenshot", "image_url": "data:AAAA"},
+            },
+            "a tool returned: [image]",
+        ),
+        (
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "t"}]},
+            "(reasoning) t",
+        ),
+        ({"type": "image_generation_call", "id": "ig", "result": "A" * 5000}, None),
+    ],
+)
+def test_retrieved_items_render_as_one_line_of_text(item: dict[str, Any], text: str | None) -> None:
+    rendered = item_text(item, {"c1": "add"})
+    if text is None:
+        assert rendered.startswith('(image_generation_call) {"result":"AAA')
+        assert len(rendered) < 1100
+    else:
+        assert rendered == text

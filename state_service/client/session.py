@@ -300,7 +300,7 @@ def _markers(
         names = {
             r.item.data.get("call_id"): r.item.data.get("name")
             for r in retrieved
-            if r.item.data.get("type") == "function_call"
+            if str(r.item.data.get("type")).endswith("_call")
         }
         lines = [f"#{r.item.seq} {item_text(r.item.data, names)}" for r in retrieved]
         markers.append({"role": role, "content": RETRIEVED_HEADER + "\n".join(lines)})
@@ -308,16 +308,18 @@ def _markers(
 
 
 def item_text(data: Mapping[str, Any], call_names: Mapping[Any, Any] | None = None) -> str:
-    """One log item as a line of plain text: `user: ...`, `assistant: ...`,
-    `called add({"a":2})`, `add returned: 5`; other item types as their JSON
-    without ids."""
+    """One log item as a line of plain text: `user: ...`, `called add({"a":2})`,
+    `add returned: 5` (`call_names`: call_id -> tool name, for outputs whose
+    call is not at hand); images and files as `[image]`, `[file a.pdf]`; other
+    item types as their JSON without ids, cut at _MAX_OTHER_CHARS (a base64
+    result is no use to a model as text, and shorter never breaks the budget)."""
     kind = data.get("type")
     role = data.get("role")
     if role is not None and kind in (None, "message"):
         return f"{role}: {_content_text(data.get('content'))}"
-    if kind == "function_call":
-        return f"called {data.get('name')}({data.get('arguments', '')})"
-    if kind == "function_call_output":
+    if isinstance(kind, str) and kind.endswith("_call") and isinstance(data.get("name"), str):
+        return f"called {data['name']}({data.get('arguments', data.get('input', ''))})"
+    if isinstance(kind, str) and kind.endswith("_call_output"):
         name = (call_names or {}).get(data.get("call_id")) or "a tool"
         return f"{name} returned: {_content_text(data.get('output'))}"
     if kind == "reasoning":
@@ -325,12 +327,20 @@ def item_text(data: Mapping[str, Any], call_names: Mapping[Any, Any] | None = No
         text = " ".join(p.get("text", "") for p in parts if isinstance(p, Mapping))
         return f"(reasoning) {text}".rstrip()
     rest = {k: v for k, v in data.items() if k not in ("id", "status", "type")}
-    return f"({kind}) {json.dumps(rest, ensure_ascii=False, separators=(',', ':'))}"
+    text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
+    if len(text) > _MAX_OTHER_CHARS:
+        text = text[:_MAX_OTHER_CHARS] + "…"
+    return f"({kind}) {text}"
+
+
+_MAX_OTHER_CHARS = 1000
 
 
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
+    if isinstance(content, Mapping):
+        content = [content]
     if not isinstance(content, list):
         return "" if content is None else json.dumps(content, ensure_ascii=False)
     texts = []
@@ -344,6 +354,8 @@ def _content_text(content: Any) -> str:
             texts.append(f"(refused: {part.get('refusal', '')})")
         elif kind == "input_file":
             texts.append(f"[file {part.get('filename') or ''}]".replace(" ]", "]"))
+        elif kind in ("input_image", "computer_screenshot", "output_image"):
+            texts.append("[image]")
         elif isinstance(kind, str):
             texts.append(f"[{kind.removeprefix('input_')}]")
     return " ".join(texts)
