@@ -121,6 +121,10 @@ def turn_model(turns: int, tool_every: int) -> tuple[ScriptedModel, list[list[An
 async def test_500_turns_under_runner_stay_within_the_budget(
     state_server: StateServer, client: StateClient
 ) -> None:
+    """The proof: what the session hands the Runner (everything the model is
+    sent before this turn's own items) stays within the budget on every one of
+    500 turns while the log keeps all 1,100 items. About 10 s per counter on a
+    loaded 2-core machine, so not marked slow."""
     turns, tool_every, budget = 500, 10, 1000
     counter = server_counter(state_server)
     model, sent_inputs = turn_model(turns, tool_every)
