@@ -31,19 +31,22 @@ from state_service.client.types import (
 )
 
 if TYPE_CHECKING:
-    from state_service.client.session import StateServiceSession
+    from state_service.client.session import BudgetedSessionSettings, StateServiceSession
+
+_LAZY = frozenset({"BudgetedSessionSettings", "StateServiceSession"})
 
 
 def __getattr__(name: str) -> Any:
-    if name == "StateServiceSession":
-        from state_service.client.session import StateServiceSession
+    if name in _LAZY:
+        from state_service.client import session
 
-        return StateServiceSession
+        return getattr(session, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "AppendResult",
+    "BudgetedSessionSettings",
     "Context",
     "ContextSummary",
     "EtagMismatchError",
