@@ -29,7 +29,7 @@ from state_service.client import (
     StateServiceSession,
     StoredItem,
 )
-from state_service.client.session import (
+from state_service.client.rendering import (
     RETRIEVED_HEADER,
     SUMMARY_HEADER,
     budgeted_input_items,

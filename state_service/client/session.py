@@ -36,8 +36,7 @@ Invariants of what `get_items()` returns with a budget:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any, Literal, cast
 
@@ -46,13 +45,11 @@ from agents.memory.session_settings import SessionSettings, resolve_session_limi
 from pydantic.dataclasses import dataclass
 
 from state_service.client._client import StateClient
-from state_service.client.types import Context, ContextSummary, RetrievedItem, TierShares
+from state_service.client.rendering import MarkerRole, budgeted_input_items, marker_reserve
+from state_service.client.types import Context, TierShares
 
 StrategyName = Literal["sliding_window", "token_window", "summary", "retrieval", "tiered"]
-MarkerRole = Literal["user", "developer", "system"]
 
-SUMMARY_HEADER = "Summary of the earlier conversation (items {first}-{last}):\n"
-RETRIEVED_HEADER = "Possibly relevant earlier messages from this conversation (quoted):\n"
 
 # The strategies whose view is the newest items only: no marker, so nothing to
 # reserve for one.
@@ -227,135 +224,3 @@ class StateServiceSession:
     async def close(self) -> None:
         if self._owns_client:
             await self._client.close()
-
-
-# -- rendering the budgeted context ---------------------------------------------
-
-
-def estimate_tokens(data: Mapping[str, Any] | str) -> int:
-    """The state service's estimate of one item (or one text): ceil(UTF-8 bytes
-    of its compact JSON / 3) + 4 (see state_service/tokens.py)."""
-    raw = (
-        data
-        if isinstance(data, str)
-        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    )
-    return -(-len(raw.encode()) // 3) + 4
-
-
-def marker_reserve() -> int:
-    """Tokens asked of the server below the budget for the markers' framing:
-    both headers as empty messages, with seq ranges of the widest plausible
-    width (the retrieved items' own framing, which rendering drops, usually
-    pays for the rest)."""
-    wide = 10**9
-    summary = {"role": "developer", "content": SUMMARY_HEADER.format(first=wide, last=wide)}
-    retrieved = {"role": "developer", "content": RETRIEVED_HEADER}
-    return estimate_tokens(summary) + estimate_tokens(retrieved)
-
-
-def budgeted_input_items(
-    context: Context, *, token_budget: int, marker_role: MarkerRole = "user"
-) -> list[dict[str, Any]]:
-    """`context` as model input within `token_budget`: the summary marker, the
-    retrieval marker, then the recent items verbatim.
-
-    The server's `token_count` covers the summary text and the retrieved
-    items' JSON; the markers replace those. The client cannot count in the
-    server's units (tiktoken or the estimate, the server's choice), so it
-    estimates the markers and what they replace, and converts the difference
-    with the ratio of the server's count to the estimate of everything the
-    server counted (exactly 1 when the server estimates too). While the result
-    exceeds the budget, the lowest-scoring retrieved item, then the summary,
-    is left out; the recent items are the server's choice and stay.
-    """
-    recent = [item.data for item in context.items]
-    summary = context.summary
-    retrieved = sorted(context.retrieved, key=lambda r: r.item.seq)
-    replaced = sum(estimate_tokens(r.item.data) for r in retrieved)
-    if summary is not None:
-        replaced += estimate_tokens(summary.text)
-    estimated = replaced + sum(estimate_tokens(item) for item in recent)
-    ratio = context.token_count / estimated if estimated else 1.0
-    while True:
-        markers = _markers(summary, retrieved, marker_role)
-        framing = sum(estimate_tokens(m) for m in markers) - replaced
-        if context.token_count + ratio * framing <= token_budget or not markers:
-            return markers + recent
-        if retrieved:
-            weakest = min(retrieved, key=lambda r: (r.score, -r.item.seq))
-            retrieved = [r for r in retrieved if r is not weakest]
-        else:
-            summary = None
-
-
-def _markers(
-    summary: ContextSummary | None, retrieved: Sequence[RetrievedItem], role: MarkerRole
-) -> list[dict[str, Any]]:
-    markers: list[dict[str, Any]] = []
-    if summary is not None:
-        header = SUMMARY_HEADER.format(first=summary.first_seq, last=summary.last_seq)
-        markers.append({"role": role, "content": header + summary.text})
-    if retrieved:
-        names = {
-            r.item.data.get("call_id"): r.item.data.get("name")
-            for r in retrieved
-            if str(r.item.data.get("type")).endswith("_call")
-        }
-        lines = [f"#{r.item.seq} {item_text(r.item.data, names)}" for r in retrieved]
-        markers.append({"role": role, "content": RETRIEVED_HEADER + "\n".join(lines)})
-    return markers
-
-
-def item_text(data: Mapping[str, Any], call_names: Mapping[Any, Any] | None = None) -> str:
-    """One log item as a line of plain text: `user: ...`, `called add({"a":2})`,
-    `add returned: 5` (`call_names`: call_id -> tool name, for outputs whose
-    call is not at hand); images and files as `[image]`, `[file a.pdf]`; other
-    item types as their JSON without ids, cut at _MAX_OTHER_CHARS (a base64
-    result is no use to a model as text, and shorter never breaks the budget)."""
-    kind = data.get("type")
-    role = data.get("role")
-    if role is not None and kind in (None, "message"):
-        return f"{role}: {_content_text(data.get('content'))}"
-    if isinstance(kind, str) and kind.endswith("_call") and isinstance(data.get("name"), str):
-        return f"called {data['name']}({data.get('arguments', data.get('input', ''))})"
-    if isinstance(kind, str) and kind.endswith("_call_output"):
-        name = (call_names or {}).get(data.get("call_id")) or "a tool"
-        return f"{name} returned: {_content_text(data.get('output'))}"
-    if kind == "reasoning":
-        parts = data.get("summary") or []
-        text = " ".join(p.get("text", "") for p in parts if isinstance(p, Mapping))
-        return f"(reasoning) {text}".rstrip()
-    rest = {k: v for k, v in data.items() if k not in ("id", "status", "type")}
-    text = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))
-    if len(text) > _MAX_OTHER_CHARS:
-        text = text[:_MAX_OTHER_CHARS] + "…"
-    return f"({kind}) {text}"
-
-
-_MAX_OTHER_CHARS = 1000
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Mapping):
-        content = [content]
-    if not isinstance(content, list):
-        return "" if content is None else json.dumps(content, ensure_ascii=False)
-    texts = []
-    for part in content:
-        if not isinstance(part, Mapping):
-            continue
-        kind = part.get("type")
-        if isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal":
-            texts.append(f"(refused: {part.get('refusal', '')})")
-        elif kind == "input_file":
-            texts.append(f"[file {part.get('filename') or ''}]".replace(" ]", "]"))
-        elif kind in ("input_image", "computer_screenshot", "output_image"):
-            texts.append("[image]")
-        elif isinstance(kind, str):
-            texts.append(f"[{kind.removeprefix('input_')}]")
-    return " ".join(texts)

@@ -142,22 +142,15 @@ class Context:
             summary_lag=response.summary_lag,
         )
 
-    def input_items(self) -> list[dict[str, Any]]:
-        """The context as openai-agents input items, in order: the summary as a
-        system message, the retrieved items, then the recent items."""
-        out: list[dict[str, Any]] = []
-        if self.summary is not None:
-            out.append(
-                {
-                    "role": "system",
-                    "content": "Summary of the earlier conversation "
-                    f"(items {self.summary.first_seq}-{self.summary.last_seq}):\n"
-                    + self.summary.text,
-                }
-            )
-        out.extend(r.item.data for r in self.retrieved)
-        out.extend(i.data for i in self.items)
-        return out
+    def input_items(self, marker_role: str = "user") -> list[dict[str, Any]]:
+        """The context as openai-agents input items: the summary and the
+        retrieved items as quoted marker messages (a raw retrieved tool call
+        without its output, or an output without its call, is refused by the
+        model APIs), then the recent items verbatim. See client/rendering.py."""
+        from state_service.client.rendering import markers
+
+        role: Any = marker_role
+        return [*markers(self.summary, self.retrieved, role), *(i.data for i in self.items)]
 
 
 @dataclass(frozen=True, slots=True)
