@@ -1,6 +1,6 @@
 """Opaque page tokens: URL-safe base64 of a small JSON document bound to the
 request that issued it. A token from another session, order or a bogus one is
-INVALID_ARGUMENT."""
+refused as an invalid page_token."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import binascii
 import json
 from typing import Any
 
-from shared_runtime.errors import InvalidArgument
+from state_service.errors import InvalidField
 
 _MAX_TOKEN_LENGTH = 2048
 
@@ -22,17 +22,17 @@ def encode(fields: dict[str, Any]) -> str:
 def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
     """Decodes a token and checks that it was issued for `expected` fields."""
     if len(token) > _MAX_TOKEN_LENGTH:
-        raise InvalidArgument("page_token", "is not a token this service issued")
+        raise InvalidField("page_token", "is not a token this service issued")
     try:
         padded = token + "=" * (-len(token) % 4)
         fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
     except (ValueError, binascii.Error, UnicodeError):
-        raise InvalidArgument("page_token", "is not a token this service issued") from None
+        raise InvalidField("page_token", "is not a token this service issued") from None
     if not isinstance(fields, dict):
-        raise InvalidArgument("page_token", "is not a token this service issued")
+        raise InvalidField("page_token", "is not a token this service issued")
     for key, value in expected.items():
         if fields.get(key) != value:
-            raise InvalidArgument(
+            raise InvalidField(
                 "page_token", "was issued for a different request; start from the first page"
             )
     return fields
@@ -41,5 +41,5 @@ def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
 def int_field(fields: dict[str, Any], key: str) -> int:
     value = fields.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-        raise InvalidArgument("page_token", "is not a token this service issued")
+        raise InvalidField("page_token", "is not a token this service issued")
     return value
