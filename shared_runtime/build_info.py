@@ -37,7 +37,7 @@ def git_sha() -> str:
     configured = os.environ.get(GIT_SHA_ENV, "").strip().lower()
     if configured:
         return configured if _SHA.fullmatch(configured) else UNKNOWN
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():  # a directory, or a file in a git worktree
         return UNKNOWN
     try:
