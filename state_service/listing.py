@@ -15,7 +15,7 @@ from state_service import metrics, paging
 from state_service.errors import InvalidField
 from state_service.log import Item, LogEntry
 from state_service.reader import LogReader
-from state_service.sessions import SessionInfo, SessionStore
+from state_service.sessions import SessionInfo, session_info
 from state_service.storage.redis import ABSENT_ETAG, RedisStorage, SessionHead
 
 
@@ -34,10 +34,9 @@ class SessionsPage:
 
 
 class Listing:
-    def __init__(self, storage: RedisStorage, reader: LogReader, sessions: SessionStore) -> None:
+    def __init__(self, storage: RedisStorage, reader: LogReader) -> None:
         self._storage = storage
         self._reader = reader
-        self._sessions = sessions
 
     async def list_items(
         self,
@@ -109,7 +108,7 @@ class Listing:
                 await self._storage.index_remove(tenant, expired)
                 metrics.SESSIONS_EXPIRED.inc(len(expired))
             sessions.extend(
-                self._sessions.session_info(sid, head)
+                session_info(sid, head, self._storage.default_ttl_seconds)
                 for sid, head in zip(ids, heads, strict=True)
                 if head is not None
             )

@@ -64,13 +64,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
         compression: Compression | None = None,
     ) -> StateServicer:
         """The servicer with its business modules, over one storage and log reader."""
-        store = SessionStore(
-            storage, reader, token_counter=token_counter, keys=keys, compression=compression
-        )
         return cls(
-            store,
+            SessionStore(
+                storage, reader, token_counter=token_counter, keys=keys, compression=compression
+            ),
             ContextPipeline(reader, compression, token_counter),
-            Listing(storage, reader, store),
+            Listing(storage, reader),
             WorkflowStore(storage),
             settings,
         )

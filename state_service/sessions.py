@@ -180,7 +180,7 @@ class SessionStore:
             raise
         if head is None:
             raise SessionNotFound(session_id)
-        return self.session_info(session_id, head)
+        return session_info(session_id, head, self._storage.default_ttl_seconds)
 
     async def delete_session(
         self, tenant: str, session_id: str, *, etag: str, allow_missing: bool
@@ -202,24 +202,24 @@ class SessionStore:
         (head,) = await self._storage.heads(tenant, [session_id])
         if head is None:
             raise SessionNotFound(session_id)
-        return self.session_info(session_id, head)
+        return session_info(session_id, head, self._storage.default_ttl_seconds)
 
-    def session_info(self, session_id: str, head: SessionHead) -> SessionInfo:
-        persist = head.ttl_setting == TTL_PERSIST
-        own_ttl = None if persist or head.ttl_setting == TTL_DEFAULT else head.ttl_setting
-        return SessionInfo(
-            session_id=session_id,
-            item_count=head.item_count,
-            last_seq=head.last_seq,
-            etag=head.etag,
-            create_ms=head.create_ms,
-            update_ms=head.update_ms,
-            persist=persist,
-            ttl_seconds=own_ttl,
-            effective_ttl_seconds=(
-                None if persist else head.ttl_setting or self._storage.default_ttl_seconds
-            ),
-            expire_ms=now_ms() + head.pttl_ms if head.pttl_ms >= 0 else None,
-            strategy=STRATEGY_OF_CODE.get(head.strategy) if head.strategy else None,
-            shares=Shares.decode(head.shares) if head.shares else None,
-        )
+
+def session_info(session_id: str, head: SessionHead, default_ttl_seconds: int) -> SessionInfo:
+    """What a client is told of a session, from its head."""
+    persist = head.ttl_setting == TTL_PERSIST
+    own_ttl = None if persist or head.ttl_setting == TTL_DEFAULT else head.ttl_setting
+    return SessionInfo(
+        session_id=session_id,
+        item_count=head.item_count,
+        last_seq=head.last_seq,
+        etag=head.etag,
+        create_ms=head.create_ms,
+        update_ms=head.update_ms,
+        persist=persist,
+        ttl_seconds=own_ttl,
+        effective_ttl_seconds=(None if persist else head.ttl_setting or default_ttl_seconds),
+        expire_ms=now_ms() + head.pttl_ms if head.pttl_ms >= 0 else None,
+        strategy=STRATEGY_OF_CODE.get(head.strategy) if head.strategy else None,
+        shares=Shares.decode(head.shares) if head.shares else None,
+    )
