@@ -767,11 +767,18 @@ def test_the_dockerignore_keeps_what_the_build_copies() -> None:
         p.split("*")[0] for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     assert (
-        {"state_service", "agent_service"}
+        {"shared_runtime", "state_service", "agent_service"}
         <= packages
-        <= {"state_service", "agent_service", "statecar"}
+        <= {"shared_runtime", "state_service", "agent_service", "statecar"}
     )
-    assert {"protos", "state_service", "agent_service", "pyproject.toml", "README.md"} <= copied
+    assert {
+        "protos",
+        "shared_runtime",
+        "state_service",
+        "agent_service",
+        "pyproject.toml",
+        "README.md",
+    } <= copied
 
 
 @needs_kubectl
