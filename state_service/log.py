@@ -8,15 +8,15 @@ without migrating stored data.
 
 Payload formats, told apart by their first bytes:
 
-- ``00 02`` (format 1, written since statecar 0.2): a 12-byte header (create
+- ``00 02`` (format 1, what statecar writes): a 12-byte header (create
   time in ms, u64, then the metadata's length n, u32, both big-endian), n bytes
   of metadata as a JSON object (nothing when n is 0), then the item's JSON
   bytes as the client sent them. Decoding is two slices and, with metadata, one
-  small json.loads: it is on every cache miss.
+  small JSON decode: it is on every cache miss.
 - ``00 01``: encryption's sealed envelope (encryption.MARKER), opened before
   decoding.
-- anything else: format 0, the protobuf bytes of the API's ``Item`` as it was
-  when statecar stored them (without seq), read through a frozen copy of that
+- anything else: format 0, the protobuf bytes of the API's ``Item`` as
+  statecar 0.1.0 stored them (without seq), read through a frozen copy of that
   layout. Sessions written before the upgrade stay readable; they are never
   rewritten, and leave through retention like any other.
 
