@@ -76,13 +76,23 @@ COMPONENTS = (
             "state_service/sessions.py",
             "state_service/cache.py",
             "state_service/context.py",
+            "state_service/reader.py",
+            "state_service/log.py",
+            "state_service/window.py",
+            "state_service/listing.py",
             "state_service/compression/",
             "cachetools/",
         ),
     ),  # fmt: skip
     (
         "servicer and validation",
-        ("state_service/servicer.py", "state_service/validation.py", "state_service/identity.py"),
+        (
+            "state_service/servicer.py",
+            "state_service/grpc_convert.py",
+            "state_service/grpc_errors.py",
+            "state_service/validation.py",
+            "state_service/identity.py",
+        ),
     ),  # fmt: skip
 )
 GRPC = "gRPC (cygrpc: call handling, HTTP/2, serialization)"

@@ -1,7 +1,11 @@
-"""Domain errors that carry their gRPC status, and their google.rpc.Status form.
+"""Errors as a client sees them: a gRPC status with an ErrorInfo reason, and
+their google.rpc.Status form.
 
-Business code raises these; the exception interceptor turns them into a status
-with an ErrorInfo detail. Anything else becomes INTERNAL with a fixed message.
+The agent service raises these directly; the state service raises its own
+domain errors (state_service/errors.py) and maps them to these at its gRPC
+edge (state_service/grpc_errors.py). The exception interceptor turns them into
+a status with an ErrorInfo detail. Anything else becomes INTERNAL with a fixed
+message.
 """
 
 from __future__ import annotations
@@ -60,17 +64,6 @@ class NotFound(ServiceError):
 class Aborted(ServiceError):
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
-
-
-class EtagMismatch(Aborted):
-    default_reason = "ETAG_MISMATCH"
-
-    def __init__(self, current_etag: str) -> None:
-        super().__init__(
-            "the etag does not match the current one; re-read and retry",
-            metadata={"current_etag": current_etag},
-        )
-        self.current_etag = current_etag
 
 
 class FailedPrecondition(ServiceError):

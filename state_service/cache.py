@@ -11,20 +11,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from cachetools import TTLCache
 
 from state_service import metrics
-from state_service.context import LogEntry
+from state_service.log import LogEntry
 from state_service.storage.redis import CacheKnowledge, SessionHead
 
 CACHE_NAME = "session_tail"
 
 
 # Entries of a tail's memo before it is emptied (it holds a few prepared
-# responses per distinct request shape; see SessionStore.get_context).
+# results per distinct request shape; see context.py).
 MEMO_MAX = 16
+
+
+class Lookup(StrEnum):
+    """How a read used the cached tail (the values are the metric's labels)."""
+
+    HIT = "hit"  # current as cached
+    PARTIAL = "partial"  # current once the newer entries were added
+    MISS = "miss"  # nothing usable cached
+
+
+class Invalidation(StrEnum):
+    """Why cached tails were dropped (the values are the metric's labels)."""
+
+    CHANGED = "changed"  # the version check found the log popped or re-created
+    DELETED = "deleted"  # the session was deleted or has expired
+    REDIS_UNREACHABLE = "redis_unreachable"  # nothing can be vouched for
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +118,7 @@ class SessionCache:
         self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
         self._size.set(0)
         self._lookups = {
-            result: metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result)
-            for result in metrics.CACHE_RESULTS
+            result: metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result.value) for result in Lookup
         }
 
     def get(self, tenant: str, session_id: str) -> CachedTail | None:
@@ -124,28 +140,31 @@ class SessionCache:
         if time.monotonic() - tail.stored_at > self.ttl_seconds / 4:
             self.put(tenant, session_id, tail)
 
-    def drop(self, tenant: str, session_id: str, reason: str = "deleted") -> None:
-        """Forgets a session that was deleted or found invalid."""
+    def drop(self, tenant: str, session_id: str) -> None:
+        """Forgets a session that was deleted or found gone."""
         if self._tails.pop((tenant, session_id), None) is not None:
-            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc()
+            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.DELETED).inc()
             self._size.set(len(self._tails))
 
-    def clear(self, reason: str = "redis_unreachable") -> None:
+    def clear(self) -> None:
+        """Forgets everything: Redis is unreachable, so invalidations may be lost."""
         flushed = len(self._tails)
         self._tails.clear()
         self._size.set(0)
         if flushed:
-            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc(flushed)
+            metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.REDIS_UNREACHABLE).inc(
+                flushed
+            )
 
-    def invalidated(self, reason: str) -> None:
+    def invalidated(self) -> None:
         """Counts a cached tail the version check found out of date."""
-        metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, reason).inc()
+        metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.CHANGED).inc()
 
-    def record(self, result: str) -> None:
+    def record(self, result: Lookup) -> None:
         self._lookups[result].inc()
-        if result == "hit":
+        if result is Lookup.HIT:
             self.stats.hits += 1
-        elif result == "partial":
+        elif result is Lookup.PARTIAL:
             self.stats.partial += 1
         else:
             self.stats.misses += 1

@@ -1,98 +1,265 @@
-"""Which items of a session's log go to the model: the newest items that fit a
-token budget, cut only at turn boundaries, never separating a tool call from
-its output."""
+"""GetContext: what of a session's log a model is shown, top to bottom.
+
+1. Read the tail: the newest entries, verified current against Redis in one
+   round trip (reader.py; the local cache spares decoding what it holds), then
+   extended back until it covers the budget or the start of the log.
+2. Choose the strategy: the request's, else the session's setting, else the
+   service default.
+3. Select: a window of recent turns (window.py), or, for summary / retrieval /
+   tiered, the stored summary and retrieved older items beside a window of
+   recent items (compression/strategies.py composes them).
+4. Pack within the budget: every strategy returns whole turns where it can,
+   never separates a tool call from its output, and never exceeds the budget.
+
+The log is never changed here; summaries and embeddings are computed in the
+background (compression/worker.py), and a read that finds them lagging only
+asks for them.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from statecar.state.v1 import state_service_pb2 as pb
+from state_service import metrics
+from state_service.cache import CachedTail
+from state_service.compression import strategies
+from state_service.compression.engine import Compression
+from state_service.compression.memory import StaleMemory
+from state_service.compression.strategies import ContextView, Shares, Strategy, SummaryPart
+from state_service.compression.text import item_text_of_json
+from state_service.log import LogEntry
+from state_service.reader import LogReader
+from state_service.storage.redis import ABSENT_ETAG, SessionHead
+from state_service.tokens import TokenCounter
+
+# Upper bound on items one GetContext considers, whatever the budget.
+MAX_CONTEXT_ITEMS = 20_000
+_OLDER_CHUNK_MIN = 64
+_EMPTY_VIEW = ContextView(Strategy.TOKEN_WINDOW, (), (), None, 0)
 
 
 @dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One immutable log item plus what context selection needs to know of it."""
+class ContextResult:
+    """The context of a session as of `etag` (ABSENT_ETAG: no session).
 
-    item: pb.Item
-    tokens: int
-    starts_turn: bool
-    call_id: str | None
-    output_of: str | None
+    `rendered` is set on a result that is shared by every request of the same
+    shape (see ContextPipeline.get_context): the gRPC layer keeps its built
+    response there, so serving the result again costs a copy, not a build.
+    """
+
+    etag: str
+    token_budget: int
+    strategy: Strategy
+    view: ContextView = _EMPTY_VIEW
+    total_item_count: int = 0
+    query: str = ""
+    rendered: dict[str, Any] | None = None
 
     @property
-    def seq(self) -> int:
-        return self.item.seq
+    def recent(self) -> Sequence[LogEntry]:
+        return self.view.recent
+
+    @property
+    def retrieved(self) -> Sequence[tuple[LogEntry, float]]:
+        return self.view.retrieved
+
+    @property
+    def summary(self) -> SummaryPart | None:
+        return self.view.summary
+
+    @property
+    def token_count(self) -> int:
+        return self.view.tokens
+
+    @property
+    def omitted_item_count(self) -> int:
+        return self.total_item_count - len(self.view.recent) - len(self.view.retrieved)
 
 
-def describe(item: pb.Item, tokens: int) -> LogEntry:
-    """Classifies an item: a user message starts a turn; a *_call with a call_id
-    opens a span its *_call_output closes."""
-    try:
-        data: Any = json.loads(item.json)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return LogEntry(item, tokens, False, None, None)
-    kind = data.get("type")
-    call_id = data.get("call_id") if isinstance(data.get("call_id"), str) else None
-    starts_turn = data.get("role") == "user" and kind in (None, "message")
-    is_output = isinstance(kind, str) and kind.endswith("_call_output")
-    is_call = isinstance(kind, str) and kind.endswith("_call")
-    return LogEntry(
-        item,
-        tokens,
-        starts_turn,
-        call_id if is_call else None,
-        call_id if is_output else None,
-    )
+class ContextPipeline:
+    def __init__(
+        self, reader: LogReader, compression: Compression | None, token_counter: TokenCounter
+    ) -> None:
+        self._reader = reader
+        self._compression = compression
+        self._tokens = token_counter
+
+    async def get_context(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        token_budget: int,
+        query: str = "",
+        strategy: Strategy | None = None,
+        shares: Shares | None = None,
+        max_items: int = 0,
+    ) -> ContextResult:
+        compression = self._compression
+        # 1. The tail.
+        tail = await self._tail_for(tenant, session_id, token_budget, max_items)
+        # 2. The strategy.
+        if tail is None:
+            applied = strategy or (
+                compression.default_strategy if compression else Strategy.TOKEN_WINDOW
+            )
+            return ContextResult(ABSENT_ETAG, token_budget, applied)
+        head = tail.head
+        if strategy is None:
+            strategy = compression.strategy_of(head) if compression else Strategy.TOKEN_WINDOW
+        # A view of the tail alone (no summary, no retrieval) depends only on
+        # the entries, the head's etag and the request: computed once per
+        # tail and shared (with its rendering, see ContextResult).
+        pure = (
+            compression is None
+            or strategy in (Strategy.SLIDING_WINDOW, Strategy.TOKEN_WINDOW)
+            or (tail.start_index == 0 and tail.tokens <= token_budget)
+        )
+        key = (head.etag, strategy, token_budget, max_items, query) if pure else None
+        if key is not None:
+            shared: ContextResult | None = tail.memo.get(key)
+            if shared is not None:
+                _observe_context(head, shared.view.strategy, shared.token_count)
+                return shared
+        # 3 and 4. Select and pack.
+        used_query = ""
+        if strategy is Strategy.SLIDING_WINDOW:
+            n = max_items or (compression.sliding_window_items if compression else 20)
+            view = strategies.sliding_window(
+                tail.entries, token_budget, n, at_log_start=tail.start_index == 0
+            )
+        elif strategy is Strategy.TOKEN_WINDOW or compression is None:
+            view = strategies.token_window_view(
+                tail.entries, token_budget, at_log_start=tail.start_index == 0
+            )
+        else:
+            used_query = query or _newest_user_text(tail)
+            view = await self._compressed(
+                compression,
+                tenant,
+                session_id,
+                tail,
+                strategy,
+                shares or compression.shares_of(head),
+                token_budget,
+                used_query,
+            )
+        _observe_context(head, view.strategy, view.tokens)
+        result = ContextResult(
+            head.etag,
+            token_budget,
+            view.strategy,
+            view,
+            head.item_count,
+            used_query,
+            rendered={} if key is not None else None,
+        )
+        if key is not None:
+            tail.remember(key, result)
+        return result
+
+    async def _tail_for(
+        self, tenant: str, session_id: str, token_budget: int, max_items: int
+    ) -> CachedTail | None:
+        """The current tail, extended back until it holds more than the budget,
+        the whole log, or MAX_CONTEXT_ITEMS; None if the session does not exist."""
+        reader = self._reader
+        window = max(32, token_budget // 16, max_items)
+        tail = await reader.current_tail(tenant, session_id, window)
+        for _ in range(64):
+            if (
+                tail is None
+                or tail.start_index == 0
+                or len(tail.entries) >= MAX_CONTEXT_ITEMS
+                or tail.tokens > token_budget
+            ):
+                break
+            extended = await reader.extend_back(
+                tenant, session_id, tail, max(_OLDER_CHUNK_MIN, len(tail.entries))
+            )
+            # A pop or delete raced with us: start over from a fresh tail.
+            tail = extended or await reader.current_tail(tenant, session_id, window)
+        return tail
+
+    async def _compressed(
+        self,
+        compression: Compression,
+        tenant: str,
+        session_id: str,
+        tail: CachedTail,
+        strategy: Strategy,
+        shares: Shares,
+        budget: int,
+        query: str,
+    ) -> ContextView:
+        """summary / retrieval / tiered over a verified-current tail."""
+        head = tail.head
+        everything_fits = tail.start_index == 0 and tail.tokens <= budget
+        summary = None
+        if strategy.uses_summary and not everything_fits:
+            summary = await compression.summaries.get(tenant, session_id, head)
+        retrieve = None
+        if strategy.uses_retrieval and not everything_fits:
+            try:
+                memory = await compression.memories.sync(
+                    tenant, session_id, head, tail.start_index, tail.entries
+                )
+            except StaleMemory:
+                memory = None  # the log changed meanwhile: serve without retrieval
+            if memory is not None:
+                vector = None
+                if compression.embedder is not None and any(v is not None for v in memory.vectors):
+                    vector = await compression.embed_query(query)
+                if compression.compressor is not None and compression.embedder is not None:
+                    if memory.unembedded(1):
+                        compression.compressor.notify(tenant, session_id, force=True)
+                found = memory
+
+                def retrieve(below: int, room: int) -> list[tuple[LogEntry, float]]:
+                    return found.search(query, below_index=below, budget=room, query_vector=vector)
+
+        view = strategies.compose(
+            strategy,
+            tail.entries,
+            tail.start_index,
+            budget,
+            shares=shares,
+            counter=self._tokens,
+            summary=summary,
+            retrieve=retrieve,
+        )
+        if strategy.uses_summary and not everything_fits:
+            compressor = compression.compressor
+            if compressor is not None:
+                compressor.record_lag(tenant, session_id, view.summary_lag)
+                if view.summary_lag >= compressor.policy.min_batch_items:
+                    compressor.notify(tenant, session_id, force=True)
+        return view
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    start: int
-    tokens: int
+_NEWEST_USER_TEXT = "newest_user_text"
+_TOKENS_SAVED = {
+    strategy: metrics.COMPRESSION_TOKENS_SAVED.labels(strategy.value) for strategy in Strategy
+}
 
 
-def _safe_cuts(entries: Sequence[LogEntry]) -> list[bool]:
-    """safe[i]: a context starting at entries[i] separates no call from its output."""
-    output_at = {e.output_of: i for i, e in enumerate(entries) if e.output_of}
-    open_calls: set[str] = set()
-    unsafe_through = -1
-    safe = []
-    for i, entry in enumerate(entries):
-        orphan = entry.output_of is not None and entry.output_of not in open_calls
-        if orphan:
-            # Its call is older than `entries`: nothing up to here (itself
-            # included) may lead.
-            unsafe_through = i
-        safe.append(not open_calls and i > unsafe_through)
-        if entry.call_id and output_at.get(entry.call_id, -1) > i:
-            open_calls.add(entry.call_id)
-        if entry.output_of and not orphan:
-            open_calls.discard(entry.output_of)
-    return safe
+def _observe_context(head: SessionHead, strategy: Strategy, tokens: int) -> None:
+    metrics.CONTEXT_TOKENS.observe(tokens)
+    if head.log_tokens >= 0:
+        _TOKENS_SAVED[strategy].inc(max(0, head.log_tokens - tokens))
 
 
-def token_window(entries: Sequence[LogEntry], budget: int, *, at_log_start: bool) -> Window:
-    """The longest suffix of `entries` within `budget` that starts a turn; if even
-    the newest turn is too big, the longest suffix at any safe cut.
-
-    `at_log_start`: entries[0] is the first item of the log (a natural turn start).
-    """
-    n = len(entries)
-    suffix = [0] * (n + 1)
-    for i in range(n - 1, -1, -1):
-        suffix[i] = suffix[i + 1] + entries[i].tokens
-    safe = _safe_cuts(entries)
-    fitting = [i for i in range(n) if safe[i] and suffix[i] <= budget]
-    turn_starts = [i for i in fitting if entries[i].starts_turn or (i == 0 and at_log_start)]
-    if turn_starts:
-        start = turn_starts[0]
-    elif fitting:
-        start = fitting[0]
-    else:
-        start = n
-    return Window(start, suffix[start])
+def _newest_user_text(tail: CachedTail) -> str:
+    """The text of the newest user message: the default retrieval query
+    (remembered with the tail: it is a JSON parse)."""
+    text: str | None = tail.memo.get(_NEWEST_USER_TEXT)
+    if text is None:
+        text = ""
+        for entry in reversed(tail.entries):
+            if entry.starts_turn:
+                text = item_text_of_json(entry.item.json)[1]
+                break
+        tail.remember(_NEWEST_USER_TEXT, text)
+    return text

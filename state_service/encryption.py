@@ -22,12 +22,12 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from shared_runtime.errors import FailedPrecondition
+from state_service.errors import EncryptionIntegrity, EncryptionKeyUnavailable
 
 logger = logging.getLogger("statecar.encryption")
 
-# A serialized Item never starts with a zero byte (field number 0 is invalid),
-# so plaintext and sealed entries coexist (encryption can be turned on later).
+# No plaintext payload starts with these bytes (log.py lists the formats), so
+# plaintext and sealed entries coexist (encryption can be turned on later).
 MARKER = b"\x00\x01"
 NONCE_BYTES = 12
 
@@ -101,17 +101,15 @@ class KeyRing:
         sealed = stored[start + length + NONCE_BYTES :]
         aead = self._keys.get((tenant, key_id)) or self._keys.get(("*", key_id))
         if aead is None:
-            raise FailedPrecondition(
+            raise EncryptionKeyUnavailable(
                 f"an item is encrypted with key {key_id.decode(errors='replace')!r}, "
-                "which is no longer configured",
-                reason="ENCRYPTION_KEY_UNAVAILABLE",
+                "which is no longer configured"
             )
         try:
             return aead.decrypt(nonce, sealed, _associated(tenant, session_id))
         except InvalidTag:
-            raise FailedPrecondition(
-                "an item failed authentication (wrong key or tampered data)",
-                reason="ENCRYPTION_INTEGRITY",
+            raise EncryptionIntegrity(
+                "an item failed authentication (wrong key or tampered data)"
             ) from None
 
 

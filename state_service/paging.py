@@ -1,6 +1,6 @@
 """Opaque page tokens: URL-safe base64 of a small JSON document bound to the
 request that issued it. A token from another session, order or a bogus one is
-INVALID_ARGUMENT.
+refused as an invalid page_token.
 
 Tokens are not signed (replicas would need a shared secret), so every token
 is validated in full before any field is used: a flat JSON object of short
@@ -15,7 +15,7 @@ import binascii
 import json
 from typing import Any
 
-from shared_runtime.errors import InvalidArgument
+from state_service.errors import InvalidField
 
 _MAX_TOKEN_LENGTH = 2048
 _MAX_POSITION = 2**62
@@ -30,20 +30,20 @@ def encode(fields: dict[str, Any]) -> str:
 def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
     """Decodes a token and checks that it was issued for `expected` fields."""
     if len(token) > _MAX_TOKEN_LENGTH:
-        raise InvalidArgument("page_token", _NOT_OURS)
+        raise InvalidField("page_token", _NOT_OURS)
     try:
         padded = token + "=" * (-len(token) % 4)
         fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
     except (ValueError, binascii.Error, UnicodeError, RecursionError):
-        raise InvalidArgument("page_token", _NOT_OURS) from None
+        raise InvalidField("page_token", _NOT_OURS) from None
     if not isinstance(fields, dict) or not all(
         isinstance(value, str) or (type(value) is int and abs(value) <= _MAX_POSITION)
         for value in fields.values()
     ):
-        raise InvalidArgument("page_token", _NOT_OURS)
+        raise InvalidField("page_token", _NOT_OURS)
     for key, value in expected.items():
         if fields.get(key) != value:
-            raise InvalidArgument(
+            raise InvalidField(
                 "page_token", "was issued for a different request; start from the first page"
             )
     return fields
@@ -52,5 +52,5 @@ def decode(token: str, expected: dict[str, Any]) -> dict[str, Any]:
 def int_field(fields: dict[str, Any], key: str) -> int:
     value = fields.get(key)
     if type(value) is not int or not -1 <= value <= _MAX_POSITION:
-        raise InvalidArgument("page_token", _NOT_OURS)
+        raise InvalidField("page_token", _NOT_OURS)
     return value

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from shared_runtime.auth import auth_interceptor, parse_delegates
-from shared_runtime.errors import Unavailable
 from shared_runtime.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from shared_runtime.health import Readiness
 from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
@@ -29,13 +28,13 @@ from state_service import metrics
 from state_service.cache import CACHE_NAME, SessionCache
 from state_service.compression.engine import Compression, build_compression
 from state_service.encryption import KeyRing
+from state_service.errors import StoreAuthRefused, StorePermissionDenied, StoreUnavailable
+from state_service.reader import LogReader
 from state_service.servicer import StateServicer
-from state_service.sessions import SessionStore
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis, EmbeddedRedisError
 from state_service.storage.redis import RedisConnectOptions, RedisStorage
 from state_service.tokens import make_token_counter
-from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -54,7 +53,7 @@ class StateServer:
     settings: StateServiceSettings
     server: grpc.aio.Server
     storage: RedisStorage
-    store: SessionStore
+    servicer: StateServicer
     cache: SessionCache | None
     readiness: Readiness
     port: int
@@ -135,16 +134,15 @@ class StateServer:
             await asyncio.to_thread(prepare_input_item_check)
         counter = make_token_counter(settings.token_counter, settings.tiktoken_encoding)
         logger.info("counting tokens with %s", counter.name)
-        store = SessionStore(storage, cache=cache, token_counter=counter, keys=keys)
+        reader = LogReader(storage, cache=cache, token_counter=counter, keys=keys)
         compression = build_compression(
             settings,
             storage,
             counter,
-            store.read_range,
+            reader.read_range,
             seal=keys.seal if keys is not None else None,
             open_=keys.open if keys is not None else None,
         )
-        store.compression = compression
 
         def on_readiness(ready: bool) -> None:
             metrics.REDIS_UP.set(1 if ready else 0)
@@ -176,9 +174,10 @@ class StateServer:
         if auth is not None:
             interceptors.append(auth)
         server = create_server(settings, interceptors, settings.max_message_bytes)
-        pb_grpc.add_StateServiceServicer_to_server(
-            StateServicer(store, WorkflowStore(storage), settings), server
+        servicer = StateServicer.over(
+            storage, reader, settings, token_counter=counter, keys=keys, compression=compression
         )
+        pb_grpc.add_StateServiceServicer_to_server(servicer, server)
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None
         if settings.metrics_port:
@@ -197,7 +196,7 @@ class StateServer:
             settings=settings,
             server=server,
             storage=storage,
-            store=store,
+            servicer=servicer,
             cache=cache,
             readiness=readiness,
             port=port,
@@ -243,8 +242,8 @@ async def _check_redis(storage: RedisStorage, settings: StateServiceSettings) ->
     try:
         async with asyncio.timeout(timeout):
             await storage.ping()
-    except Unavailable as error:
-        if error.reason in ("BACKEND_AUTH", "BACKEND_PERMISSION"):
+    except StoreUnavailable as error:
+        if isinstance(error, StoreAuthRefused | StorePermissionDenied):
             user = settings.redis_username or "the URL's or default user"
             raise StartupError(
                 f"Redis rejected statecar's credentials ({error.message}; user: {user}); "

@@ -1,5 +1,12 @@
-"""Where StateService requests enter: validate, resolve the tenant, delegate to
-the session rules in sessions.py."""
+"""Where StateService requests enter: validate, resolve the tenant, convert the
+request to domain values (grpc_convert.py), call the business module that owns
+the RPC, convert its result back. Domain errors leave as their status
+(grpc_errors.py).
+
+AppendItems, PopItem, GetSession, UpdateSession, DeleteSession: sessions.py.
+GetContext: context.py. ListItems, ListSessions: listing.py. Workflows:
+workflows.py.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,19 @@ from typing import Any
 from grpc.aio import ServicerContext
 
 from shared_runtime.errors import InvalidArgument
+from state_service import grpc_convert as convert
 from state_service import validation
+from state_service.compression.engine import Compression
+from state_service.context import ContextPipeline
+from state_service.encryption import KeyRing
+from state_service.grpc_errors import maps_domain_errors
 from state_service.identity import tenant_of
-from state_service.sessions import SessionStore
+from state_service.listing import Listing
+from state_service.reader import LogReader
+from state_service.sessions import SessionStore, SettingsUpdate
 from state_service.settings import StateServiceSettings
+from state_service.storage.redis import RedisStorage
+from state_service.tokens import TokenCounter
 from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
@@ -23,25 +39,57 @@ SETTINGS_FIELDS = RETENTION_FIELDS | {"context_strategy", "tier_shares"}
 
 class StateServicer(pb_grpc.StateServiceServicer):
     def __init__(
-        self, store: SessionStore, workflows: WorkflowStore, settings: StateServiceSettings
+        self,
+        store: SessionStore,
+        context: ContextPipeline,
+        listing: Listing,
+        workflows: WorkflowStore,
+        settings: StateServiceSettings,
     ) -> None:
         self._store = store
+        self._context = context
+        self._listing = listing
         self._workflows = workflows
         self._settings = settings
 
+    @classmethod
+    def over(
+        cls,
+        storage: RedisStorage,
+        reader: LogReader,
+        settings: StateServiceSettings,
+        *,
+        token_counter: TokenCounter,
+        keys: KeyRing | None = None,
+        compression: Compression | None = None,
+    ) -> StateServicer:
+        """The servicer with its business modules, over one storage and log reader."""
+        return cls(
+            SessionStore(
+                storage, reader, token_counter=token_counter, keys=keys, compression=compression
+            ),
+            ContextPipeline(reader, compression, token_counter),
+            Listing(storage, reader),
+            WorkflowStore(storage),
+            settings,
+        )
+
+    @maps_domain_errors
     async def AppendItems(
         self, request: pb.AppendItemsRequest, context: Context
     ) -> pb.AppendItemsResponse:
         session_id = validation.session_id(request.session_id)
         validation.items(request.items, self._settings)
-        return await self._store.append(
+        outcome = await self._store.append(
             tenant_of(context),
             session_id,
-            request.items,
+            convert.new_items(request.items),
             request_id=validation.request_id(request.request_id),
             etag=validation.etag(request.etag),
         )
+        return convert.append_response(outcome)
 
+    @maps_domain_errors
     async def GetContext(
         self, request: pb.GetContextRequest, context: Context
     ) -> pb.GetContextResponse:
@@ -53,7 +101,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
             if request.HasField("tier_shares")
             else None
         )
-        return await self._store.get_context(
+        result = await self._context.get_context(
             tenant_of(context),
             session_id,
             token_budget=budget,
@@ -62,36 +110,44 @@ class StateServicer(pb_grpc.StateServiceServicer):
             shares=shares,
             max_items=validation.max_items(request.max_items),
         )
+        return convert.context_response(result)
 
+    @maps_domain_errors
     async def ListItems(
         self, request: pb.ListItemsRequest, context: Context
     ) -> pb.ListItemsResponse:
         session_id = validation.session_id(request.session_id)
         if request.order not in pb.ItemOrder.values():
             raise InvalidArgument("order", "is not a known ItemOrder")
-        return await self._store.list_items(
+        page = await self._listing.list_items(
             tenant_of(context),
             session_id,
             page_size=validation.page_size(request.page_size, self._settings),
             page_token=request.page_token,
             newest_first=request.order == pb.ITEM_ORDER_NEWEST_FIRST,
         )
+        return convert.items_response(page)
 
+    @maps_domain_errors
     async def PopItem(self, request: pb.PopItemRequest, context: Context) -> pb.PopItemResponse:
         session_id = validation.session_id(request.session_id)
-        return await self._store.pop(
+        popped = await self._store.pop(
             tenant_of(context),
             session_id,
             request_id=validation.request_id(request.request_id),
             etag=validation.etag(request.etag),
         )
+        return convert.pop_response(popped)
 
+    @maps_domain_errors
     async def GetSession(
         self, request: pb.GetSessionRequest, context: Context
     ) -> pb.GetSessionResponse:
         session_id = validation.session_id(request.session_id)
-        return await self._store.get_session(tenant_of(context), session_id)
+        info = await self._store.get_session(tenant_of(context), session_id)
+        return pb.GetSessionResponse(session=convert.session_message(info))
 
+    @maps_domain_errors
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: Context
     ) -> pb.UpdateSessionResponse:
@@ -104,12 +160,13 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 f"unknown paths {sorted(unknown)}; known: {', '.join(sorted(SETTINGS_FIELDS))}",
             )
         everything = not paths
-        strategy_number: int | None = None
+        strategy = None
+        reset_strategy = False
         if everything or "context_strategy" in paths:
-            chosen = validation.strategy(
+            strategy = validation.strategy(
                 request.settings.context_strategy, "settings.context_strategy"
             )
-            strategy_number = request.settings.context_strategy if chosen else 0
+            reset_strategy = strategy is None
         shares = None
         reset_shares = False
         if everything or "tier_shares" in paths:
@@ -127,17 +184,23 @@ class StateServicer(pb_grpc.StateServiceServicer):
         # either sets it from both fields: persist wins, else ttl (unset =
         # service default).
         ttl_setting = validation.ttl_seconds(request.settings, "settings")
-        return await self._store.update_session(
-            tenant_of(context),
-            session_id,
+        update = SettingsUpdate(
             ttl_setting=ttl_setting if everything or paths & RETENTION_FIELDS else None,
-            etag=validation.etag(request.etag),
-            allow_missing=request.allow_missing,
-            strategy=strategy_number,
+            strategy=strategy,
+            reset_strategy=reset_strategy,
             shares=shares,
             reset_shares=reset_shares,
         )
+        info = await self._store.update_session(
+            tenant_of(context),
+            session_id,
+            update,
+            etag=validation.etag(request.etag),
+            allow_missing=request.allow_missing,
+        )
+        return pb.UpdateSessionResponse(session=convert.session_message(info))
 
+    @maps_domain_errors
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
@@ -150,22 +213,26 @@ class StateServicer(pb_grpc.StateServiceServicer):
         )
         return pb.DeleteSessionResponse()
 
+    @maps_domain_errors
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        return await self._store.list_sessions(
+        page = await self._listing.list_sessions(
             tenant_of(context),
             page_size=validation.page_size(request.page_size, self._settings),
             page_token=request.page_token,
         )
+        return convert.sessions_response(page)
 
+    @maps_domain_errors
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: Context
     ) -> pb.GetWorkflowResponse:
         workflow_id = validation.session_id(request.workflow_id, "workflow_id")
         workflow = await self._workflows.get(tenant_of(context), workflow_id)
-        return pb.GetWorkflowResponse(workflow=workflow)
+        return pb.GetWorkflowResponse(workflow=convert.workflow_message(workflow))
 
+    @maps_domain_errors
     async def UpdateWorkflow(
         self, request: pb.UpdateWorkflowRequest, context: Context
     ) -> pb.UpdateWorkflowResponse:
@@ -185,12 +252,13 @@ class StateServicer(pb_grpc.StateServiceServicer):
             validation.session_id(session, f"workflow.agent_sessions[{agent!r}]")
         updated = await self._workflows.update(
             tenant_of(context),
-            workflow,
+            convert.workflow_of(workflow),
             etag=validation.etag(request.etag),
             allow_missing=request.allow_missing,
         )
-        return pb.UpdateWorkflowResponse(workflow=updated)
+        return pb.UpdateWorkflowResponse(workflow=convert.workflow_message(updated))
 
+    @maps_domain_errors
     async def DeleteWorkflow(
         self, request: pb.DeleteWorkflowRequest, context: Context
     ) -> pb.DeleteWorkflowResponse:

@@ -15,8 +15,8 @@ from shared_runtime.identifiers import etag as etag
 from shared_runtime.identifiers import request_id as request_id
 from shared_runtime.identifiers import session_id as session_id
 from shared_runtime.items import input_item_problem
-from state_service.compression.engine import STRATEGY_OF_PROTO
 from state_service.compression.strategies import Shares, Strategy
+from state_service.grpc_convert import STRATEGY_OF_PROTO
 from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
 

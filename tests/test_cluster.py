@@ -18,8 +18,9 @@ from typing import cast
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
+from state_service import log
 from state_service.client import StateClient, StateServiceError
-from state_service.sessions import decode_entry
+from state_service.grpc_errors import to_service_error
 from state_service.storage.redis import RedisConnectOptions, RedisStorage
 from tests.patience import patience
 from tests.processes import state_service_process, wait_serving
@@ -74,7 +75,7 @@ async def stored(url: str, session_id: str) -> list[str]:
         raw = await r.lrange(f"statecar:{{default:{session_id}}}:l", 0, -1)
     finally:
         await r.aclose()
-    return [json.loads(decode_entry(cast(bytes, e)).json)["content"] for e in raw]
+    return [json.loads(log.decode(cast(bytes, e)).json)["content"] for e in raw]
 
 
 @pytest.mark.slow
@@ -150,7 +151,7 @@ async def test_wait_with_too_few_replicas_is_unavailable_and_retry_safe(
     """WAIT for more replicas than exist: the write is applied on the primary
     but answered REPLICATION_TIMEOUT; a retry with the same request_id replays
     it (no duplicate) and is answered the same way until replicas confirm."""
-    from state_service.storage.redis import ReplicationTimeout
+    from state_service.errors import ReplicationTimeout
 
     redis_cluster.flush()
     plain = RedisStorage.from_url(redis_cluster.url, options=RedisConnectOptions(cluster=True))
@@ -173,8 +174,10 @@ async def test_wait_with_too_few_replicas_is_unavailable_and_retry_safe(
                     new_incarnation="unused",
                     now_ms=2,
                 )
-            assert raised.value.reason == "REPLICATION_TIMEOUT"
-            assert raised.value.metadata == {"replicas_acknowledged": "1", "replicas_required": "2"}
+            assert (raised.value.acknowledged, raised.value.required) == (1, 2)
+            status = to_service_error(raised.value)
+            assert status.reason == "REPLICATION_TIMEOUT"
+            assert status.metadata == {"replicas_acknowledged": "1", "replicas_required": "2"}
         (head,) = await plain.heads("default", ["s"])
         assert head is not None and head.item_count == 2  # applied once, replayed once
         # A first write that would create a session: its index entry is not
@@ -199,8 +202,8 @@ async def test_wait_on_one_primary_with_a_replica(tmp_path: Path) -> None:
     """WAIT without a cluster: a primary with one replica acknowledges writes
     (one round trip with the index step); with the replica frozen, the same
     write answers REPLICATION_TIMEOUT and its retry replays it."""
+    from state_service.errors import ReplicationTimeout
     from state_service.storage.embedded import EmbeddedRedis, free_port
-    from state_service.storage.redis import ReplicationTimeout
 
     with EmbeddedRedis(tmp_path / "primary", port=free_port()) as primary:
         replica = EmbeddedRedis(

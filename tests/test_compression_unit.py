@@ -29,13 +29,12 @@ from state_service.compression.summarizer import (
     score_sentence,
 )
 from state_service.compression.text import item_text, terms
-from state_service.context import LogEntry, describe
+from state_service.log import Item, LogEntry, describe
 from state_service.tokens import (
     EstimatingTokenCounter,
     TiktokenCounter,
     make_token_counter,
 )
-from statecar.state.v1 import state_service_pb2 as pb
 
 COUNTER = EstimatingTokenCounter()
 
@@ -44,7 +43,7 @@ def make_log(datas: list[dict[str, Any]]) -> list[LogEntry]:
     out = []
     for n, data in enumerate(datas):
         raw = json.dumps(data).encode()
-        item = pb.Item(seq=n + 1, json=raw, metadata={"n": str(n + 1)})
+        item = Item(seq=n + 1, json=raw, metadata={"n": str(n + 1)})
         out.append(describe(item, COUNTER.count(raw)))
     return out
 

@@ -7,17 +7,16 @@ from typing import Any
 
 import pytest
 
-from shared_runtime.errors import InvalidArgument
 from state_service import paging
-from state_service.context import describe, token_window
+from state_service.errors import InvalidField
+from state_service.log import Item, describe
 from state_service.tokens import EstimatingTokenCounter
-from statecar.state.v1 import state_service_pb2 as pb
+from state_service.window import token_window
 
 
 def entries(*items: dict[str, Any], tokens: int = 10) -> list[Any]:
     return [
-        describe(pb.Item(seq=n + 1, json=json.dumps(i).encode()), tokens)
-        for n, i in enumerate(items)
+        describe(Item(seq=n + 1, json=json.dumps(i).encode()), tokens) for n, i in enumerate(items)
     ]
 
 
@@ -89,7 +88,7 @@ def test_budget_never_exceeded_property() -> None:
             else:
                 items.append(kind)  # type: ignore[arg-type]
         log = [
-            describe(pb.Item(seq=i + 1, json=json.dumps(d).encode()), rng.randint(1, 50))
+            describe(Item(seq=i + 1, json=json.dumps(d).encode()), rng.randint(1, 50))
             for i, d in enumerate(items)
         ]
         budget = rng.randint(0, 400)
@@ -111,9 +110,9 @@ def test_token_estimate_errs_high() -> None:
 def test_page_tokens_are_bound_to_their_request() -> None:
     token = paging.encode({"s": "a", "o": "oldest", "i": 5})
     assert paging.decode(token, {"s": "a", "o": "oldest"})["i"] == 5
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidField):
         paging.decode(token, {"s": "b", "o": "oldest"})
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidField):
         paging.decode("%%%", {})
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidField):
         paging.int_field({"i": "5"}, "i")

@@ -54,7 +54,7 @@ class Load:
 
 
 async def stored_contents(redis_url: str, session_id: str) -> list[str]:
-    from state_service.sessions import decode_entry
+    from state_service import log
 
     r = aioredis.from_url(redis_url)
     try:
@@ -63,7 +63,7 @@ async def stored_contents(redis_url: str, session_id: str) -> list[str]:
         await r.aclose()
     import json
 
-    return [json.loads(decode_entry(cast(bytes, entry)).json)["content"] for entry in raw]
+    return [json.loads(log.decode(cast(bytes, entry)).json)["content"] for entry in raw]
 
 
 async def test_kill9_of_one_replica_loses_no_acknowledged_append(tmp_path: Path) -> None:

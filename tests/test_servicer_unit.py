@@ -19,12 +19,11 @@ from google.rpc import error_details_pb2, status_pb2
 
 from shared_runtime.errors import ServiceError
 from state_service.cache import SessionCache
+from state_service.reader import LogReader
 from state_service.servicer import StateServicer
-from state_service.sessions import SessionStore
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.storage.redis import RedisStorage
 from state_service.tokens import EstimatingTokenCounter
-from state_service.workflows import WorkflowStore
 from statecar.state.v1 import state_service_pb2 as pb
 from tests.conftest import state_settings
 
@@ -68,8 +67,9 @@ def servicer_server(redis_server: EmbeddedRedis) -> Iterator[grpc_testing.Server
     async def build() -> tuple[RedisStorage, StateServicer]:
         storage = RedisStorage.from_url(redis_server.url)
         cache = SessionCache(max_sessions=100, ttl_seconds=60, max_items=64)
-        store = SessionStore(storage, cache=cache, token_counter=EstimatingTokenCounter())
-        return storage, StateServicer(store, WorkflowStore(storage), settings)
+        counter = EstimatingTokenCounter()
+        reader = LogReader(storage, cache=cache, token_counter=counter)
+        return storage, StateServicer.over(storage, reader, settings, token_counter=counter)
 
     storage, servicer = asyncio.run_coroutine_threadsafe(build(), loop).result(10)
     yield grpc_testing.server_from_dictionary(

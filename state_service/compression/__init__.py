@@ -9,7 +9,8 @@
                  (embeddings.py) for hybrid scores
 - worker.py      the background summarizer: off the request path, committed
                  with a compare-and-set on "covered up to" in Redis
-- engine.py      wires the parts to the session store (sessions.py)
+- engine.py      builds the parts from the settings for the GetContext pipeline
+                 (context.py); the stored numbers of a strategy setting
 
 Nothing here changes the log: summaries live beside it (storage/redis.py).
 """

@@ -1,5 +1,5 @@
 """The compression parts a state service runs with, built from its settings,
-and the mapping between the API's ContextStrategy numbers and Strategy."""
+and the numbers a session's strategy setting is stored as."""
 
 from __future__ import annotations
 
@@ -25,16 +25,19 @@ from state_service.compression.worker import (
 from state_service.settings import StateServiceSettings
 from state_service.storage.redis import RedisStorage, SessionHead
 from state_service.tokens import TokenCounter
-from statecar.state.v1 import state_service_pb2 as pb
 
-STRATEGY_OF_PROTO: dict[pb.ContextStrategy.ValueType, Strategy] = {
-    pb.CONTEXT_STRATEGY_SLIDING_WINDOW: Strategy.SLIDING_WINDOW,
-    pb.CONTEXT_STRATEGY_TOKEN_WINDOW: Strategy.TOKEN_WINDOW,
-    pb.CONTEXT_STRATEGY_SUMMARY: Strategy.SUMMARY,
-    pb.CONTEXT_STRATEGY_RETRIEVAL: Strategy.RETRIEVAL,
-    pb.CONTEXT_STRATEGY_TIERED: Strategy.TIERED,
+# A session's strategy setting in its meta hash ("strat"; 0 = service
+# default). Stored data: these numbers never change. (They were the API's
+# ContextStrategy numbers when the setting was introduced; the API's mapping
+# lives in grpc_convert.py and may diverge.)
+STRATEGY_OF_CODE: dict[int, Strategy] = {
+    1: Strategy.SLIDING_WINDOW,
+    2: Strategy.TOKEN_WINDOW,
+    3: Strategy.SUMMARY,
+    4: Strategy.RETRIEVAL,
+    5: Strategy.TIERED,
 }
-PROTO_OF_STRATEGY = {strategy: number for number, strategy in STRATEGY_OF_PROTO.items()}
+CODE_OF_STRATEGY = {strategy: code for code, strategy in STRATEGY_OF_CODE.items()}
 
 
 @dataclass
@@ -51,7 +54,7 @@ class Compression:
 
     def strategy_of(self, head: SessionHead | None) -> Strategy:
         if head is not None and head.strategy:
-            found = STRATEGY_OF_PROTO.get(pb.ContextStrategy.ValueType(head.strategy))
+            found = STRATEGY_OF_CODE.get(head.strategy)
             if found is not None:
                 return found
         return self.default_strategy

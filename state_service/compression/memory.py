@@ -19,7 +19,7 @@ from cachetools import TTLCache
 from state_service.compression import text as textlib
 from state_service.compression.bm25 import BM25Index
 from state_service.compression.summarizer import SummaryInput
-from state_service.context import LogEntry
+from state_service.log import LogEntry
 from state_service.storage.redis import SessionHead
 
 # Reads an inclusive index range of the log: the head at that moment and the

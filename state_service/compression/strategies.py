@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from state_service.compression.summarizer import fit_summary
-from state_service.context import LogEntry, token_window
+from state_service.log import LogEntry
 from state_service.tokens import TokenCounter
+from state_service.window import token_window
 
 
 class Strategy(enum.Enum):

@@ -13,6 +13,7 @@ failure only means the summary lags: appends and reads never wait for it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -25,10 +26,27 @@ from state_service.compression.embeddings import Embedder, EmbeddingError
 from state_service.compression.memory import MemoryStore, SessionMemory, StaleMemory
 from state_service.compression.strategies import StoredSummary
 from state_service.compression.summarizer import Summarizer
-from state_service.storage.redis import RedisStorage, SessionHead
+from state_service.storage.redis import RedisStorage, SessionHead, SummaryCommit
 from state_service.tokens import TokenCounter
 
 logger = logging.getLogger("statecar.state.compression")
+
+
+class RunOutcome(enum.StrEnum):
+    """What one look at a session did to its summary."""
+
+    COMMITTED = "committed"
+    CONFLICT = "conflict"  # another replica moved the summary first
+    STALE = "stale"  # the log changed meanwhile
+    FAILED = "failed"  # the summarizer failed
+    SKIPPED = "skipped"  # nothing (enough) to fold
+
+
+_COMMIT_OUTCOMES = {
+    SummaryCommit.OK: RunOutcome.COMMITTED,
+    SummaryCommit.CONFLICT: RunOutcome.CONFLICT,
+    SummaryCommit.STALE: RunOutcome.STALE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,35 +204,34 @@ class Compressor:
                 if self._queue.empty() and self._busy == 0:
                     self._idle.set()
 
-    async def run_once(self, tenant: str, session_id: str, *, force: bool = False) -> str:
+    async def run_once(self, tenant: str, session_id: str, *, force: bool = False) -> RunOutcome:
         """One look at a session: embed new items, fold new items into the
-        summary. Returns the summary outcome: committed, conflict, stale,
-        failed or skipped."""
+        summary."""
         key = (tenant, session_id)
         head = (
             await self._storage.read(tenant, session_id, window=0, operation="compression_head")
         ).head
         if head is None:
-            return "skipped"
+            return RunOutcome.SKIPPED
         summarizer = self._summarizer
         want_summary = summarizer is not None and (force or self._wants_summary(head))
         want_vectors = self._embedder is not None and (force or self._wants_embeddings(head))
         if not (want_summary or want_vectors):
-            return "skipped"
+            return RunOutcome.SKIPPED
         # Seqs bound the uncovered items from above: skip the catch-up when
         # even that bound is below a batch (the common case after an append).
         uncovered = head.last_seq - head.summary_upto - self.policy.keep_recent_items
         if not want_vectors and uncovered < self.policy.min_batch_items:
-            return "skipped"
+            return RunOutcome.SKIPPED
         try:
             memory = await self._memories.sync(tenant, session_id, head)
         except StaleMemory:
             self.notify(tenant, session_id, force=force)
-            return "stale"
+            return RunOutcome.STALE
         if want_vectors and self._embedder is not None:
             await self._embed(memory)
         if summarizer is None or not want_summary:
-            return "skipped"
+            return RunOutcome.SKIPPED
         covered = head.summary_upto
         last_eligible = memory.end_index - self.policy.keep_recent_items
         positions = [
@@ -224,11 +241,11 @@ class Compressor:
         ]
         self.record_lag(tenant, session_id, len(positions))
         if len(positions) < self.policy.min_batch_items:
-            return "skipped"
+            return RunOutcome.SKIPPED
         batch = positions[: self.policy.max_batch_items]
         previous = await self._summaries.get(tenant, session_id, head)
         if covered and previous is None:
-            return "stale"
+            return RunOutcome.STALE
         started = time.perf_counter()
         try:
             text = await summarizer.fold(previous.text if previous else "", memory.inputs(batch))
@@ -239,7 +256,7 @@ class Compressor:
             )
             self._backoff_until[key] = time.monotonic() + self.policy.failure_backoff_seconds
             logger.warning("summarizer failed; the summary of a session lags", exc_info=True)
-            return "failed"
+            return RunOutcome.FAILED
         metrics.COMPRESSION_SECONDS.labels(summarizer.name).observe(time.perf_counter() - started)
         first_seq = previous.first_seq if previous else memory.entries[batch[0]].seq
         if previous is None and memory.start_index > 0:
@@ -255,12 +272,12 @@ class Compressor:
             text=self._codec.seal(tenant, session_id, text),
             tokens=self._counter.count(text.encode()),
         )
-        result = "committed" if status == "ok" else status
-        metrics.COMPRESSION_RUNS.labels(status).inc()
-        if status == "ok":
+        result = _COMMIT_OUTCOMES[status]
+        metrics.COMPRESSION_RUNS.labels(status.value).inc()
+        if status is SummaryCommit.OK:
             self.record_lag(tenant, session_id, len(positions) - len(batch))
         self._backoff_until.pop(key, None)
-        if result != "committed" or len(positions) > len(batch):
+        if result is not RunOutcome.COMMITTED or len(positions) > len(batch):
             # More to fold, or someone else moved the summary: look again.
             self.notify(tenant, session_id, force=force)
         return result

@@ -4,7 +4,7 @@ Key layout (all keys of one session share the hash tag ``{tenant:session}`` and
 so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
 
     <prefix>:{<tenant>:<session>}:m   meta hash (etag parts, counters, settings)
-    <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<Item bytes>"
+    <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<payload>" (log.py)
     <prefix>:{<tenant>:<session>}:r   request ids already applied -> response
     <prefix>:{<tenant>:<session>}:s   the stored summary (text + covered seq range)
     <prefix>:idx:{<tenant>}           sorted set of the tenant's session ids
@@ -30,6 +30,7 @@ retrying it with the same request_id is safe).
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import hashlib
 import time
@@ -45,7 +46,16 @@ from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from shared_runtime.errors import EtagMismatch, ResourceExhausted, Unavailable
+from state_service.errors import (
+    EtagMismatch,
+    IndexPending,
+    ReplicationTimeout,
+    StoreAuthRefused,
+    StoreFailover,
+    StoreFull,
+    StorePermissionDenied,
+    StoreUnavailable,
+)
 from state_service.storage.connection import PipelinedConnection
 
 T = TypeVar("T")
@@ -71,12 +81,6 @@ _CLUSTER_TRANSIENT = (
 # which re-read the topology but do not back off, so they fail sooner.
 _CLUSTER_ATTEMPTS = 12
 _CLUSTER_RETRIES = 3
-
-
-class ReplicationTimeout(Unavailable):
-    """A write the primary applied but fewer replicas than required confirmed."""
-
-    default_reason = "REPLICATION_TIMEOUT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,18 +163,34 @@ class CacheKnowledge:
     item_count: int
 
 
+class ReadMode(enum.Enum):
+    """What the entries of a read are (the read script's first reply)."""
+
+    MISSING = "missing"  # no session (no entries)
+    HIT = "hit"  # the cache is current (no entries)
+    DELTA = "delta"  # entries start at the cache's item_count
+    RESET = "reset"  # entries are the newest items
+    RANGE = "range"  # entries are the requested index range
+
+
+_READ_MODES = {mode.value.encode(): mode for mode in ReadMode}
+
+
 @dataclass(frozen=True, slots=True)
 class ReadResult:
-    """A head plus log entries read in the same atomic step.
-
-    mode: "missing" (no session), "hit" (the cache is current), "delta"
-    (entries start at the cache's item_count), "reset" (entries are the newest
-    items), "range" (entries are the requested index range).
-    """
+    """A head plus log entries read in the same atomic step."""
 
     head: SessionHead | None
-    mode: str
+    mode: ReadMode
     entries: list[bytes]
+
+
+class SummaryCommit(enum.Enum):
+    """How a summary compare-and-set ended."""
+
+    OK = "ok"  # stored
+    CONFLICT = "conflict"  # another writer moved the covered-up-to first
+    STALE = "stale"  # the log changed (a pop, a delete) since the summary was made
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,39 +458,31 @@ class RedisStorage:
             if isinstance(exc, redis_errors.OutOfMemoryError) or (
                 "OOM command not allowed" in str(exc)
             ):
-                raise ResourceExhausted(
-                    "the state store is out of memory; nothing was written",
-                    reason="BACKEND_FULL",
-                ) from exc
+                raise StoreFull("the state store is out of memory; nothing was written") from exc
             if isinstance(exc, redis_errors.NoPermissionError):
-                raise Unavailable(
+                raise StorePermissionDenied(
                     "the state store (Redis) refused a command: its ACL user lacks a "
-                    "permission statecar needs",
-                    reason="BACKEND_PERMISSION",
+                    "permission statecar needs"
                 ) from exc
             if isinstance(exc, _CLUSTER_TRANSIENT):
-                raise Unavailable(
-                    "the state store (Redis Cluster) is failing over or resharding",
-                    reason="BACKEND_FAILOVER",
+                raise StoreFailover(
+                    "the state store (Redis Cluster) is failing over or resharding"
                 ) from exc
             raise
         except redis_errors.AuthenticationError as exc:
-            raise Unavailable(
-                "the state store (Redis) refused statecar's credentials",
-                reason="BACKEND_AUTH",
+            raise StoreAuthRefused(
+                "the state store (Redis) refused statecar's credentials"
             ) from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise Unavailable("the state store (Redis) is unreachable") from exc
+            raise StoreUnavailable("the state store (Redis) is unreachable") from exc
         except _CLUSTER_TRANSIENT as exc:
             if _caused_by(exc, redis_errors.AuthenticationError):
                 # No node of the cluster accepted our credentials.
-                raise Unavailable(
-                    "the state store (Redis) refused statecar's credentials",
-                    reason="BACKEND_AUTH",
+                raise StoreAuthRefused(
+                    "the state store (Redis) refused statecar's credentials"
                 ) from exc
-            raise Unavailable(
-                "the state store (Redis Cluster) is failing over or resharding",
-                reason="BACKEND_FAILOVER",
+            raise StoreFailover(
+                "the state store (Redis Cluster) is failing over or resharding"
             ) from exc
         except (AttributeError, TypeError) as exc:
             # redis-py's asyncio connections can leak these instead of a
@@ -478,7 +490,7 @@ class RedisStorage:
             # (redis/redis-py#3546, #4287; seen when a cluster node is killed).
             if not _raised_inside_redis_client(exc):
                 raise
-            raise Unavailable("the state store (Redis) is unreachable") from exc
+            raise StoreUnavailable("the state store (Redis) is unreachable") from exc
         finally:
             if self._on_command is not None:
                 self._on_command(operation, time.perf_counter() - started, failed)
@@ -567,10 +579,8 @@ class RedisStorage:
                 f"{self.wait_replicas} replicas confirmed it within {self._wait_ms} ms, so "
                 "a failover could still lose it; retrying with the same request_id is "
                 "safe (it returns the first response once replicated)",
-                metadata={
-                    "replicas_acknowledged": str(acknowledged),
-                    "replicas_required": str(self.wait_replicas),
-                },
+                acknowledged=acknowledged,
+                required=self.wait_replicas,
             )
 
     async def _on_one_connection(self, key: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
@@ -583,7 +593,7 @@ class RedisStorage:
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
         cluster = self._cluster
-        error: Exception = Unavailable("the state store (Redis Cluster) is unreachable")
+        error: Exception = StoreUnavailable("the state store (Redis Cluster) is unreachable")
         for attempt in range(_CLUSTER_ATTEMPTS):
             if attempt:
                 # The slot moved or its primary died: re-read the topology (one
@@ -623,11 +633,10 @@ class RedisStorage:
         try:
             if await self._call("index_check", self._redis.zscore(index, session_id)) is None:
                 await self._index_add(index, session_id)
-        except (Unavailable, ResourceExhausted) as error:
-            raise Unavailable(
+        except (StoreUnavailable, StoreFull) as error:
+            raise IndexPending(
                 "the write was applied, but the new session could not be added to the "
-                "session index; retry with the same request_id to complete it",
-                reason="INDEX_PENDING",
+                "session index; retry with the same request_id to complete it"
             ) from error
 
     async def _index_add(self, index: str, session_id: str) -> None:
@@ -771,7 +780,7 @@ class RedisStorage:
         args.append(window)
         args.extend(index_range if index_range is not None else ("", ""))
         reply = await self._script("read", keys.as_list(), args, operation=operation)
-        return ReadResult(_parse_head(reply[0]), reply[1].decode(), list(reply[2:]))
+        return ReadResult(_parse_head(reply[0]), _READ_MODES[reply[1]], list(reply[2:]))
 
     async def heads(self, tenant: str, session_ids: Sequence[str]) -> list[SessionHead | None]:
         """Reads the heads of several sessions (one round trip on a single node)."""
@@ -836,10 +845,9 @@ class RedisStorage:
         last_seq: int,
         text: bytes,
         tokens: int,
-    ) -> str:
+    ) -> SummaryCommit:
         """Stores a summary of first_seq..last_seq if the stored one still covers
-        exactly up to `expected_upto` (compare-and-set). Returns "ok",
-        "conflict" (another writer moved it) or "stale" (the log changed)."""
+        exactly up to `expected_upto` (compare-and-set)."""
         keys = self.keys(tenant, session_id)
         args: list[bytes | str | int] = [
             incarnation,
@@ -851,8 +859,7 @@ class RedisStorage:
             tokens,
         ]
         reply = await self._script("summary_commit", keys.as_list(), args)
-        status: str = reply[0].decode()
-        return status
+        return SummaryCommit(reply[0].decode())
 
     # -- workflows ------------------------------------------------------------
 

@@ -1,0 +1,96 @@
+"""What can go wrong in the state service, in its own terms.
+
+Storage and business code raise these; they carry facts (the current etag,
+how many replicas confirmed) and a message that is safe to show, but no
+transport types. The gRPC layer alone decides what a client sees: the status
+code, the ErrorInfo reason and its metadata (see grpc_errors.py). Anything not
+listed here that escapes a handler is an internal error.
+"""
+
+from __future__ import annotations
+
+
+class StateError(Exception):
+    """A failure a client is told about; `message` is safe to show."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EtagMismatch(StateError):
+    """A conditional write found another version than the one it was based on;
+    nothing was written."""
+
+    def __init__(self, current_etag: str) -> None:
+        super().__init__("the etag does not match the current one; re-read and retry")
+        self.current_etag = current_etag
+
+
+class SessionNotFound(StateError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} does not exist")
+        self.session_id = session_id
+
+
+class WorkflowNotFound(StateError):
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} does not exist")
+        self.workflow_id = workflow_id
+
+
+class InvalidField(StateError):
+    """A request value only business rules can refuse (a page token that no
+    longer fits the session); request validation refuses the rest earlier."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class StoreError(StateError):
+    """The state store (Redis) could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis cannot be reached or did not answer; retrying may succeed."""
+
+
+class StoreAuthRefused(StoreUnavailable):
+    """Redis refused statecar's credentials (a configuration error)."""
+
+
+class StorePermissionDenied(StoreUnavailable):
+    """Redis's ACL user lacks a permission statecar needs."""
+
+
+class StoreFailover(StoreUnavailable):
+    """A Redis Cluster slot is moving or its primary is being replaced."""
+
+
+class ReplicationTimeout(StoreUnavailable):
+    """A write the primary applied but fewer replicas than required confirmed."""
+
+    def __init__(self, message: str, *, acknowledged: int, required: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.required = required
+
+
+class IndexPending(StoreUnavailable):
+    """A write that created a session was applied, but the session could not
+    be added to the tenant's index; retrying with the same request_id
+    completes it."""
+
+
+class StoreFull(StoreError):
+    """Redis is at maxmemory and refused a write; nothing was written."""
+
+
+class EncryptionKeyUnavailable(StateError):
+    """A stored item is sealed with a key that is no longer configured."""
+
+
+class EncryptionIntegrity(StateError):
+    """A stored item failed authentication (wrong key or tampered data)."""

@@ -1,0 +1,140 @@
+"""Listing a session's items and a tenant's sessions, page by page.
+
+Page tokens (paging.py) are bound to the request that issued them and, for
+items, to the session's incarnation: a token outlives appends (pages are log
+indexes, which appends never move) but not a delete. The first newest-first
+page is served from the cached tail when it holds enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from state_service import metrics, paging
+from state_service.errors import InvalidField
+from state_service.log import Item, LogEntry
+from state_service.reader import LogReader
+from state_service.sessions import SessionInfo, session_info
+from state_service.storage.redis import ABSENT_ETAG, RedisStorage, SessionHead
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsPage:
+    items: Sequence[Item]
+    etag: str = ABSENT_ETAG
+    next_page_token: str = ""
+    total_item_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPage:
+    sessions: Sequence[SessionInfo]
+    next_page_token: str
+
+
+class Listing:
+    def __init__(self, storage: RedisStorage, reader: LogReader) -> None:
+        self._storage = storage
+        self._reader = reader
+
+    async def list_items(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        newest_first: bool,
+    ) -> ItemsPage:
+        order = "newest" if newest_first else "oldest"
+        start_at: int | None = None
+        incarnation: str | None = None
+        if page_token:
+            fields = paging.decode(page_token, {"s": session_id, "o": order})
+            start_at = paging.int_field(fields, "i")
+            incarnation = str(fields.get("inc", ""))
+        # The first page of newest-first is the cached tail's business.
+        if newest_first and start_at is None and page_size <= self._reader.cache_window:
+            tail = await self._reader.current_tail(tenant, session_id, page_size)
+            if tail is None:
+                return ItemsPage(())
+            if len(tail.entries) >= page_size or tail.start_index == 0:
+                page = tail.entries[-page_size:]
+                first_index = tail.head.item_count - len(page)
+                return _items_page(session_id, order, tail.head, page, first_index - 1)
+        if start_at == -1:
+            return ItemsPage(())
+        if newest_first:
+            index_range = (
+                (-page_size, -1)
+                if start_at is None
+                else (max(0, start_at - page_size + 1), start_at)
+            )
+        else:
+            begin = start_at or 0
+            index_range = (begin, begin + page_size - 1)
+        result = await self._storage.read(tenant, session_id, index_range=index_range)
+        head = result.head
+        if head is None:
+            if incarnation:
+                raise InvalidField("page_token", "the session was deleted since")
+            return ItemsPage(())
+        if incarnation and incarnation != head.incarnation:
+            raise InvalidField("page_token", "the session was deleted since")
+        entries = self._reader.entries(tenant, session_id, result.entries)
+        if newest_first:
+            first_index = head.item_count - len(entries) if start_at is None else index_range[0]
+            return _items_page(session_id, order, head, entries, first_index - 1)
+        next_index = index_range[0] + len(entries)
+        more = next_index < head.item_count and len(entries) == page_size
+        return _items_page(session_id, order, head, entries, next_index if more else None)
+
+    async def list_sessions(self, tenant: str, *, page_size: int, page_token: str) -> SessionsPage:
+        after = ""
+        if page_token:
+            fields = paging.decode(page_token, {"k": "sessions"})
+            after = str(fields.get("a", ""))
+        sessions: list[SessionInfo] = []
+        exhausted = False
+        for _ in range(8):
+            want = page_size - len(sessions)
+            ids = await self._storage.index_page(tenant, after, want)
+            exhausted = len(ids) < want
+            heads = await self._storage.heads(tenant, ids)
+            expired = [sid for sid, head in zip(ids, heads, strict=True) if head is None]
+            if expired:
+                # Sessions leave the index lazily: Redis expired their keys.
+                await self._storage.index_remove(tenant, expired)
+                metrics.SESSIONS_EXPIRED.inc(len(expired))
+            sessions.extend(
+                session_info(sid, head, self._storage.default_ttl_seconds)
+                for sid, head in zip(ids, heads, strict=True)
+                if head is not None
+            )
+            if ids:
+                after = ids[-1]
+            if exhausted or len(sessions) >= page_size:
+                break
+        token = "" if exhausted else paging.encode({"k": "sessions", "a": after})
+        return SessionsPage(sessions, token)
+
+
+def _items_page(
+    session_id: str,
+    order: str,
+    head: SessionHead,
+    entries: Sequence[LogEntry],
+    next_index: int | None,
+) -> ItemsPage:
+    items = [e.item for e in entries]
+    if order == "newest":
+        items.reverse()
+        if next_index is not None and next_index < 0:
+            next_index = None
+    token = ""
+    if next_index is not None:
+        token = paging.encode(
+            {"s": session_id, "o": order, "i": next_index, "inc": head.incarnation}
+        )
+    return ItemsPage(items, head.etag, token, head.item_count)
