@@ -48,7 +48,8 @@ class Invalidation(StrEnum):
 class CachedTail:
     """The entries at log indexes [start_index, head.item_count) at `head`.
 
-    `tokens` is the entries' token total. `memo` holds what is computed from
+    `tokens` is the entries' token total, `size` their stored JSON bytes
+    (what the cache is bounded by). `memo` holds what is computed from
     the entries alone (so it stays valid while they do): a tail with the same
     entries and a fresher head shares it (see `at`), a tail with other
     entries starts a new one. `stored_at` is when the cache stored it.
@@ -58,18 +59,38 @@ class CachedTail:
     start_index: int
     entries: tuple[LogEntry, ...]
     tokens: int
+    size: int = 0
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     stored_at: float = 0.0
 
     @classmethod
     def of(cls, head: SessionHead, start_index: int, entries: tuple[LogEntry, ...]) -> CachedTail:
-        return cls(head, start_index, entries, sum(e.tokens for e in entries))
+        return cls(
+            head,
+            start_index,
+            entries,
+            sum(e.tokens for e in entries),
+            sum(len(e.item.json) for e in entries),
+        )
 
     def at(self, head: SessionHead) -> CachedTail:
         """The same entries (and memo) as of a fresher head of the same log."""
         return CachedTail(
-            head, self.start_index, self.entries, self.tokens, self.memo, self.stored_at
+            head, self.start_index, self.entries, self.tokens, self.size, self.memo, self.stored_at
         )
+
+    def newest(self, max_items: int, max_bytes: int) -> CachedTail:
+        """The newest entries within both bounds (at least one), as a new tail."""
+        keep, size = 0, 0
+        for entry in reversed(self.entries):
+            if keep >= max_items or (keep and size + len(entry.item.json) > max_bytes):
+                break
+            keep += 1
+            size += len(entry.item.json)
+        if keep == len(self.entries):
+            return self
+        cut = len(self.entries) - keep
+        return CachedTail.of(self.head, self.start_index + cut, self.entries[cut:])
 
     def remember(self, key: Any, value: Any) -> None:
         if len(self.memo) >= MEMO_MAX:
@@ -80,6 +101,12 @@ class CachedTail:
         return CacheKnowledge(
             self.head.incarnation, self.head.trunc, self.head.version, self.head.item_count
         )
+
+
+def _size_of(tail: CachedTail) -> int:
+    # The decoded entries cost about twice their JSON in Python objects; the
+    # bound is on the JSON, the figure operators can compare with item sizes.
+    return max(1, tail.size)
 
 
 class _CountingTTLCache(TTLCache[Any, Any]):
@@ -106,17 +133,26 @@ class CacheStats:
 
 @dataclass
 class SessionCache:
+    """Tails of recently read sessions, bounded by sessions, by items per
+    session and by bytes in all (`max_bytes`; one session holds at most a
+    quarter of it): an item count alone let a few sessions of 200 KB items
+    hold hundreds of MB."""
+
     max_sessions: int
     ttl_seconds: float
     max_items: int
+    max_bytes: int = 256 * 1024 * 1024
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
         self._tails: TTLCache[tuple[str, str], CachedTail] = _CountingTTLCache(
-            maxsize=self.max_sessions, ttl=self.ttl_seconds
+            maxsize=self.max_bytes, ttl=self.ttl_seconds, getsizeof=_size_of
         )
         self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
         self._size.set(0)
+        self._bytes = metrics.CACHE_BYTES.labels(CACHE_NAME)
+        self._bytes.set(0)
+        self.max_bytes_per_session = max(1, self.max_bytes // 4)
         self._lookups = {
             result: metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result.value) for result in Lookup
         }
@@ -125,13 +161,29 @@ class SessionCache:
         return self._tails.get((tenant, session_id))
 
     def put(self, tenant: str, session_id: str, tail: CachedTail) -> None:
-        if len(tail.entries) > self.max_items:
-            cut = len(tail.entries) - self.max_items
-            tail = CachedTail.of(tail.head, tail.start_index + cut, tail.entries[cut:])
-        self._tails[(tenant, session_id)] = CachedTail(
-            tail.head, tail.start_index, tail.entries, tail.tokens, tail.memo, time.monotonic()
-        )
+        tail = tail.newest(self.max_items, self.max_bytes_per_session)
+        tails = self._tails
+        key = (tenant, session_id)
+        if tail.size > self.max_bytes_per_session:
+            # One entry alone exceeds a session's share: not worth caching.
+            tails.pop(key, None)
+        else:
+            tails[key] = CachedTail(
+                tail.head,
+                tail.start_index,
+                tail.entries,
+                tail.tokens,
+                tail.size,
+                tail.memo,
+                time.monotonic(),
+            )
+            while len(tails) > self.max_sessions:
+                tails.popitem()
+        self._observe()
+
+    def _observe(self) -> None:
         self._size.set(len(self._tails))
+        self._bytes.set(self._tails.currsize)
 
     def touch(self, tenant: str, session_id: str, tail: CachedTail) -> None:
         """After a hit: the stored tail is still current (its entries and
@@ -144,13 +196,13 @@ class SessionCache:
         """Forgets a session that was deleted or found gone."""
         if self._tails.pop((tenant, session_id), None) is not None:
             metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.DELETED).inc()
-            self._size.set(len(self._tails))
+            self._observe()
 
     def clear(self) -> None:
         """Forgets everything: Redis is unreachable, so invalidations may be lost."""
         flushed = len(self._tails)
         self._tails.clear()
-        self._size.set(0)
+        self._observe()
         if flushed:
             metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.REDIS_UNREACHABLE).inc(
                 flushed

@@ -34,8 +34,6 @@ from state_service.reader import LogReader
 from state_service.storage.redis import ABSENT_ETAG, SessionHead
 from state_service.tokens import TokenCounter
 
-# Upper bound on items one GetContext considers, whatever the budget.
-MAX_CONTEXT_ITEMS = 20_000
 _OLDER_CHUNK_MIN = 64
 _EMPTY_VIEW = ContextView(Strategy.TOKEN_WINDOW, (), (), None, 0)
 
@@ -78,13 +76,27 @@ class ContextResult:
         return self.total_item_count - len(self.view.recent) - len(self.view.retrieved)
 
 
+@dataclass(frozen=True, slots=True)
+class ContextLimits:
+    """What one GetContext may read, whatever the session's size: at most
+    `max_items` log items and `max_bytes` of them (past the newest one)."""
+
+    max_items: int = 10_000
+    max_bytes: int = 8 * 1024 * 1024
+
+
 class ContextPipeline:
     def __init__(
-        self, reader: LogReader, compression: Compression | None, token_counter: TokenCounter
+        self,
+        reader: LogReader,
+        compression: Compression | None,
+        token_counter: TokenCounter,
+        limits: ContextLimits | None = None,
     ) -> None:
         self._reader = reader
         self._compression = compression
         self._tokens = token_counter
+        self.limits = limits or ContextLimits()
 
     async def get_context(
         self,
@@ -164,21 +176,25 @@ class ContextPipeline:
         self, tenant: str, session_id: str, token_budget: int, max_items: int
     ) -> CachedTail | None:
         """The current tail, extended back until it holds more than the budget,
-        the whole log, or MAX_CONTEXT_ITEMS; None if the session does not exist."""
+        the whole log, or the limits' items or bytes; None if the session does
+        not exist. Each read is one bounded step (see RedisStorage.read)."""
         reader = self._reader
-        window = max(32, token_budget // 16, max_items)
+        limits = self.limits
+        window = min(max(32, token_budget // 16, max_items), limits.max_items)
         tail = await reader.current_tail(tenant, session_id, window)
         for _ in range(64):
             if (
                 tail is None
                 or tail.start_index == 0
-                or len(tail.entries) >= MAX_CONTEXT_ITEMS
+                or len(tail.entries) >= limits.max_items
+                or tail.size >= limits.max_bytes
                 or tail.tokens > token_budget
             ):
                 break
-            extended = await reader.extend_back(
-                tenant, session_id, tail, max(_OLDER_CHUNK_MIN, len(tail.entries))
+            want = min(
+                max(_OLDER_CHUNK_MIN, len(tail.entries)), limits.max_items - len(tail.entries)
             )
+            extended = await reader.extend_back(tenant, session_id, tail, want)
             # A pop or delete raced with us: start over from a fresh tail.
             tail = extended or await reader.current_tail(tenant, session_id, window)
         return tail

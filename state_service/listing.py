@@ -74,7 +74,9 @@ class Listing:
         else:
             begin = start_at or 0
             index_range = (begin, begin + page_size - 1)
-        result = await self._storage.read(tenant, session_id, index_range=index_range)
+        result = await self._storage.read(
+            tenant, session_id, index_range=index_range, newest_first=newest_first
+        )
         head = result.head
         if head is None:
             if incarnation:
@@ -83,11 +85,15 @@ class Listing:
         if incarnation and incarnation != head.incarnation:
             raise InvalidField("page_token", "the session was deleted since")
         entries = self._reader.entries(tenant, session_id, result.entries)
+        # A read step may return less than the page (its byte bound): newest
+        # first keeps the range's newest entries, oldest first its oldest.
         if newest_first:
-            first_index = head.item_count - len(entries) if start_at is None else index_range[0]
-            return _items_page(session_id, order, head, entries, first_index - 1)
+            last_index = (
+                head.item_count - 1 if start_at is None else min(start_at, head.item_count - 1)
+            )
+            return _items_page(session_id, order, head, entries, last_index - len(entries))
         next_index = index_range[0] + len(entries)
-        more = next_index < head.item_count and len(entries) == page_size
+        more = next_index < head.item_count and bool(entries)
         return _items_page(session_id, order, head, entries, next_index if more else None)
 
     async def list_sessions(self, tenant: str, *, page_size: int, page_token: str) -> SessionsPage:

@@ -44,6 +44,11 @@ CACHE_INVALIDATIONS = Counter(
 CACHE_SESSIONS = Gauge(
     "statecar_state_cache_sessions", "Sessions held in the local cache.", ["cache"]
 )
+CACHE_BYTES = Gauge(
+    "statecar_state_cache_bytes",
+    "Bytes (stored item JSON) held in the local cache; bounded by STATE_SERVICE_CACHE_MAX_BYTES.",
+    ["cache"],
+)
 REDIS_SECONDS = Histogram(
     "statecar_state_redis_command_seconds",
     "Latency of one Redis round trip, by operation.",
@@ -134,6 +139,7 @@ def initialize(cache_name: str) -> None:
     for reason in INVALIDATION_REASONS:
         CACHE_INVALIDATIONS.labels(cache_name, reason)
     CACHE_SESSIONS.labels(cache_name)
+    CACHE_BYTES.labels(cache_name)
     for operation in WRITE_OPERATIONS:
         ETAG_CONFLICTS.labels(operation)
     for operation in REPLAYED_OPERATIONS:

@@ -115,8 +115,12 @@ class LogReader:
         """Prepends up to `want` older entries; None if the log changed under us
         in a way that invalidates the tail (a pop, a delete)."""
         stop = tail.start_index - 1
-        start = max(0, tail.start_index - want)
-        result = await self._storage.read(tenant, session_id, index_range=(start, stop))
+        result = await self._storage.read(
+            tenant,
+            session_id,
+            index_range=(max(0, tail.start_index - want), stop),
+            newest_first=True,
+        )
         head = result.head
         if (
             head is None
@@ -125,4 +129,5 @@ class LogReader:
         ):
             return None
         older = self.entries(tenant, session_id, result.entries)
-        return CachedTail.of(tail.head, start, older + tail.entries)
+        # A read step may return less than asked (its byte bound): the newest part.
+        return CachedTail.of(tail.head, stop + 1 - len(older), older + tail.entries)

@@ -117,6 +117,7 @@ class StateServer:
             key_prefix=settings.key_prefix,
             default_ttl_seconds=settings.default_ttl_seconds,
             on_command=metrics.observe_redis,
+            read_step_bytes=settings.redis_read_step_bytes,
         )
         undo.push_async_callback(storage.close)
         await _check_redis(storage, settings)
@@ -125,6 +126,7 @@ class StateServer:
                 max_sessions=settings.cache_max_sessions,
                 ttl_seconds=settings.cache_ttl_seconds,
                 max_items=settings.cache_max_items_per_session,
+                max_bytes=settings.cache_max_bytes,
             )
             if settings.cache_enabled
             else None

@@ -18,7 +18,7 @@ from shared_runtime.errors import InvalidArgument
 from state_service import grpc_convert as convert
 from state_service import validation
 from state_service.compression.engine import Compression
-from state_service.context import ContextPipeline
+from state_service.context import ContextLimits, ContextPipeline
 from state_service.encryption import KeyRing
 from state_service.grpc_errors import maps_domain_errors
 from state_service.identity import tenant_of
@@ -68,7 +68,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
             SessionStore(
                 storage, reader, token_counter=token_counter, keys=keys, compression=compression
             ),
-            ContextPipeline(reader, compression, token_counter),
+            ContextPipeline(
+                reader,
+                compression,
+                token_counter,
+                ContextLimits(settings.context_max_items, settings.context_max_bytes),
+            ),
             Listing(storage, reader),
             WorkflowStore(storage),
             settings,

@@ -86,6 +86,31 @@ class StateServiceSettings(BaseSettings):
         1_000_000, ge=1, description="larger requested budgets are clamped to this"
     )
 
+    context_max_items: int = Field(
+        10_000,
+        ge=1,
+        description="most log items one GetContext reads, whatever its budget; larger "
+        "max_items are clamped to this",
+    )
+    context_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="most bytes of log items one GetContext reads (at least one item); the "
+        "default holds a full max_token_budget of text",
+    )
+    redis_read_step_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="most bytes one Redis read step returns past its first item (a step also "
+        "returns at most 256 items); larger reads take several steps, so no reply keeps the "
+        "shared connection busy for long",
+    )
+    max_query_bytes: int = Field(
+        4096,
+        ge=1,
+        description="longest GetContext query in UTF-8 bytes (longer: INVALID_ARGUMENT); the "
+        "default query, the newest user message, is cut to this",
+    )
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
     item_schema: Literal["openai-agents", "json-object"] = Field(
         "openai-agents",
@@ -106,6 +131,12 @@ class StateServiceSettings(BaseSettings):
     )
     cache_max_items_per_session: int = Field(
         512, ge=1, description="newest items per session kept in the local cache"
+    )
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of item JSON in the local cache (least recently used sessions "
+        "leave; one session holds at most a quarter)",
     )
     cache_ttl_seconds: float = Field(
         300.0, gt=0, description="idle time after which a cached session is dropped"

@@ -61,6 +61,13 @@ from state_service.storage.connection import PipelinedConnection
 T = TypeVar("T")
 
 ABSENT_ETAG = "0"
+# Bounds of one read step (the ``read`` script): entries, and bytes past the
+# first entry. Small enough that a step costs Redis well under a millisecond
+# and its reply never keeps the shared pipelined connection busy for long
+# (its watchdog drops it for everyone after socket_timeout); larger reads are
+# several steps, each an atomic snapshot validated by the caller.
+READ_STEP_ITEMS = 256
+READ_STEP_BYTES = 1024 * 1024
 TTL_PERSIST = -1
 TTL_DEFAULT = 0
 
@@ -332,6 +339,7 @@ class RedisStorage:
         wait_replicas: int = 0,
         wait_timeout_seconds: float = 0.5,
         pipelined: PipelinedConnection | None = None,
+        read_step_bytes: int = READ_STEP_BYTES,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain hash-tag braces")
@@ -345,6 +353,7 @@ class RedisStorage:
         # Single script calls on one node (the per-request path) go through
         # this connection when set; everything else through redis-py.
         self._pipelined = pipelined
+        self.read_step_bytes = read_step_bytes
         self._scripts = {
             name: (body, hashlib.sha1(body.encode()).hexdigest())
             for name, body in _load_scripts().items()
@@ -767,10 +776,17 @@ class RedisStorage:
         known: CacheKnowledge | None = None,
         window: int = 0,
         index_range: tuple[int, int] | None = None,
+        newest_first: bool = False,
         operation: str = "read",
     ) -> ReadResult:
         """Reads the head and, atomically with it, either an index range (inclusive,
-        negative counts from the end) or what `known` lacks of the newest `window`."""
+        negative counts from the end) or what `known` lacks of the newest `window`.
+
+        One step returns at most READ_STEP_ITEMS entries and, past the first,
+        `read_step_bytes` bytes: a range is cut at its end (at its start with
+        `newest_first`), a window to its newest entries (mode RESET when that
+        no longer reaches what `known` holds). Callers read more in further
+        steps if they need it."""
         keys = self.keys(tenant, session_id)
         args: list[str | int] = (
             [known.incarnation, known.trunc, known.version, known.item_count]
@@ -779,6 +795,7 @@ class RedisStorage:
         )
         args.append(window)
         args.extend(index_range if index_range is not None else ("", ""))
+        args.extend(("back" if newest_first else "fwd", READ_STEP_ITEMS, self.read_step_bytes))
         reply = await self._script("read", keys.as_list(), args, operation=operation)
         return ReadResult(_parse_head(reply[0]), _READ_MODES[reply[1]], list(reply[2:]))
 

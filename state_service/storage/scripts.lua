@@ -176,36 +176,84 @@ return {'ok', current}
 
 --- read
 -- ARGV: known incarnation, known trunc, known version, known item count,
---       tail window, range start, range stop ('' = no explicit range).
+--       tail window, range start, range stop ('' = no explicit range),
+--       range direction ('back' = keep the newest of the range when cut),
+--       most items, most bytes (0 = no byte bound) this step returns.
 -- One consistent snapshot: the head plus either the explicit index range, or
 -- what a cache that knows (inc, trunc, ver, n) is missing of the newest
 -- `window` items. Returns {head, mode, entries...}; mode 'hit' (nothing
 -- changed), 'delta' (entries are indexes n.. of the log), 'reset' (entries are
--- the newest window items), 'range' (entries are the explicit range).
+-- the newest items), 'range' (entries are the explicit range, or the part of
+-- it at its start, or with 'back' at its end, that fits the bounds).
+-- Bounded work: at most `most items` entries and, past the first entry,
+-- `most bytes` bytes, fetched in small LRANGEs, so no step is proportional to
+-- the log or to the caller's window (Lua interns every string it touches, and
+-- entries that differ only in their seq prefix can collide in its hash table:
+-- tens of thousands of them in one step kept Redis busy for seconds).
 local h = head()
 if not h[1] then return {h, 'missing'} end
+local n = tonumber(h[4])
+local most_items, most_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
+
+-- Log indexes lo..hi (absolute), from the newest if `back`, within the bounds;
+-- returns them in log order and the index of the first one returned.
+local function bounded(lo, hi, back)
+  local got, bytes = {}, 0
+  local step = 32
+  local at = back and hi or lo
+  while #got < most_items and (back and at >= lo or not back and at <= hi) do
+    local first, last
+    if back then first, last = math.max(lo, at - step + 1), at
+    else first, last = at, math.min(hi, at + step - 1) end
+    local chunk = redis.call('LRANGE', KEYS[2], first, last)
+    if #chunk == 0 then break end
+    local from, to, by = 1, #chunk, 1
+    if back then from, to, by = #chunk, 1, -1 end
+    for i = from, to, by do
+      local size = #chunk[i]
+      if #got >= most_items or (most_bytes > 0 and #got > 0 and bytes + size > most_bytes) then
+        at = back and lo - 1 or hi + 1
+        break
+      end
+      got[#got + 1] = chunk[i]
+      bytes = bytes + size
+    end
+    if back then at = math.min(at, first - 1) else at = math.max(at, last + 1) end
+  end
+  if back then
+    local count = #got
+    for i = 1, math.floor(count / 2) do got[i], got[count + 1 - i] = got[count + 1 - i], got[i] end
+    return got, hi - count + 1
+  end
+  return got, lo
+end
+
 local result = {h}
+local entries
 if ARGV[6] ~= '' then
   result[2] = 'range'
-  local entries = redis.call('LRANGE', KEYS[2], ARGV[6], ARGV[7])
-  for i = 1, #entries do result[i + 2] = entries[i] end
-  return result
-end
-local window = tonumber(ARGV[5])
-local n = tonumber(h[4])
-local entries
-if h[1] == ARGV[1] and h[5] == ARGV[2] then
-  if h[2] == ARGV[3] then return {h, 'hit'} end
-  local known = tonumber(ARGV[4])
-  if n - known <= window then
-    result[2] = 'delta'
-    entries = redis.call('LRANGE', KEYS[2], known, -1)
-  end
-end
-if not entries then
-  result[2] = 'reset'
+  local lo, hi = tonumber(ARGV[6]), tonumber(ARGV[7])
+  if lo < 0 then lo = n + lo end
+  if hi < 0 then hi = n + hi end
+  lo, hi = math.max(lo, 0), math.min(hi, n - 1)
   entries = {}
-  if window > 0 then entries = redis.call('LRANGE', KEYS[2], -window, -1) end
+  if lo <= hi then entries = bounded(lo, hi, ARGV[8] == 'back') end
+else
+  local window = tonumber(ARGV[5])
+  local lo = math.max(0, n - window)
+  if h[1] == ARGV[1] and h[5] == ARGV[2] then
+    if h[2] == ARGV[3] then return {h, 'hit'} end
+    local known = tonumber(ARGV[4])
+    if n - known <= window then lo = known end
+  end
+  local first
+  entries, first = {}, n
+  if window > 0 and lo < n then entries, first = bounded(lo, n - 1, true) end
+  if h[1] == ARGV[1] and h[5] == ARGV[2] and first == tonumber(ARGV[4]) then
+    result[2] = 'delta'
+  else
+    result[2] = 'reset'
+  end
 end
 for i = 1, #entries do result[i + 2] = entries[i] end
 return result
