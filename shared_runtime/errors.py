@@ -30,20 +30,28 @@ class ServiceError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_delay_seconds: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
+        self.retry_delay_seconds = retry_delay_seconds
 
     def to_status(self, domain: str) -> grpc.Status:
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=domain, metadata=self.metadata
         )
-        detail = any_pb2.Any()
-        detail.Pack(info)
+        details = [any_pb2.Any()]
+        details[0].Pack(info)
+        if self.retry_delay_seconds is not None:
+            # google.rpc.RetryInfo: the standard hint clients and proxies read.
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(int(self.retry_delay_seconds * 1e9))
+            details.append(any_pb2.Any())
+            details[1].Pack(retry)
         return rpc_status.to_status(
-            status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
+            status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         )
 
 

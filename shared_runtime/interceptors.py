@@ -41,6 +41,7 @@ __all__ = [
     "StreamBehavior",
     "UnaryBehavior",
     "WrappingInterceptor",
+    "backend_timeout",
 ]
 
 logger = logging.getLogger("statecar.rpc")
@@ -123,7 +124,7 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
     ) -> None:
         super().__init__()
         self._domain = domain
-        self._deadline_error = deadline_error or _deadline_error
+        self._deadline_error = deadline_error or backend_timeout
 
     async def _abort(
         self, context: ServicerContext[Any, Any], error: BaseException, method: str
@@ -172,7 +173,8 @@ class ExceptionToStatusInterceptor(WrappingInterceptor):
         return wrapped
 
 
-def _deadline_error() -> ServiceError:
+def backend_timeout() -> ServiceError:
+    """The default deadline error: a backend did not answer in time."""
     return Unavailable(
         "a backend did not answer within the call's deadline", reason="BACKEND_TIMEOUT"
     )

@@ -18,6 +18,7 @@ asks for them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,17 @@ from state_service.compression.engine import Compression
 from state_service.compression.memory import StaleMemory
 from state_service.compression.strategies import ContextView, Shares, Strategy, SummaryPart
 from state_service.compression.text import item_text_of_json
+from state_service.heavy_work import HeavyWork, Share
 from state_service.log import LogEntry
 from state_service.reader import LogReader
 from state_service.storage.redis import ABSENT_ETAG, SessionHead
 from state_service.tokens import TokenCounter
 
 _OLDER_CHUNK_MIN = 64
+# The query a response echoes is cut to this many characters: it is there to
+# say which query was used (the newest user message by default), and echoing a
+# long one whole would make every reply as large as the query.
+QUERY_ECHO_CHARS = 256
 _EMPTY_VIEW = ContextView(Strategy.TOKEN_WINDOW, (), (), None, 0)
 
 
@@ -83,6 +89,7 @@ class ContextLimits:
 
     max_items: int = 10_000
     max_bytes: int = 8 * 1024 * 1024
+    max_query_bytes: int = 4096
 
 
 class ContextPipeline:
@@ -92,11 +99,13 @@ class ContextPipeline:
         compression: Compression | None,
         token_counter: TokenCounter,
         limits: ContextLimits | None = None,
+        heavy: HeavyWork | None = None,
     ) -> None:
         self._reader = reader
         self._compression = compression
         self._tokens = token_counter
         self.limits = limits or ContextLimits()
+        self._heavy = heavy or HeavyWork(per_tenant=1_000_000, retry_after_seconds=1.0)
 
     async def get_context(
         self,
@@ -109,9 +118,29 @@ class ContextPipeline:
         shares: Shares | None = None,
         max_items: int = 0,
     ) -> ContextResult:
+        """The context (see the module docstring). Work beyond the cached fast
+        path (decoding many bytes, retrieval) takes one of the tenant's
+        heavy-work slots (TenantBusy when it has none left) and runs off the
+        event loop, abandoned at the caller's deadline."""
+        async with self._heavy.share(tenant) as share:
+            return await self._get_context(
+                share, tenant, session_id, token_budget, query, strategy, shares, max_items
+            )
+
+    async def _get_context(
+        self,
+        share: Share,
+        tenant: str,
+        session_id: str,
+        token_budget: int,
+        query: str,
+        strategy: Strategy | None,
+        shares: Shares | None,
+        max_items: int,
+    ) -> ContextResult:
         compression = self._compression
         # 1. The tail.
-        tail = await self._tail_for(tenant, session_id, token_budget, max_items)
+        tail = await self._tail_for(share, tenant, session_id, token_budget, max_items)
         # 2. The strategy.
         if tail is None:
             applied = strategy or (
@@ -147,8 +176,9 @@ class ContextPipeline:
                 tail.entries, token_budget, at_log_start=tail.start_index == 0
             )
         else:
-            used_query = query or _newest_user_text(tail)
+            used_query = query or _newest_user_text(tail, self.limits.max_query_bytes)
             view = await self._compressed(
+                share,
                 compression,
                 tenant,
                 session_id,
@@ -165,7 +195,7 @@ class ContextPipeline:
             view.strategy,
             view,
             head.item_count,
-            used_query,
+            used_query[:QUERY_ECHO_CHARS],
             rendered={} if key is not None else None,
         )
         if key is not None:
@@ -173,7 +203,7 @@ class ContextPipeline:
         return result
 
     async def _tail_for(
-        self, tenant: str, session_id: str, token_budget: int, max_items: int
+        self, share: Share, tenant: str, session_id: str, token_budget: int, max_items: int
     ) -> CachedTail | None:
         """The current tail, extended back until it holds more than the budget,
         the whole log, or the limits' items or bytes; None if the session does
@@ -181,7 +211,7 @@ class ContextPipeline:
         reader = self._reader
         limits = self.limits
         window = min(max(32, token_budget // 16, max_items), limits.max_items)
-        tail = await reader.current_tail(tenant, session_id, window)
+        tail = await reader.current_tail(tenant, session_id, window, share.run)
         for _ in range(64):
             if (
                 tail is None
@@ -194,13 +224,16 @@ class ContextPipeline:
             want = min(
                 max(_OLDER_CHUNK_MIN, len(tail.entries)), limits.max_items - len(tail.entries)
             )
-            extended = await reader.extend_back(tenant, session_id, tail, want)
+            # Reading further back is heavy work: it takes the tenant's slot.
+            share.take()
+            extended = await reader.extend_back(tenant, session_id, tail, want, share.run)
             # A pop or delete raced with us: start over from a fresh tail.
-            tail = extended or await reader.current_tail(tenant, session_id, window)
+            tail = extended or await reader.current_tail(tenant, session_id, window, share.run)
         return tail
 
     async def _compressed(
         self,
+        share: Share,
         compression: Compression,
         tenant: str,
         session_id: str,
@@ -218,6 +251,7 @@ class ContextPipeline:
             summary = await compression.summaries.get(tenant, session_id, head)
         retrieve = None
         if strategy.uses_retrieval and not everything_fits:
+            share.take()  # indexing and scoring are heavy work
             try:
                 memory = await compression.memories.sync(
                     tenant, session_id, head, tail.start_index, tail.entries
@@ -236,7 +270,8 @@ class ContextPipeline:
                 def retrieve(below: int, room: int) -> list[tuple[LogEntry, float]]:
                     return found.search(query, below_index=below, budget=room, query_vector=vector)
 
-        view = strategies.compose(
+        compose = functools.partial(
+            strategies.compose,
             strategy,
             tail.entries,
             tail.start_index,
@@ -246,6 +281,8 @@ class ContextPipeline:
             summary=summary,
             retrieve=retrieve,
         )
+        # Retrieval scores the query against the whole memory: off the loop.
+        view = await share.run(compose) if retrieve is not None else compose()
         if strategy.uses_summary and not everything_fits:
             compressor = compression.compressor
             if compressor is not None:
@@ -267,9 +304,10 @@ def _observe_context(head: SessionHead, strategy: Strategy, tokens: int) -> None
         _TOKENS_SAVED[strategy].inc(max(0, head.log_tokens - tokens))
 
 
-def _newest_user_text(tail: CachedTail) -> str:
-    """The text of the newest user message: the default retrieval query
-    (remembered with the tail: it is a JSON parse)."""
+def _newest_user_text(tail: CachedTail, max_bytes: int) -> str:
+    """The text of the newest user message, cut to `max_bytes` as a request's
+    query would be: the default retrieval query (remembered with the tail: it
+    is a JSON parse)."""
     text: str | None = tail.memo.get(_NEWEST_USER_TEXT)
     if text is None:
         text = ""
@@ -277,5 +315,6 @@ def _newest_user_text(tail: CachedTail) -> str:
             if entry.starts_turn:
                 text = item_text_of_json(entry.item.json)[1]
                 break
+        text = text.encode()[:max_bytes].decode(errors="ignore")
         tail.remember(_NEWEST_USER_TEXT, text)
     return text

@@ -49,6 +49,28 @@ class InvalidField(StateError):
         self.problem = problem
 
 
+class TenantBusy(StateError):
+    """The caller's tenant already has its share of heavy work in flight on
+    this replica; nothing was done. Retry after `retry_after_seconds`."""
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(
+            "this tenant has its share of heavy requests (large contexts, retrieval, "
+            "summaries) in flight on this replica; retry later"
+        )
+        self.retry_after_seconds = retry_after_seconds
+
+
+class WorkDeadline(StateError):
+    """The request's CPU work did not finish within its deadline and was abandoned."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the context could not be computed within the call's deadline (retrieval, "
+            "summary or token counting over large items); nothing was written"
+        )
+
+
 class StoreError(StateError):
     """The state store (Redis) could not do what was asked."""
 

@@ -57,6 +57,15 @@ def to_service_error(error: errors.StateError) -> rpc.ServiceError:
         return rpc.Unavailable(message, reason="BACKEND_UNAVAILABLE")
     if isinstance(error, errors.StoreFull):
         return rpc.ResourceExhausted(message, reason="BACKEND_FULL")
+    if isinstance(error, errors.TenantBusy):
+        return rpc.ResourceExhausted(
+            message,
+            reason="TENANT_BUSY",
+            metadata={"retry_after_seconds": f"{error.retry_after_seconds:g}"},
+            retry_delay_seconds=error.retry_after_seconds,
+        )
+    if isinstance(error, errors.WorkDeadline):
+        return rpc.DeadlineExceeded(message, reason="COMPUTE_TIMEOUT")
     if isinstance(error, errors.EncryptionKeyUnavailable):
         return rpc.FailedPrecondition(message, reason="ENCRYPTION_KEY_UNAVAILABLE")
     if isinstance(error, errors.EncryptionIntegrity):

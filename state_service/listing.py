@@ -84,7 +84,7 @@ class Listing:
             return ItemsPage(())
         if incarnation and incarnation != head.incarnation:
             raise InvalidField("page_token", "the session was deleted since")
-        entries = self._reader.entries(tenant, session_id, result.entries)
+        entries = await self._reader.decoded(tenant, session_id, result.entries)
         # A read step may return less than the page (its byte bound): newest
         # first keeps the range's newest entries, oldest first its oldest.
         if newest_first:

@@ -44,6 +44,24 @@ CACHE_INVALIDATIONS = Counter(
 CACHE_SESSIONS = Gauge(
     "statecar_state_cache_sessions", "Sessions held in the local cache.", ["cache"]
 )
+HEAVY_WORK_QUEUED = Gauge(
+    "statecar_state_heavy_work_queued",
+    "Jobs queued or running in the heavy-work thread (decoding large items, retrieval, "
+    "extractive summaries).",
+)
+HEAVY_REQUESTS = Gauge(
+    "statecar_state_heavy_requests",
+    "Requests holding a tenant's heavy-work slot on this replica.",
+)
+TENANT_BUSY = Counter(
+    "statecar_state_tenant_busy_total",
+    "Requests refused with RESOURCE_EXHAUSTED (TENANT_BUSY): their tenant had its share of "
+    "heavy work in flight.",
+)
+WORK_ABANDONED = Counter(
+    "statecar_state_heavy_work_abandoned_total",
+    "Requests whose deadline passed while their heavy work ran (DEADLINE_EXCEEDED).",
+)
 CACHE_BYTES = Gauge(
     "statecar_state_cache_bytes",
     "Bytes (stored item JSON) held in the local cache; bounded by STATE_SERVICE_CACHE_MAX_BYTES.",

@@ -8,11 +8,13 @@ see the ``read`` script), so callers never decide anything from stale data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from state_service import log
 from state_service.cache import CachedTail, Lookup, SessionCache
 from state_service.encryption import KeyRing
+from state_service.heavy_work import OFFLOAD_MIN_BYTES, Offload, inline
 from state_service.log import Item, LogEntry
 from state_service.storage.redis import ReadMode, RedisStorage, SessionHead
 from state_service.tokens import TokenCounter
@@ -27,11 +29,14 @@ class LogReader:
         token_counter: TokenCounter,
         cache_window: int = 512,
         keys: KeyRing | None = None,
+        offload: Offload = inline,
     ) -> None:
         self._storage = storage
         self._cache = cache
         self._tokens = token_counter
         self._keys = keys
+        # Where large batches are decoded and counted (heavy_work.py).
+        self._offload = offload
         # How many newest entries a read fetches at least, so the cache holds
         # enough for the next request.
         self.cache_window = cache.max_items if cache is not None else cache_window
@@ -50,22 +55,40 @@ class LogReader:
             entries.append(log.describe(item, self._tokens.count(item.json)))
         return tuple(entries)
 
+    async def decoded(
+        self,
+        tenant: str,
+        session_id: str,
+        raws: Sequence[bytes],
+        offload: Offload | None = None,
+    ) -> tuple[LogEntry, ...]:
+        """`entries`, off the event loop when the batch is large (decoding and
+        token counting cost time proportional to its bytes)."""
+        if sum(len(raw) for raw in raws) < OFFLOAD_MIN_BYTES:
+            return self.entries(tenant, session_id, raws)
+        run = offload or self._offload
+        return await run(functools.partial(self.entries, tenant, session_id, raws))
+
     async def read_range(
         self, tenant: str, session_id: str, start: int, stop: int
     ) -> tuple[SessionHead | None, tuple[LogEntry, ...]]:
         """Log indexes start..stop (inclusive) decoded, with the head they were
-        read at (for the retrieval memory's catch-up)."""
+        read at (for the retrieval memory's catch-up); fewer if the read step's
+        bounds cut the range (the first entries of it)."""
         result = await self._storage.read(tenant, session_id, index_range=(start, stop))
-        return result.head, self.entries(tenant, session_id, result.entries)
+        return result.head, await self.decoded(tenant, session_id, result.entries)
 
     def forget(self, tenant: str, session_id: str) -> None:
         """Drops the cached tail of a session being deleted."""
         if self._cache is not None:
             self._cache.drop(tenant, session_id)
 
-    async def current_tail(self, tenant: str, session_id: str, window: int) -> CachedTail | None:
+    async def current_tail(
+        self, tenant: str, session_id: str, window: int, offload: Offload | None = None
+    ) -> CachedTail | None:
         """The newest items of the log, verified current against Redis in one
-        round trip; None if the session does not exist."""
+        round trip; None if the session does not exist. Large batches are
+        decoded through `offload` (default: the reader's)."""
         cache = self._cache
         cached = cache.get(tenant, session_id) if cache is not None else None
         result = await self._storage.read(
@@ -90,11 +113,11 @@ class LogReader:
             tail = CachedTail.of(
                 head,
                 cached.start_index,
-                cached.entries + self.entries(tenant, session_id, result.entries),
+                cached.entries + await self.decoded(tenant, session_id, result.entries, offload),
             )
             outcome = Lookup.PARTIAL
         else:
-            entries = self.entries(tenant, session_id, result.entries)
+            entries = await self.decoded(tenant, session_id, result.entries, offload)
             tail = CachedTail.of(head, head.item_count - len(entries), entries)
             outcome = Lookup.MISS
             if (
@@ -110,7 +133,12 @@ class LogReader:
         return tail
 
     async def extend_back(
-        self, tenant: str, session_id: str, tail: CachedTail, want: int
+        self,
+        tenant: str,
+        session_id: str,
+        tail: CachedTail,
+        want: int,
+        offload: Offload | None = None,
     ) -> CachedTail | None:
         """Prepends up to `want` older entries; None if the log changed under us
         in a way that invalidates the tail (a pop, a delete)."""
@@ -128,6 +156,6 @@ class LogReader:
             or head.trunc != tail.head.trunc
         ):
             return None
-        older = self.entries(tenant, session_id, result.entries)
+        older = await self.decoded(tenant, session_id, result.entries, offload)
         # A read step may return less than asked (its byte bound): the newest part.
         return CachedTail.of(tail.head, stop + 1 - len(older), older + tail.entries)

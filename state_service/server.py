@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from shared_runtime.auth import auth_interceptor, parse_delegates
+from shared_runtime.errors import ServiceError
 from shared_runtime.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from shared_runtime.health import Readiness
-from shared_runtime.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from shared_runtime.interceptors import (
+    ExceptionToStatusInterceptor,
+    LoggingInterceptor,
+    backend_timeout,
+)
 from shared_runtime.items import prepare_input_item_check
 from shared_runtime.metrics_http import MetricsEndpoint
 from shared_runtime.process import (
@@ -24,11 +29,18 @@ from shared_runtime.process import (
     serve_until_terminated,
     setting_hint,
 )
-from state_service import metrics
+from state_service import heavy_work, metrics
 from state_service.cache import CACHE_NAME, SessionCache
 from state_service.compression.engine import Compression, build_compression
 from state_service.encryption import KeyRing
-from state_service.errors import StoreAuthRefused, StorePermissionDenied, StoreUnavailable
+from state_service.errors import (
+    StoreAuthRefused,
+    StorePermissionDenied,
+    StoreUnavailable,
+    WorkDeadline,
+)
+from state_service.grpc_errors import to_service_error
+from state_service.heavy_work import HeavyWork
 from state_service.reader import LogReader
 from state_service.servicer import StateServicer
 from state_service.settings import StateServiceSettings
@@ -58,6 +70,7 @@ class StateServer:
     readiness: Readiness
     port: int
     compression: Compression
+    heavy: HeavyWork
     embedded: EmbeddedRedis | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,7 +149,14 @@ class StateServer:
             await asyncio.to_thread(prepare_input_item_check)
         counter = make_token_counter(settings.token_counter, settings.tiktoken_encoding)
         logger.info("counting tokens with %s", counter.name)
-        reader = LogReader(storage, cache=cache, token_counter=counter, keys=keys)
+        heavy = HeavyWork(
+            per_tenant=settings.tenant_heavy_requests,
+            retry_after_seconds=settings.tenant_busy_retry_seconds,
+        )
+        undo.callback(heavy.close)
+        reader = LogReader(
+            storage, cache=cache, token_counter=counter, keys=keys, offload=heavy.run
+        )
         compression = build_compression(
             settings,
             storage,
@@ -144,6 +164,7 @@ class StateServer:
             reader.read_range,
             seal=keys.seal if keys is not None else None,
             open_=keys.open if keys is not None else None,
+            offload=heavy.run,
         )
 
         def on_readiness(ready: bool) -> None:
@@ -168,7 +189,7 @@ class StateServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ServerMetricsInterceptor(),
             LoggingInterceptor(),
-            ExceptionToStatusInterceptor(ERROR_DOMAIN),
+            ExceptionToStatusInterceptor(ERROR_DOMAIN, _deadline_error),
         ]
         auth = auth_interceptor(
             settings.auth, settings.auth_tokens_file, parse_delegates(settings.auth_delegates)
@@ -177,7 +198,13 @@ class StateServer:
             interceptors.append(auth)
         server = create_server(settings, interceptors, settings.max_message_bytes)
         servicer = StateServicer.over(
-            storage, reader, settings, token_counter=counter, keys=keys, compression=compression
+            storage,
+            reader,
+            settings,
+            token_counter=counter,
+            keys=keys,
+            compression=compression,
+            heavy=heavy,
         )
         pb_grpc.add_StateServiceServicer_to_server(servicer, server)
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
@@ -203,6 +230,7 @@ class StateServer:
             readiness=readiness,
             port=port,
             compression=compression,
+            heavy=heavy,
             embedded=embedded,
             metrics_endpoint=endpoint,
         )
@@ -217,6 +245,7 @@ class StateServer:
         await self.readiness.drain()
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.compression.stop()
+        self.heavy.close()
         await self.readiness.stop()
         # Bounded: a shutdown must not hang on closing Redis connections (seen
         # with a cluster under load, and with redis-py's pool after a cancelled
@@ -235,6 +264,15 @@ class StateServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _deadline_error() -> ServiceError:
+    """What a caller hears when its deadline passes: DEADLINE_EXCEEDED if it
+    was waiting for its own CPU work (abandoned), else Redis was slow."""
+    if heavy_work.abandoned():
+        metrics.WORK_ABANDONED.inc()
+        return to_service_error(WorkDeadline())
+    return backend_timeout()
 
 
 async def _check_redis(storage: RedisStorage, settings: StateServiceSettings) -> None:

@@ -21,6 +21,7 @@ from state_service.compression.engine import Compression
 from state_service.context import ContextLimits, ContextPipeline
 from state_service.encryption import KeyRing
 from state_service.grpc_errors import maps_domain_errors
+from state_service.heavy_work import HeavyWork, inline
 from state_service.identity import tenant_of
 from state_service.listing import Listing
 from state_service.reader import LogReader
@@ -62,17 +63,28 @@ class StateServicer(pb_grpc.StateServiceServicer):
         token_counter: TokenCounter,
         keys: KeyRing | None = None,
         compression: Compression | None = None,
+        heavy: HeavyWork | None = None,
     ) -> StateServicer:
         """The servicer with its business modules, over one storage and log reader."""
         return cls(
             SessionStore(
-                storage, reader, token_counter=token_counter, keys=keys, compression=compression
+                storage,
+                reader,
+                token_counter=token_counter,
+                keys=keys,
+                compression=compression,
+                offload=heavy.run if heavy is not None else inline,
             ),
             ContextPipeline(
                 reader,
                 compression,
                 token_counter,
-                ContextLimits(settings.context_max_items, settings.context_max_bytes),
+                ContextLimits(
+                    settings.context_max_items,
+                    settings.context_max_bytes,
+                    settings.max_query_bytes,
+                ),
+                heavy,
             ),
             Listing(storage, reader),
             WorkflowStore(storage),
@@ -110,10 +122,10 @@ class StateServicer(pb_grpc.StateServiceServicer):
             tenant_of(context),
             session_id,
             token_budget=budget,
-            query=request.query,
+            query=validation.query(request.query, self._settings),
             strategy=strategy,
             shares=shares,
-            max_items=validation.max_items(request.max_items),
+            max_items=validation.max_items(request.max_items, self._settings),
         )
         return convert.context_response(result)
 

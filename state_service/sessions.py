@@ -18,6 +18,7 @@ from state_service.compression.engine import CODE_OF_STRATEGY, STRATEGY_OF_CODE,
 from state_service.compression.strategies import Shares, Strategy
 from state_service.encryption import KeyRing
 from state_service.errors import EtagMismatch, SessionNotFound
+from state_service.heavy_work import OFFLOAD_MIN_BYTES, Offload, inline
 from state_service.log import Item, NewItem
 from state_service.reader import LogReader
 from state_service.storage.redis import (
@@ -84,12 +85,14 @@ class SessionStore:
         token_counter: TokenCounter,
         keys: KeyRing | None = None,
         compression: Compression | None = None,
+        offload: Offload = inline,
     ) -> None:
         self._storage = storage
         self._reader = reader
         self._keys = keys
         self._tokens = token_counter
         self._compression = compression
+        self._offload = offload
 
     def _seal(self, tenant: str, session_id: str, payload: bytes) -> bytes:
         return payload if self._keys is None else self._keys.seal(tenant, session_id, payload)
@@ -104,16 +107,27 @@ class SessionStore:
         etag: str,
     ) -> AppendOutcome:
         now = now_ms()
+
+        def encode() -> tuple[list[bytes], int]:
+            payloads = [self._seal(tenant, session_id, log.encode(item, now)) for item in items]
+            return payloads, sum(self._tokens.count(item.json) for item in items)
+
+        # Encoding, sealing and counting cost time proportional to the bytes:
+        # a large append does them off the event loop.
+        if sum(len(item.json) for item in items) < OFFLOAD_MIN_BYTES:
+            payloads, tokens = encode()
+        else:
+            payloads, tokens = await self._offload(encode)
         try:
             outcome = await self._storage.append(
                 tenant,
                 session_id,
-                [self._seal(tenant, session_id, log.encode(item, now)) for item in items],
+                payloads,
                 request_id=request_id,
                 expected_etag=etag,
                 new_incarnation=uuid.uuid4().hex[:16],
                 now_ms=now,
-                tokens=sum(self._tokens.count(item.json) for item in items),
+                tokens=tokens,
             )
         except EtagMismatch:
             metrics.ETAG_CONFLICTS.labels("append").inc()

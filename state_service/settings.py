@@ -111,6 +111,16 @@ class StateServiceSettings(BaseSettings):
         description="longest GetContext query in UTF-8 bytes (longer: INVALID_ARGUMENT); the "
         "default query, the newest user message, is cut to this",
     )
+    tenant_heavy_requests: int = Field(
+        2,
+        ge=1,
+        description="requests of one tenant that may do heavy work (GetContext beyond the "
+        "cached fast path: reading far back, decoding large items, retrieval) at once on a "
+        "replica; more are RESOURCE_EXHAUSTED (TENANT_BUSY) with a retry delay",
+    )
+    tenant_busy_retry_seconds: float = Field(
+        0.5, gt=0, description="the retry delay a TENANT_BUSY refusal suggests (RetryInfo)"
+    )
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
     item_schema: Literal["openai-agents", "json-object"] = Field(
         "openai-agents",

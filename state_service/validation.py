@@ -122,7 +122,14 @@ def shares(value: pb.TierShares, field: str) -> Shares:
     return result
 
 
-def max_items(value: int) -> int:
+def max_items(value: int, settings: StateServiceSettings) -> int:
     if value < 0:
         raise InvalidArgument("max_items", "must not be negative")
+    return min(value, settings.context_max_items)
+
+
+def query(value: str, settings: StateServiceSettings) -> str:
+    size = len(value.encode())
+    if size > settings.max_query_bytes:
+        raise InvalidArgument("query", f"is {size} bytes; the limit is {settings.max_query_bytes}")
     return value

@@ -5,15 +5,23 @@ the code before the fix (the commit that added it says how)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from state_service.client import StateClient
+from state_service.client import StateClient, StateServiceError
 from state_service.storage.embedded import EmbeddedRedis
+from statecar.state.v1 import state_service_pb2 as pb
+from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.conftest import StateServerFactory
 from tests.helpers import has_series, metric
+from tests.processes import state_service_process, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +81,127 @@ async def test_a_small_budget_reads_little_of_large_items(
     assert read < 2 * MIB, f"read {read} bytes from Redis for a 100-token budget"
     assert has_series("statecar_state_cache_bytes", cache="session_tail")
     assert 0 < metric("statecar_state_cache_bytes", cache="session_tail") <= 2 * MIB
+
+
+# -- two tenants -----------------------------------------------------------------
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text("heavy:token-heavy\nlight:token-light\n")
+    return path
+
+
+async def small_calls(address: str, until: asyncio.Event) -> tuple[int, list[str]]:
+    """Tenant "light": GetSession with a 1 s deadline every 20 ms until `until`;
+    returns (calls, failures)."""
+    failures: list[str] = []
+    calls = 0
+    async with StateClient(address, bearer_token="token-light", timeout=1.0) as client:
+        await client.append_items("mine", [{"role": "user", "content": "hello"}])
+        while not until.is_set():
+            calls += 1
+            try:
+                await client.get_session("mine", timeout=1.0)
+            except StateServiceError as error:
+                failures.append(f"{error.code.name} {error.reason}")
+            await asyncio.sleep(0.02)
+    return calls, failures
+
+
+async def test_heavy_context_work_leaves_the_replica_answering(
+    tokens_file: Path, redis_server: EmbeddedRedis
+) -> None:
+    """Finding 2: retrieval indexing and token counting of large items ran on
+    the event loop, deaf to deadlines: a default GetContext on 600 x 100 KB
+    items ran past its deadline and the replica answered nobody meanwhile.
+    Three 120 x 100 KB appends made 26 of 54 one-second calls of another
+    tenant fail. Here 5 appends of 30 x 100 KB then default GetContexts with a
+    1 s deadline, on a real state-service process: the heavy calls now end in
+    time or at their deadline with DEADLINE_EXCEEDED (COMPUTE_TIMEOUT), and the
+    other tenant's 1-second calls all succeed meanwhile."""
+    env = {"STATE_SERVICE_AUTH": "token", "STATE_SERVICE_AUTH_TOKENS_FILE": str(tokens_file)}
+    with state_service_process(redis_server.url, env) as (address, _):
+        await wait_serving(address)
+        done = asyncio.Event()
+        light = asyncio.create_task(small_calls(address, done))
+        outcomes: list[str] = []
+        async with StateClient(address, bearer_token="token-heavy", timeout=30.0) as heavy:
+            await asyncio.sleep(0.2)
+            for i in range(0, 150, 30):
+                await heavy.append_items("big", [large_item(j, 100_000) for j in range(i, i + 30)])
+            for _ in range(3):
+                try:
+                    await heavy.get_context("big", query="x 17", timeout=1.0)
+                    outcomes.append("OK")
+                except StateServiceError as error:
+                    outcomes.append(f"{error.code.name} {error.reason}")
+        done.set()
+        calls, failures = await light
+    assert not failures, f"{len(failures)} of {calls} small calls failed: {failures[:5]}"
+    assert set(outcomes) <= {"OK", "DEADLINE_EXCEEDED COMPUTE_TIMEOUT"}, outcomes
+
+
+async def test_a_long_query_is_refused_and_the_echo_is_short(client: StateClient) -> None:
+    """Finding 2: an 8 MB query cost 7 s of loop time and came back whole."""
+    await client.append_items("q", [{"role": "user", "content": "a question " * 1000}])
+    with pytest.raises(StateServiceError) as raised:
+        await client.get_context("q", query="x" * 5000)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.metadata.get("field") == "query"
+    context = await client.get_context("q", query="word " * 800, strategy="retrieval")
+    assert 0 < len(context.query) <= 256
+    # The default query (the newest user message, 11 KB) is not echoed whole either.
+    context = await client.get_context("q", strategy="retrieval", token_budget=50)
+    assert 0 < len(context.query) <= 256
+
+
+async def test_a_tenant_over_its_share_is_told_to_retry_later(
+    tokens_file: Path, state_server_factory: StateServerFactory
+) -> None:
+    """Finding 3: nothing bounded one tenant's concurrent heavy requests; now
+    beyond tenant_heavy_requests it hears RESOURCE_EXHAUSTED (TENANT_BUSY)
+    with a google.rpc.RetryInfo delay, and the other tenant is unaffected."""
+    server = await state_server_factory(
+        auth="token", auth_tokens_file=tokens_file, tenant_heavy_requests=1
+    )
+    async with StateClient(server.address, bearer_token="token-heavy", timeout=30.0) as client:
+        for i in range(30):
+            await client.append_items("big", [large_item(i, 100_000)])
+        results = await asyncio.gather(
+            *(client.get_context("big", query=f"x {i}", timeout=10.0) for i in range(6)),
+            return_exceptions=True,
+        )
+    refused = [r for r in results if isinstance(r, StateServiceError)]
+    assert refused, "six concurrent heavy calls of one tenant, none refused"
+    assert all(
+        (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_BUSY") for r in refused
+    ), refused
+    assert any(not isinstance(r, BaseException) for r in results)
+    assert float(refused[0].metadata["retry_after_seconds"]) > 0
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.StateServiceStub(channel)
+        metadata = (("authorization", "Bearer token-heavy"),)
+        calls = [
+            stub.GetContext(
+                pb.GetContextRequest(session_id="big", query=f"y {i}"), metadata=metadata
+            )
+            for i in range(4)
+        ]
+        retry_infos = []
+        for call in calls:
+            try:
+                await call
+            except grpc.aio.AioRpcError as error:
+                status = rpc_status.from_call(error)  # type: ignore[arg-type]
+                assert status is not None
+                for detail in status.details:
+                    if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                        info = error_details_pb2.RetryInfo()
+                        detail.Unpack(info)
+                        retry_infos.append(info.retry_delay.ToNanoseconds())
+    assert retry_infos and all(delay > 0 for delay in retry_infos)
+    async with StateClient(server.address, bearer_token="token-light") as light:
+        await light.append_items("mine", [{"role": "user", "content": "hi"}])
+        assert (await light.get_context("mine")).items

@@ -21,6 +21,10 @@ def _instance(kind: type[errors.StateError]) -> errors.StateError:
         return errors.InvalidField("page_token", "is not a token this service issued")
     if kind is errors.ReplicationTimeout:
         return errors.ReplicationTimeout("too few replicas", acknowledged=0, required=1)
+    if kind is errors.TenantBusy:
+        return errors.TenantBusy(0.5)
+    if kind is errors.WorkDeadline:
+        return errors.WorkDeadline()
     return kind("something happened")
 
 
@@ -52,6 +56,12 @@ EXPECTED = {
     ),
     errors.IndexPending: (grpc.StatusCode.UNAVAILABLE, "INDEX_PENDING", {}),
     errors.StoreFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "BACKEND_FULL", {}),
+    errors.TenantBusy: (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TENANT_BUSY",
+        {"retry_after_seconds": "0.5"},
+    ),
+    errors.WorkDeadline: (grpc.StatusCode.DEADLINE_EXCEEDED, "COMPUTE_TIMEOUT", {}),
     errors.EncryptionKeyUnavailable: (
         grpc.StatusCode.FAILED_PRECONDITION,
         "ENCRYPTION_KEY_UNAVAILABLE",

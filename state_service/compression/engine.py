@@ -15,6 +15,7 @@ from state_service.compression.summarizer import (
     ExtractiveSummarizer,
     LLMSummarizer,
     Summarizer,
+    SummaryInput,
 )
 from state_service.compression.worker import (
     CompressionPolicy,
@@ -22,6 +23,7 @@ from state_service.compression.worker import (
     SummaryCodec,
     SummaryReader,
 )
+from state_service.heavy_work import Offload, inline
 from state_service.settings import StateServiceSettings
 from state_service.storage.redis import RedisStorage, SessionHead
 from state_service.tokens import TokenCounter
@@ -92,6 +94,21 @@ class Compression:
         self.memories.clear()
 
 
+class OffloadedSummarizer:
+    """A CPU-bound summarizer (the extractive one) run off the event loop: its
+    fold is plain computation inside a coroutine, so it runs to completion on
+    a private loop in the heavy-work thread."""
+
+    def __init__(self, inner: Summarizer, offload: Offload) -> None:
+        self._inner = inner
+        self._offload = offload
+        self.name = inner.name
+
+    async def fold(self, previous: str, items: Sequence[SummaryInput]) -> str:
+        inner = self._inner
+        return await self._offload(lambda: asyncio.run(inner.fold(previous, items)))
+
+
 def _openai_client(base_url: str, api_key: str, timeout: float) -> Any:
     from openai import AsyncOpenAI
 
@@ -110,13 +127,17 @@ def build_compression(
     seal: Callable[[str, str, bytes], bytes] | None = None,
     open_: Callable[[str, str, bytes], bytes] | None = None,
     summarizer: Summarizer | None = None,
+    offload: Offload | None = None,
 ) -> Compression:
+    """`offload` runs CPU-heavy work (indexing, extractive summaries) off the
+    event loop (state_service/heavy_work.py)."""
     default_strategy = Strategy(settings.default_context_strategy)
     memories = MemoryStore(
         read_range,
         max_sessions=settings.retrieval_max_sessions,
         ttl_seconds=settings.cache_ttl_seconds,
         max_items=settings.retrieval_max_items,
+        offload=offload or inline,
     )
     codec = SummaryCodec(seal, open_)
     summaries = SummaryReader(storage, codec, settings.retrieval_max_sessions)
@@ -133,6 +154,8 @@ def build_compression(
         )
     if summarizer is None and settings.summarizer == "extractive":
         summarizer = ExtractiveSummarizer(counter, max_tokens=settings.summary_max_tokens)
+        if offload is not None:
+            summarizer = OffloadedSummarizer(summarizer, offload)
     elif summarizer is None and settings.summarizer == "llm":
         summarizer = LLMSummarizer(
             _openai_client(

@@ -9,6 +9,7 @@ Redis when lost, stale or evicted, and caught up incrementally otherwise.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from cachetools import TTLCache
 from state_service.compression import text as textlib
 from state_service.compression.bm25 import BM25Index
 from state_service.compression.summarizer import SummaryInput
+from state_service.heavy_work import Offload, inline
 from state_service.log import LogEntry
 from state_service.storage.redis import SessionHead
 
@@ -29,6 +31,14 @@ RangeReader = Callable[
 ]
 FETCH_CHUNK = 1000
 HYBRID_LEXICAL_WEIGHT = 0.5
+
+
+def _catch_up(memory: SessionMemory, begin: int, entries: Sequence[LogEntry]) -> None:
+    """Indexes the part of `entries` (log indexes from `begin`) that `memory`
+    lacks. Runs where MemoryStore's offload puts it, so the check and the
+    extend happen together, after any other catch-up queued before it."""
+    if begin <= memory.end_index < begin + len(entries):
+        memory.extend(entries[memory.end_index - begin :])
 
 
 class StaleMemory(Exception):
@@ -152,8 +162,11 @@ class MemoryStore:
         max_sessions: int = 1000,
         ttl_seconds: float = 300.0,
         max_items: int = 20_000,
+        offload: Offload = inline,
     ) -> None:
         self._read_range = read_range
+        # Indexing is CPU work proportional to bytes: state_service/heavy_work.py.
+        self._offload = offload
         self._memories: TTLCache[tuple[str, str], SessionMemory] = TTLCache(
             maxsize=max_sessions, ttl=ttl_seconds
         )
@@ -198,12 +211,11 @@ class MemoryStore:
             if now is None or now.incarnation != head.incarnation or now.trunc != head.trunc:
                 self.drop(tenant, session_id)
                 raise StaleMemory(session_id)
-            if memory.end_index == begin:  # nobody caught up meanwhile
-                memory.extend(entries)
+            await self._offload(functools.partial(_catch_up, memory, begin, entries))
             if not entries:
                 break
-        if tail_start is not None and memory.end_index >= tail_start:
-            memory.extend(tail[memory.end_index - tail_start :])
+        if tail_start is not None:
+            await self._offload(functools.partial(_catch_up, memory, tail_start, tail))
         # Keep the map fresh for LRU/TTL purposes.
         self._memories[key] = memory
         return memory

@@ -210,6 +210,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a configured delegate. Drop the metadata or have the caller configured
     as a delegate.
     """
+    TENANT_BUSY: _ErrorReason.ValueType  # 19
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the caller's tenant already has its share of heavy
+    requests (GetContext over large or many items, retrieval, summaries) in
+    flight on this replica. Nothing was done. Retry after the delay in the
+    google.rpc.RetryInfo detail (also metadata "retry_after_seconds").
+    """
+    COMPUTE_TIMEOUT: _ErrorReason.ValueType  # 20
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    DEADLINE_EXCEEDED: the request's CPU work (retrieval, token counting of
+    large items) did not finish within the call's deadline and was
+    abandoned. Nothing was written. The same call with the same deadline
+    will likely fail again: give it more time, a smaller token_budget, or
+    the token_window strategy.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason of the google.rpc.ErrorInfo of every error the service sends
@@ -323,6 +338,21 @@ NOT_A_DELEGATE: ErrorReason.ValueType  # 18
 PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
 a configured delegate. Drop the metadata or have the caller configured
 as a delegate.
+"""
+TENANT_BUSY: ErrorReason.ValueType  # 19
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the caller's tenant already has its share of heavy
+requests (GetContext over large or many items, retrieval, summaries) in
+flight on this replica. Nothing was done. Retry after the delay in the
+google.rpc.RetryInfo detail (also metadata "retry_after_seconds").
+"""
+COMPUTE_TIMEOUT: ErrorReason.ValueType  # 20
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+DEADLINE_EXCEEDED: the request's CPU work (retrieval, token counting of
+large items) did not finish within the call's deadline and was
+abandoned. Nothing was written. The same call with the same deadline
+will likely fail again: give it more time, a smaller token_budget, or
+the token_window strategy.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
