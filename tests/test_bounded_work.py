@@ -205,3 +205,112 @@ async def test_a_tenant_over_its_share_is_told_to_retry_later(
     async with StateClient(server.address, bearer_token="token-light") as light:
         await light.append_items("mine", [{"role": "user", "content": "hi"}])
         assert (await light.get_context("mine")).items
+
+
+# -- writes are not re-sent --------------------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that, once armed, drops the connection carrying the
+    next command that mentions `marker`, after Redis received the command and
+    before its reply reaches statecar: the reply is lost, the command ran."""
+
+    def __init__(self, redis_port: int, marker: bytes) -> None:
+        self._redis_port = redis_port
+        self._marker = marker
+        self.armed = False
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._redis_port)
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self.armed and self._marker in data:
+                    self.armed = False
+                    cut.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if cut.is_set():
+                    self.cuts += 1
+                    break  # the reply is dropped with the connection
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+                self._tasks.discard(task)
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+
+async def test_writes_without_request_id_are_never_sent_twice(
+    redis_server: EmbeddedRedis, redis: aioredis.Redis, state_server_factory: StateServerFactory
+) -> None:
+    """Finding 4: after a lost Redis connection the server sent AppendItems and
+    PopItem again by itself (the pipelined path and redis-py's Retry): with
+    CLIENT KILL every 30 ms, appends sent once were stored twice and popped
+    items reached nobody. A proxy that drops the reply of one command
+    reproduces it exactly: the old code answered OK and stored the item twice."""
+    proxy = CuttingProxy(redis_server.port, b"cut-me")
+    url = await proxy.start()
+    try:
+        # No background compression: its reads of the session would meet the cut.
+        server = await state_server_factory(redis_url=url, summarizer="none")
+        log_key = "statecar:{default:cut-me}:l"
+        # No StateClient: its gRPC retry policy would re-send UNAVAILABLE calls.
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.StateServiceStub(channel)
+            item = pb.Item(json=b'{"role": "user", "content": "once"}')
+            await stub.AppendItems(
+                pb.AppendItemsRequest(session_id="cut-me", items=[item, item]), timeout=5
+            )
+            proxy.armed = True
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.AppendItems(
+                    pb.AppendItemsRequest(session_id="cut-me", items=[item]), timeout=5
+                )
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert proxy.cuts == 1
+            assert await redis.llen(log_key) == 3  # applied once, not re-sent
+
+            await stub.PopItem(pb.PopItemRequest(session_id="warm"), timeout=5)  # loads the script
+            proxy.armed = True
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.PopItem(pb.PopItemRequest(session_id="cut-me"), timeout=5)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert await redis.llen(log_key) == 2  # one item popped, not two
+
+            # With a request_id the server may send it again: the replay is safe.
+            proxy.armed = True
+            appended = await stub.AppendItems(
+                pb.AppendItemsRequest(session_id="cut-me", items=[item], request_id="r-1"),
+                timeout=5,
+            )
+            assert appended.replayed and proxy.cuts == 3
+            assert await redis.llen(log_key) == 3
+    finally:
+        await proxy.close()

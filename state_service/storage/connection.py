@@ -17,7 +17,9 @@ RedisStorage maps them to statuses exactly as before:
 - a reply error -> ``ResponseError`` or its subclass (NOSCRIPT, OOM, NOPERM...);
 - a refused AUTH -> ``AuthenticationError``;
 - a lost or unreachable connection -> ``ConnectionError`` for every caller
-  waiting on it (the next call reconnects);
+  waiting on it (the next call reconnects); ``ReplyLost``, its subclass, when
+  the command had been sent (Redis may have run it: only an idempotent
+  command may be sent again);
 - no reply within ``socket_timeout`` -> ``TimeoutError`` for every caller
   waiting, and the connection is dropped (a reply arriving later cannot be
   matched to the wrong caller).
@@ -53,6 +55,10 @@ _ERROR_CLASSES: dict[str, type[redis_errors.RedisError]] = {
     "READONLY": redis_errors.ReadOnlyError,
 }
 _AUTH_PREFIXES = ("WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH")
+
+
+class ReplyLost(redis_errors.ConnectionError):
+    """The connection was lost after the command was sent: Redis may have run it."""
 
 
 def reply_error(message: str) -> redis_errors.RedisError:
@@ -241,6 +247,9 @@ class PipelinedConnection:
         self._fail_pending(redis_errors.ConnectionError(message))
 
     def _fail_pending(self, error: redis_errors.RedisError) -> None:
+        if isinstance(error, redis_errors.ConnectionError) and not isinstance(error, ReplyLost):
+            # Every waiter's command was written when it was queued.
+            error = ReplyLost(str(error))
         pending, self._pending = self._pending, collections.deque()
         for waiter, _ in pending:
             if not waiter.done():

@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from state_service.errors import (
     EtagMismatch,
@@ -56,7 +56,7 @@ from state_service.errors import (
     StorePermissionDenied,
     StoreUnavailable,
 )
-from state_service.storage.connection import PipelinedConnection
+from state_service.storage.connection import PipelinedConnection, ReplyLost
 
 T = TypeVar("T")
 
@@ -340,10 +340,14 @@ class RedisStorage:
         wait_timeout_seconds: float = 0.5,
         pipelined: PipelinedConnection | None = None,
         read_step_bytes: int = READ_STEP_BYTES,
+        client_once: aioredis.Redis | None = None,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain hash-tag braces")
         self._redis: Any = client
+        # For writes that must not be sent twice (no request_id): a pool whose
+        # connections do not resend a command after a lost connection.
+        self._redis_once: Any = client_once or client
         self._cluster: RedisCluster | None = client if isinstance(client, RedisCluster) else None
         self.wait_replicas = wait_replicas
         self._wait_ms = max(1, int(wait_timeout_seconds * 1000))
@@ -424,6 +428,14 @@ class RedisStorage:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
             retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         )
+        once = aioredis.BlockingConnectionPool.from_url(
+            url,
+            **connection,
+            max_connections=max(4, options.max_connections // 4),
+            timeout=options.socket_timeout,
+            retry=Retry(NoBackoff(), retries=0),
+        )
+        kwargs.setdefault("client_once", aioredis.Redis(connection_pool=once))
         if not url.startswith("rediss://"):
             kwargs.setdefault("pipelined", _pipelined_connection(url, options))
         return cls(aioredis.Redis(connection_pool=pool), **kwargs)
@@ -435,6 +447,8 @@ class RedisStorage:
     async def close(self) -> None:
         if self._pipelined is not None:
             await self._pipelined.aclose()
+        if self._redis_once is not self._redis:
+            await self._redis_once.aclose()
         await self._redis.aclose()
 
     # -- keys -----------------------------------------------------------------
@@ -511,10 +525,17 @@ class RedisStorage:
         args: Sequence[bytes | str | int],
         *,
         write: bool = False,
+        resend: bool = False,
         index_add: tuple[str, str] | None = None,
         operation: str | None = None,
     ) -> Any:
         """Runs a script by hash (loading it on NOSCRIPT).
+
+        A ``write`` is sent again after a connection lost under it only with
+        ``resend`` (it carries a request_id, so a resend replays): otherwise
+        that is reported as unavailable, since Redis may have run it (an
+        append stored twice, a pop whose item nobody receives, a delete
+        answered NOT_FOUND). Reads are always sent again.
 
         ``index_add`` names the tenant index of a script that may create a
         session: on one node it is the script's KEYS[5] and the script adds the
@@ -529,24 +550,30 @@ class RedisStorage:
                 await self._index_add(*index_add)
             else:
                 keys = [*keys, index_add[0]]
+        resend = resend or not write
         if not wait and self._pipelined is not None:
             # The common case on one node: one command on the shared pipelined
             # connection (see storage/connection.py).
-            return await self._call(label, self._evalsha_pipelined(body, sha, keys, args))
+            return await self._call(
+                label, self._evalsha_pipelined(body, sha, keys, args, resend=resend)
+            )
         if not wait and self._cluster is None:
             # The same without a pipelined connection: one command, no pipeline
             # bookkeeping. (On a cluster, scripts take _on_one_connection's
             # failover retries.)
+            client = self._redis if resend else self._redis_once
             try:
-                return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
+                return await self._call(label, client.evalsha(sha, len(keys), *keys, *args))
             except redis_errors.NoScriptError:
                 await self._call("script_load", self._redis.script_load(body))
-                return await self._call(label, self._redis.evalsha(sha, len(keys), *keys, *args))
+                return await self._call(label, client.evalsha(sha, len(keys), *keys, *args))
         for attempt in range(2):
             commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args)]
             if wait:
                 commands.append(("WAIT", self.wait_replicas, self._wait_ms))
-            replies = await self._call(label, self._on_one_connection(keys[0], commands))
+            replies = await self._call(
+                label, self._on_one_connection(keys[0], commands, resend=resend)
+            )
             reply = replies[0]
             if isinstance(reply, redis_errors.NoScriptError) and attempt == 0:
                 await self._call("script_load", self._redis.script_load(body))
@@ -561,12 +588,18 @@ class RedisStorage:
         raise AssertionError("unreachable")
 
     async def _evalsha_pipelined(
-        self, body: str, sha: str, keys: Sequence[str], args: Sequence[bytes | str | int]
+        self,
+        body: str,
+        sha: str,
+        keys: Sequence[str],
+        args: Sequence[bytes | str | int],
+        *,
+        resend: bool,
     ) -> Any:
         """EVALSHA on the pipelined connection, loading the script on NOSCRIPT
         (after a Redis restart) and trying once more on a connection lost
-        before the reply (a restarted Redis, a killed client connection), as
-        redis-py's pool does."""
+        (a restarted Redis, a killed client connection): always if it was lost
+        before the command was sent, after sending only if `resend`."""
         assert self._pipelined is not None
         connection = self._pipelined
         for attempt in range(3):
@@ -576,6 +609,9 @@ class RedisStorage:
                 if attempt == 2:
                     raise
                 await connection.execute("SCRIPT", "LOAD", body)
+            except ReplyLost:
+                if attempt == 2 or not resend:
+                    raise
             except redis_errors.ConnectionError:
                 if attempt == 2:
                     raise
@@ -592,11 +628,14 @@ class RedisStorage:
                 required=self.wait_replicas,
             )
 
-    async def _on_one_connection(self, key: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def _on_one_connection(
+        self, key: str, commands: Sequence[Sequence[Any]], *, resend: bool = True
+    ) -> list[Any]:
         """Sends commands in order on one connection to the node that serves `key`
-        (so a WAIT covers the writes before it); replies may be exceptions."""
+        (so a WAIT covers the writes before it); replies may be exceptions.
+        A connection lost under them is tried again only if `resend`."""
         if self._cluster is None:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = (self._redis if resend else self._redis_once).pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -620,11 +659,12 @@ class RedisStorage:
                     raise redis_errors.SlotNotCoveredError(f"no node serves {key!r}")
                 pending = [PipelineCommand(i, *command) for i, command in enumerate(commands)]
                 await node.execute_pipeline(pending)
-            except (
-                redis_errors.ConnectionError,
-                redis_errors.TimeoutError,
-                *_CLUSTER_TRANSIENT,
-            ) as exc:
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                if not resend:
+                    raise  # the node may have run them
+                error = exc
+                continue
+            except _CLUSTER_TRANSIENT as exc:
                 error = exc
                 continue
             results = [command.result for command in pending]
@@ -690,7 +730,14 @@ class RedisStorage:
         # Only an append that may create the session touches the index.
         may_create = bool(payloads) and expected_etag in ("", ABSENT_ETAG)
         index_add = (self.index_key(tenant), session_id) if may_create else None
-        reply = await self._script("append", keys.as_list(), args, write=True, index_add=index_add)
+        reply = await self._script(
+            "append",
+            keys.as_list(),
+            args,
+            write=True,
+            resend=bool(request_id),
+            index_add=index_add,
+        )
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
             raise EtagMismatch(body)
@@ -707,7 +754,7 @@ class RedisStorage:
     ) -> PopOutcome:
         keys = self.keys(tenant, session_id)
         args: list[str | int] = [request_id, expected_etag, self.default_ttl_seconds, now_ms]
-        reply = await self._script("pop", keys.as_list(), args, write=True)
+        reply = await self._script("pop", keys.as_list(), args, write=True, resend=bool(request_id))
         status, body = reply[0].decode(), reply[1]
         if status == "conflict":
             raise EtagMismatch(body.decode())

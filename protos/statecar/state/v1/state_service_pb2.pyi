@@ -583,7 +583,8 @@ class AppendItemsRequest(_message.Message):
     """Optional idempotency key (at most 128 characters from the session id
     charset). A request with a request_id already applied to this session
     returns the first response and appends nothing, from any replica, also
-    after restarts. Remembered for the life of the session.
+    after restarts. Remembered for the life of the session. Without one, the
+    service never retries the append itself (see AppendItems): set it.
     """
     etag: _builtins.str
     """Optional. Append only if the session's etag is still this value; "0"

@@ -135,6 +135,12 @@ class StateServiceServicer:
         consecutive sequence numbers, bumps the etag, records request_id and
         refreshes the session TTL. Creates the session if it does not exist.
         Cost is proportional to the items appended, not to the history.
+        The service never sends an append to Redis twice by itself unless it
+        carries a request_id: if the connection to Redis is lost after the
+        append was sent, a request without request_id is answered UNAVAILABLE
+        (BACKEND_UNAVAILABLE) and may or may not have been applied; the caller
+        decides. With a request_id the service (and the caller) may retry: a
+        replay returns the first response and appends nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,7 +166,11 @@ class StateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PopItem(self, request, context):
-        """Removes and returns the newest item of a session's log.
+        """Removes and returns the newest item of a session's log. As for
+        AppendItems, a pop without request_id is never sent to Redis twice: a
+        connection lost after sending it is UNAVAILABLE (an item may have been
+        popped that this caller did not receive; ListItems shows the log). With
+        a request_id a retry returns the first pop's item and pops nothing more.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

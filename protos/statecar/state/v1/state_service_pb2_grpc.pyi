@@ -56,6 +56,12 @@ class StateServiceStub:
     consecutive sequence numbers, bumps the etag, records request_id and
     refreshes the session TTL. Creates the session if it does not exist.
     Cost is proportional to the items appended, not to the history.
+    The service never sends an append to Redis twice by itself unless it
+    carries a request_id: if the connection to Redis is lost after the
+    append was sent, a request without request_id is answered UNAVAILABLE
+    (BACKEND_UNAVAILABLE) and may or may not have been applied; the caller
+    decides. With a request_id the service (and the caller) may retry: a
+    replay returns the first response and appends nothing.
     """
     GetContext: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetContextRequest, _state_service_pb2.GetContextResponse]
     """Returns what to send to the model for the next turn, within token_budget:
@@ -68,7 +74,12 @@ class StateServiceStub:
     ListItems: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListItemsRequest, _state_service_pb2.ListItemsResponse]
     """Lists a session's whole log, paged, oldest-first or newest-first."""
     PopItem: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.PopItemRequest, _state_service_pb2.PopItemResponse]
-    """Removes and returns the newest item of a session's log."""
+    """Removes and returns the newest item of a session's log. As for
+    AppendItems, a pop without request_id is never sent to Redis twice: a
+    connection lost after sending it is UNAVAILABLE (an item may have been
+    popped that this caller did not receive; ListItems shows the log). With
+    a request_id a retry returns the first pop's item and pops nothing more.
+    """
     GetSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetSessionRequest, _state_service_pb2.GetSessionResponse]
     """Returns a session's metadata."""
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.UpdateSessionRequest, _state_service_pb2.UpdateSessionResponse]
@@ -114,6 +125,12 @@ class StateServiceAsyncStub(StateServiceStub):
     consecutive sequence numbers, bumps the etag, records request_id and
     refreshes the session TTL. Creates the session if it does not exist.
     Cost is proportional to the items appended, not to the history.
+    The service never sends an append to Redis twice by itself unless it
+    carries a request_id: if the connection to Redis is lost after the
+    append was sent, a request without request_id is answered UNAVAILABLE
+    (BACKEND_UNAVAILABLE) and may or may not have been applied; the caller
+    decides. With a request_id the service (and the caller) may retry: a
+    replay returns the first response and appends nothing.
     """
     GetContext: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetContextRequest, _state_service_pb2.GetContextResponse]  # type: ignore[assignment]
     """Returns what to send to the model for the next turn, within token_budget:
@@ -126,7 +143,12 @@ class StateServiceAsyncStub(StateServiceStub):
     ListItems: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListItemsRequest, _state_service_pb2.ListItemsResponse]  # type: ignore[assignment]
     """Lists a session's whole log, paged, oldest-first or newest-first."""
     PopItem: _aio.UnaryUnaryMultiCallable[_state_service_pb2.PopItemRequest, _state_service_pb2.PopItemResponse]  # type: ignore[assignment]
-    """Removes and returns the newest item of a session's log."""
+    """Removes and returns the newest item of a session's log. As for
+    AppendItems, a pop without request_id is never sent to Redis twice: a
+    connection lost after sending it is UNAVAILABLE (an item may have been
+    popped that this caller did not receive; ListItems shows the log). With
+    a request_id a retry returns the first pop's item and pops nothing more.
+    """
     GetSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetSessionRequest, _state_service_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns a session's metadata."""
     UpdateSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.UpdateSessionRequest, _state_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
@@ -175,6 +197,12 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         consecutive sequence numbers, bumps the etag, records request_id and
         refreshes the session TTL. Creates the session if it does not exist.
         Cost is proportional to the items appended, not to the history.
+        The service never sends an append to Redis twice by itself unless it
+        carries a request_id: if the connection to Redis is lost after the
+        append was sent, a request without request_id is answered UNAVAILABLE
+        (BACKEND_UNAVAILABLE) and may or may not have been applied; the caller
+        decides. With a request_id the service (and the caller) may retry: a
+        replay returns the first response and appends nothing.
         """
 
     @_abc_1.abstractmethod
@@ -205,7 +233,12 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _state_service_pb2.PopItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.PopItemResponse, _abc.Awaitable[_state_service_pb2.PopItemResponse]]:
-        """Removes and returns the newest item of a session's log."""
+        """Removes and returns the newest item of a session's log. As for
+        AppendItems, a pop without request_id is never sent to Redis twice: a
+        connection lost after sending it is UNAVAILABLE (an item may have been
+        popped that this caller did not receive; ListItems shows the log). With
+        a request_id a retry returns the first pop's item and pops nothing more.
+        """
 
     @_abc_1.abstractmethod
     def GetSession(
