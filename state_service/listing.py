@@ -107,12 +107,7 @@ class Listing:
             want = page_size - len(sessions)
             ids = await self._storage.index_page(tenant, after, want)
             exhausted = len(ids) < want
-            heads = await self._storage.heads(tenant, ids)
-            expired = [sid for sid, head in zip(ids, heads, strict=True) if head is None]
-            if expired:
-                # Sessions leave the index lazily: Redis expired their keys.
-                await self._storage.index_remove(tenant, expired)
-                metrics.SESSIONS_EXPIRED.inc(len(expired))
+            heads = await prune_gone(self._storage, tenant, ids)
             sessions.extend(
                 session_info(sid, head, self._storage.default_ttl_seconds)
                 for sid, head in zip(ids, heads, strict=True)
@@ -124,6 +119,20 @@ class Listing:
                 break
         token = "" if exhausted else paging.encode({"k": "sessions", "a": after})
         return SessionsPage(sessions, token)
+
+
+async def prune_gone(
+    storage: RedisStorage, tenant: str, session_ids: Sequence[str]
+) -> list[SessionHead | None]:
+    """The heads of the tenant's `session_ids`, after removing from its index
+    those whose session is gone (Redis expired its keys): as ListSessions
+    meets them, and as the background sweep (index_sweep.py) does."""
+    heads = await storage.heads(tenant, session_ids)
+    gone = [sid for sid, head in zip(session_ids, heads, strict=True) if head is None]
+    if gone:
+        await storage.index_remove(tenant, gone)
+        metrics.SESSIONS_EXPIRED.inc(len(gone))
+    return heads
 
 
 def _items_page(

@@ -62,6 +62,13 @@ WORK_ABANDONED = Counter(
     "statecar_state_heavy_work_abandoned_total",
     "Requests whose deadline passed while their heavy work ran (DEADLINE_EXCEEDED).",
 )
+INDEX_SWEEPS = Counter(
+    "statecar_state_index_sweeps_total",
+    "Background sweeps of the tenant session indexes, by outcome (done, skipped: another "
+    "replica held the lock, failed: Redis unreachable). Entries removed count in "
+    "statecar_state_sessions_expired_total.",
+    ["outcome"],
+)
 CACHE_BYTES = Gauge(
     "statecar_state_cache_bytes",
     "Bytes (stored item JSON) held in the local cache; bounded by STATE_SERVICE_CACHE_MAX_BYTES.",
@@ -158,6 +165,8 @@ def initialize(cache_name: str) -> None:
         CACHE_INVALIDATIONS.labels(cache_name, reason)
     CACHE_SESSIONS.labels(cache_name)
     CACHE_BYTES.labels(cache_name)
+    for outcome in ("done", "skipped", "failed"):
+        INDEX_SWEEPS.labels(outcome)
     for operation in WRITE_OPERATIONS:
         ETAG_CONFLICTS.labels(operation)
     for operation in REPLAYED_OPERATIONS:

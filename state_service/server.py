@@ -41,6 +41,7 @@ from state_service.errors import (
 )
 from state_service.grpc_errors import to_service_error
 from state_service.heavy_work import HeavyWork
+from state_service.index_sweep import IndexSweeper
 from state_service.reader import LogReader
 from state_service.servicer import StateServicer
 from state_service.settings import StateServiceSettings
@@ -71,6 +72,7 @@ class StateServer:
     port: int
     compression: Compression
     heavy: HeavyWork
+    sweeper: IndexSweeper
     embedded: EmbeddedRedis | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -221,6 +223,14 @@ class StateServer:
         await readiness.start()
         undo.push_async_callback(readiness.stop)
         compression.start()
+        sweeper = IndexSweeper(
+            storage,
+            interval_seconds=settings.index_sweep_interval_seconds,
+            batch=settings.index_sweep_batch,
+            pause_seconds=settings.index_sweep_pause_seconds,
+        )
+        sweeper.start()
+        undo.push_async_callback(sweeper.stop)
         instance = cls(
             settings=settings,
             server=server,
@@ -231,6 +241,7 @@ class StateServer:
             port=port,
             compression=compression,
             heavy=heavy,
+            sweeper=sweeper,
             embedded=embedded,
             metrics_endpoint=endpoint,
         )
@@ -245,6 +256,7 @@ class StateServer:
         await self.readiness.drain()
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.compression.stop()
+        await self.sweeper.stop()
         self.heavy.close()
         await self.readiness.stop()
         # Bounded: a shutdown must not hang on closing Redis connections (seen

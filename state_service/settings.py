@@ -121,6 +121,18 @@ class StateServiceSettings(BaseSettings):
     tenant_busy_retry_seconds: float = Field(
         0.5, gt=0, description="the retry delay a TENANT_BUSY refusal suggests (RetryInfo)"
     )
+    index_sweep_interval_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="how often one replica (a Redis lock decides which) removes expired "
+        "sessions from the tenant session indexes; 0 = never (ListSessions still prunes)",
+    )
+    index_sweep_batch: int = Field(
+        100, ge=1, description="index keys per SCAN step and entries per check in the sweep"
+    )
+    index_sweep_pause_seconds: float = Field(
+        0.05, ge=0, description="pause between two batches of the sweep (its rate limit)"
+    )
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
     item_schema: Literal["openai-agents", "json-object"] = Field(
         "openai-agents",

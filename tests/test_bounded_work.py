@@ -6,7 +6,9 @@ the code before the fix (the commit that added it says how)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -21,6 +23,7 @@ from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.conftest import StateServerFactory
 from tests.helpers import has_series, metric
+from tests.patience import patience
 from tests.processes import state_service_process, wait_serving
 
 pytestmark = pytest.mark.slow
@@ -314,3 +317,30 @@ async def test_writes_without_request_id_are_never_sent_twice(
             assert await redis.llen(log_key) == 3
     finally:
         await proxy.close()
+
+
+# -- the tenant index ----------------------------------------------------------------
+
+
+async def test_expired_sessions_leave_the_index_without_a_listing(
+    redis: aioredis.Redis, state_server_factory: StateServerFactory
+) -> None:
+    """Finding 6: sessions that expire by TTL stayed in statecar:idx:{tenant}
+    until someone called ListSessions, which the agent service never does. Two
+    replicas sweep (one at a time, by a Redis lock); nobody lists."""
+    for _ in range(2):
+        await state_server_factory(index_sweep_interval_seconds=0.2, index_sweep_pause_seconds=0)
+    server = await state_server_factory()
+    async with StateClient(server.address) as client:
+        for i in range(5):
+            await client.append_items(f"s{i}", [{"role": "user", "content": "hi"}])
+        for i in range(3):
+            await client.update_session(f"s{i}", ttl=timedelta(seconds=1))
+    index = "statecar:idx:{default}"
+    assert await redis.zcard(index) == 5
+    deadline = time.monotonic() + patience(10)
+    while await redis.zcard(index) != 2:
+        assert time.monotonic() < deadline, await redis.zrange(index, 0, -1)
+        await asyncio.sleep(0.1)
+    assert await redis.zrange(index, 0, -1) == [b"s3", b"s4"]
+    assert metric("statecar_state_index_sweeps_total", outcome="done") > 0

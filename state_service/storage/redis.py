@@ -34,7 +34,7 @@ import enum
 import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -881,6 +881,38 @@ class RedisStorage:
         for session_id, head in zip(session_ids, heads, strict=True):
             if head is not None:
                 await self._index_add(index, session_id)
+
+    async def index_tenants(self, batch: int) -> AsyncIterator[list[str]]:
+        """The tenants that have a session index, a batch at a time (SCAN with
+        COUNT `batch`: each step is bounded, whatever the number of keys)."""
+        prefix = f"{self._prefix}:idx:{{"
+        found: list[str] = []
+        scan = self._redis.scan_iter(match=f"{prefix}*", count=batch, _type="zset")
+        while True:
+            try:
+                key = await self._call("index_scan", anext(scan))
+            except StopAsyncIteration:
+                break
+            name = key.decode() if isinstance(key, bytes) else key
+            if name.startswith(prefix) and name.endswith("}"):
+                found.append(name[len(prefix) : -1])
+            if len(found) >= batch:
+                yield found
+                found = []
+        if found:
+            yield found
+
+    async def try_lock(self, name: str, token: str, ttl_seconds: float) -> bool:
+        """Takes the replica-wide lock `name` for `ttl_seconds` unless someone has it."""
+        key = f"{self._prefix}:lock:{name}"
+        taken = await self._call(
+            "lock", self._redis.set(key, token, nx=True, px=max(1, int(ttl_seconds * 1000)))
+        )
+        return bool(taken)
+
+    async def unlock(self, name: str, token: str) -> None:
+        """Gives the lock back if this holder (`token`) still has it."""
+        await self._script("unlock", [f"{self._prefix}:lock:{name}"], [token])
 
     # -- summaries ------------------------------------------------------------
 

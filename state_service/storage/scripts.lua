@@ -303,3 +303,10 @@ if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
 if not h[1] then return {'missing', current} end
 redis.call('DEL', KEYS[1])
 return {'ok', current}
+
+--- unlock
+-- KEYS[1] a lock key; ARGV: the holder's token.
+-- Deletes the lock only if this holder still has it (it may have expired and
+-- been taken by another replica). Returns 1 if deleted.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
