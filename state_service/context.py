@@ -225,7 +225,7 @@ class ContextPipeline:
                 max(_OLDER_CHUNK_MIN, len(tail.entries)), limits.max_items - len(tail.entries)
             )
             # Reading further back is heavy work: it takes the tenant's slot.
-            share.take()
+            await share.take()
             extended = await reader.extend_back(tenant, session_id, tail, want, share.run)
             # A pop or delete raced with us: start over from a fresh tail.
             tail = extended or await reader.current_tail(tenant, session_id, window, share.run)
@@ -251,7 +251,7 @@ class ContextPipeline:
             summary = await compression.summaries.get(tenant, session_id, head)
         retrieve = None
         if strategy.uses_retrieval and not everything_fits:
-            share.take()  # indexing and scoring are heavy work
+            await share.take()  # indexing and scoring are heavy work
             try:
                 memory = await compression.memories.sync(
                     tenant, session_id, head, tail.start_index, tail.entries

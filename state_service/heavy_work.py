@@ -17,10 +17,11 @@ GetContext on 600 x 100 KB items kept a replica deaf for two minutes.
   tells the deadline handler it was this, not Redis).
 - **A share per tenant.** A request takes one of its tenant's
   ``per_tenant`` slots the first time it needs heavy work (a cached, small
-  GetContext never does) and keeps it until it ends; a tenant over its share
-  is refused at once (``TenantBusy``: RESOURCE_EXHAUSTED with a retry delay)
-  rather than queued, so one tenant's load cannot fill the queue in front of
-  another tenant's calls.
+  GetContext never does) and keeps it until it ends. A request that finds
+  none free waits at most ``wait_seconds`` (a burst of one tenant's turns
+  passes), then is refused (``TenantBusy``: RESOURCE_EXHAUSTED with a retry
+  delay) rather than queued for long, so one tenant's load cannot fill the
+  queue in front of another tenant's calls.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from state_service import metrics
@@ -62,12 +64,22 @@ async def inline(fn: Callable[[], T]) -> T:
     return fn()
 
 
+@dataclass
+class _TenantSlots:
+    free: asyncio.Semaphore
+    users: int = 0  # requests holding or waiting for a slot
+
+
 class HeavyWork:
-    def __init__(self, *, per_tenant: int, retry_after_seconds: float) -> None:
+    def __init__(
+        self, *, per_tenant: int, retry_after_seconds: float, wait_seconds: float = 0.2
+    ) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="statecar-heavy")
         self.per_tenant = per_tenant
         self.retry_after_seconds = retry_after_seconds
-        self._in_flight: dict[str, int] = {}
+        self.wait_seconds = wait_seconds
+        # Only tenants with a request holding or waiting for a slot.
+        self._tenants: dict[str, _TenantSlots] = {}
         self._queued = metrics.HEAVY_WORK_QUEUED
         self._queued.set(0)
 
@@ -92,19 +104,33 @@ class HeavyWork:
         finally:
             share.release()
 
-    def take(self, tenant: str) -> None:
-        count = self._in_flight.get(tenant, 0)
-        if count >= self.per_tenant:
+    async def take(self, tenant: str) -> None:
+        slots = self._tenants.get(tenant)
+        if slots is None:
+            slots = self._tenants[tenant] = _TenantSlots(asyncio.Semaphore(self.per_tenant))
+        slots.users += 1
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await slots.free.acquire()
+        except TimeoutError:
+            self._leave(tenant, slots)
             metrics.TENANT_BUSY.inc()
-            raise TenantBusy(self.retry_after_seconds)
-        self._in_flight[tenant] = count + 1
+            raise TenantBusy(self.retry_after_seconds) from None
+        except BaseException:
+            self._leave(tenant, slots)
+            raise
         metrics.HEAVY_REQUESTS.inc()
 
     def give_back(self, tenant: str) -> None:
-        count = self._in_flight.pop(tenant, 1) - 1
-        if count > 0:
-            self._in_flight[tenant] = count
+        slots = self._tenants[tenant]
+        slots.free.release()
+        self._leave(tenant, slots)
         metrics.HEAVY_REQUESTS.dec()
+
+    def _leave(self, tenant: str, slots: _TenantSlots) -> None:
+        slots.users -= 1
+        if slots.users == 0:
+            del self._tenants[tenant]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -118,14 +144,14 @@ class Share:
         self._tenant = tenant
         self._held = False
 
-    def take(self) -> None:
-        """Takes the tenant's slot (once); TenantBusy if it has none left."""
+    async def take(self) -> None:
+        """Takes one of the tenant's slots (once); TenantBusy if none frees up in time."""
         if not self._held:
-            self._work.take(self._tenant)
+            await self._work.take(self._tenant)
             self._held = True
 
     async def run(self, fn: Callable[[], T]) -> T:
-        self.take()
+        await self.take()
         return await self._work.run(fn)
 
     def release(self) -> None:

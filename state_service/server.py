@@ -154,6 +154,7 @@ class StateServer:
         heavy = HeavyWork(
             per_tenant=settings.tenant_heavy_requests,
             retry_after_seconds=settings.tenant_busy_retry_seconds,
+            wait_seconds=settings.tenant_heavy_wait_seconds,
         )
         undo.callback(heavy.close)
         reader = LogReader(

@@ -112,11 +112,15 @@ class StateServiceSettings(BaseSettings):
         "default query, the newest user message, is cut to this",
     )
     tenant_heavy_requests: int = Field(
-        2,
+        4,
         ge=1,
         description="requests of one tenant that may do heavy work (GetContext beyond the "
         "cached fast path: reading far back, decoding large items, retrieval) at once on a "
-        "replica; more are RESOURCE_EXHAUSTED (TENANT_BUSY) with a retry delay",
+        "replica; more wait up to tenant_heavy_wait_seconds, then are RESOURCE_EXHAUSTED "
+        "(TENANT_BUSY) with a retry delay",
+    )
+    tenant_heavy_wait_seconds: float = Field(
+        0.2, ge=0, description="how long a request waits for one of its tenant's heavy slots"
     )
     tenant_busy_retry_seconds: float = Field(
         0.5, gt=0, description="the retry delay a TENANT_BUSY refusal suggests (RetryInfo)"

@@ -167,7 +167,10 @@ async def test_a_tenant_over_its_share_is_told_to_retry_later(
     beyond tenant_heavy_requests it hears RESOURCE_EXHAUSTED (TENANT_BUSY)
     with a google.rpc.RetryInfo delay, and the other tenant is unaffected."""
     server = await state_server_factory(
-        auth="token", auth_tokens_file=tokens_file, tenant_heavy_requests=1
+        auth="token",
+        auth_tokens_file=tokens_file,
+        tenant_heavy_requests=1,
+        tenant_heavy_wait_seconds=0,
     )
     async with StateClient(server.address, bearer_token="token-heavy", timeout=30.0) as client:
         for i in range(30):
