@@ -252,10 +252,13 @@ class ContextPipeline:
         retrieve = None
         if strategy.uses_retrieval and not everything_fits:
             await share.take()  # indexing and scoring are heavy work
+            # The memory indexes what it lacks of the tail in one job, so it is
+            # handed only the tail's newest part (it reads anything older in
+            # bounded steps, each its own job): no job long enough to make
+            # other tenants' jobs miss their deadlines.
+            start, newest = _newest_part(tail, self._reader.step_bytes)
             try:
-                memory = await compression.memories.sync(
-                    tenant, session_id, head, tail.start_index, tail.entries
-                )
+                memory = await compression.memories.sync(tenant, session_id, head, start, newest)
             except StaleMemory:
                 memory = None  # the log changed meanwhile: serve without retrieval
             if memory is not None:
@@ -302,6 +305,16 @@ def _observe_context(head: SessionHead, strategy: Strategy, tokens: int) -> None
     metrics.CONTEXT_TOKENS.observe(tokens)
     if head.log_tokens >= 0:
         _TOKENS_SAVED[strategy].inc(max(0, head.log_tokens - tokens))
+
+
+def _newest_part(tail: CachedTail, max_bytes: int) -> tuple[int, Sequence[LogEntry]]:
+    """The log index and entries of the tail's newest entries within `max_bytes`."""
+    size = 0
+    cut = len(tail.entries)
+    while cut > 0 and size + len(tail.entries[cut - 1].item.json) <= max_bytes:
+        cut -= 1
+        size += len(tail.entries[cut].item.json)
+    return tail.start_index + cut, tail.entries[cut:]
 
 
 def _newest_user_text(tail: CachedTail, max_bytes: int) -> str:

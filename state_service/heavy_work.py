@@ -6,10 +6,14 @@ event loop they stalled every call of the replica (health checks included) and
 ran past deadlines that could not fire while the loop was busy: a default
 GetContext on 600 x 100 KB items kept a replica deaf for two minutes.
 
-- **One worker thread.** Pure-Python work gains nothing from more threads (the
-  GIL), and one thread serializes every use of the retrieval memories, which
-  are not thread-safe. The loop keeps answering meanwhile: the interpreter
-  hands it the GIL every few milliseconds (``sys.getswitchinterval``).
+- **One worker thread, tenants served in turn.** Pure-Python work gains
+  nothing from more threads (the GIL), and one thread serializes every use of
+  the retrieval memories, which are not thread-safe. The loop keeps answering
+  meanwhile: the interpreter hands it the GIL every few milliseconds
+  (``sys.getswitchinterval``). Jobs queue per tenant (background work in a
+  lane of its own) and the thread takes one job from each waiting lane in
+  turn, so another tenant's job waits for at most one job of a busy tenant,
+  not for its whole queue (a FIFO made a small call miss its 1 s deadline).
 - **Abandoned at the deadline.** A caller whose deadline passes stops waiting:
   a job not started yet is dropped from the queue, a running one finishes in
   the thread (its inputs are capped in bytes, so that is bounded) and its
@@ -27,12 +31,14 @@ GetContext on 600 x 100 KB items kept a replica deaf for two minutes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from state_service import metrics
 from state_service.errors import TenantBusy
@@ -46,6 +52,8 @@ OFFLOAD_MIN_BYTES = 64 * 1024
 _ABANDONED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "statecar_heavy_work_abandoned", default=False
 )
+# The lane (tenant) the current request's jobs queue in; "" = background.
+_LANE: contextvars.ContextVar[str] = contextvars.ContextVar("statecar_heavy_lane", default="")
 
 
 class Offload(Protocol):
@@ -70,11 +78,68 @@ class _TenantSlots:
     users: int = 0  # requests holding or waiting for a slot
 
 
+class _FairQueue:
+    """Jobs in lanes; one worker thread takes a job from each lane in turn."""
+
+    def __init__(self) -> None:
+        self._lanes: collections.OrderedDict[
+            str, collections.deque[tuple[Callable[[], Any], Future[Any]]]
+        ] = collections.OrderedDict()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, lane: str, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("heavy work is shut down")
+            self._lanes.setdefault(lane, collections.deque()).append((fn, future))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="statecar-heavy", daemon=True
+                )
+                self._thread.start()
+            self._ready.notify()
+        return future
+
+    def _next(self) -> tuple[Callable[[], Any], Future[Any]] | None:
+        with self._ready:
+            while not self._lanes and not self._closed:
+                self._ready.wait()
+            if not self._lanes:
+                return None
+            lane, jobs = self._lanes.popitem(last=False)
+            job = jobs.popleft()
+            if jobs:
+                self._lanes[lane] = jobs  # to the back of the turn
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            fn, future = job
+            if not future.set_running_or_notify_cancel():
+                continue  # abandoned before it started
+            try:
+                future.set_result(fn())
+            except BaseException as error:
+                future.set_exception(error)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            for jobs in self._lanes.values():
+                for _, future in jobs:
+                    future.cancel()
+            self._lanes.clear()
+            self._ready.notify_all()
+
+
 class HeavyWork:
     def __init__(
         self, *, per_tenant: int, retry_after_seconds: float, wait_seconds: float = 0.2
     ) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="statecar-heavy")
+        self._queue = _FairQueue()
         self.per_tenant = per_tenant
         self.retry_after_seconds = retry_after_seconds
         self.wait_seconds = wait_seconds
@@ -84,8 +149,9 @@ class HeavyWork:
         self._queued.set(0)
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """`fn()` in the worker thread; cancelling the caller abandons it."""
-        future = self._pool.submit(fn)
+        """`fn()` in the worker thread, in the current request's tenant lane;
+        cancelling the caller abandons it."""
+        future = self._queue.submit(_LANE.get(), fn)
         self._queued.inc()
         future.add_done_callback(lambda _: self._queued.dec())
         try:
@@ -99,9 +165,11 @@ class HeavyWork:
     async def share(self, tenant: str) -> AsyncIterator[Share]:
         """The request's share of heavy work: taken on first use, returned at exit."""
         share = Share(self, tenant)
+        lane = _LANE.set(tenant)
         try:
             yield share
         finally:
+            _LANE.reset(lane)
             share.release()
 
     async def take(self, tenant: str) -> None:
@@ -133,7 +201,7 @@ class HeavyWork:
             del self._tenants[tenant]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._queue.close()
 
 
 class Share:

@@ -41,6 +41,11 @@ class LogReader:
         # enough for the next request.
         self.cache_window = cache.max_items if cache is not None else cache_window
 
+    @property
+    def step_bytes(self) -> int:
+        """The bytes one read step returns at most (past its first entry)."""
+        return self._storage.read_step_bytes
+
     def item(self, tenant: str, session_id: str, raw: bytes) -> Item:
         """A stored "<seq>:<payload>" entry, unsealed and decoded."""
         if self._keys is None:

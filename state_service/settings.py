@@ -218,6 +218,12 @@ class StateServiceSettings(BaseSettings):
     summary_max_batch_items: int = Field(
         200, ge=1, description="items folded into the summary by one run"
     )
+    summary_max_batch_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="item JSON bytes folded into the summary by one run (at least one item): "
+        "a run is one job of the heavy-work thread other requests wait behind",
+    )
     compression_workers: int = Field(1, ge=1, description="background summarizer tasks per replica")
     retrieval_max_items: int = Field(
         20_000, ge=1, description="newest items of a session the retrieval index covers"

@@ -198,6 +198,7 @@ def build_compression(
                 keep_recent_items=settings.summary_keep_recent_items,
                 min_batch_items=settings.summary_min_batch_items,
                 max_batch_items=settings.summary_max_batch_items,
+                max_batch_bytes=settings.summary_max_batch_bytes,
             ),
             wants_summary=lambda head: compression.strategy_of(head).uses_summary,
             wants_embeddings=lambda head: compression.strategy_of(head).uses_retrieval,

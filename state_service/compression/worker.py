@@ -54,6 +54,9 @@ class CompressionPolicy:
     keep_recent_items: int = 8
     min_batch_items: int = 8
     max_batch_items: int = 200
+    # The items' JSON bytes one fold may take (at least one item): a fold is
+    # one job of the heavy-work thread, which other tenants wait behind.
+    max_batch_bytes: int = 1024 * 1024
     failure_backoff_seconds: float = 5.0
 
 
@@ -242,7 +245,7 @@ class Compressor:
         self.record_lag(tenant, session_id, len(positions))
         if len(positions) < self.policy.min_batch_items:
             return RunOutcome.SKIPPED
-        batch = positions[: self.policy.max_batch_items]
+        batch = self._batch(memory, positions)
         previous = await self._summaries.get(tenant, session_id, head)
         if covered and previous is None:
             return RunOutcome.STALE
@@ -281,6 +284,17 @@ class Compressor:
             # More to fold, or someone else moved the summary: look again.
             self.notify(tenant, session_id, force=force)
         return result
+
+    def _batch(self, memory: SessionMemory, positions: list[int]) -> list[int]:
+        """The oldest uncovered positions within the policy's item and byte bounds."""
+        batch: list[int] = []
+        size = 0
+        for position in positions[: self.policy.max_batch_items]:
+            size += len(memory.entries[position].item.json)
+            if batch and size > self.policy.max_batch_bytes:
+                break
+            batch.append(position)
+        return batch
 
     async def _embed(self, memory: SessionMemory) -> None:
         assert self._embedder is not None
