@@ -18,13 +18,16 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from state_service.client import StateClient, StateServiceError
+from state_service.index_sweep import IndexSweeper
 from state_service.storage.embedded import EmbeddedRedis
+from state_service.storage.redis import RedisConnectOptions, RedisStorage
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 from tests.conftest import StateServerFactory
 from tests.helpers import has_series, metric
 from tests.patience import patience
 from tests.processes import state_service_process, wait_serving
+from tests.redis_cluster import EmbeddedRedisCluster
 
 pytestmark = pytest.mark.slow
 
@@ -347,3 +350,31 @@ async def test_expired_sessions_leave_the_index_without_a_listing(
         await asyncio.sleep(0.1)
     assert await redis.zrange(index, 0, -1) == [b"s3", b"s4"]
     assert metric("statecar_state_index_sweeps_total", outcome="done") > 0
+
+
+async def test_the_sweep_finds_every_index_on_a_cluster(
+    redis_cluster: EmbeddedRedisCluster,
+) -> None:
+    """The index keys live on every primary: SCAN must visit all of them."""
+    redis_cluster.flush()
+    storage = RedisStorage.from_url(redis_cluster.url, options=RedisConnectOptions(cluster=True))
+    try:
+        for tenant in ("a", "b", "c"):
+            await storage.try_lock("unrelated", "x", 5)  # a non-index key SCAN must skip
+            await storage.update(
+                tenant,
+                "alive",
+                ttl_setting=None,
+                expected_etag="",
+                allow_missing=True,
+                new_incarnation="i1",
+                now_ms=0,
+            )
+            await storage._index_add(storage.index_key(tenant), "gone")
+        found = [tenant async for batch in storage.index_tenants(2) for tenant in batch]
+        assert sorted(found) == ["a", "b", "c"]
+        sweeper = IndexSweeper(storage, interval_seconds=1, batch=10, pause_seconds=0)
+        assert await sweeper.sweep_once() == 3
+        assert [await storage.index_page(t, "", 10) for t in found] == [["alive"]] * 3
+    finally:
+        await storage.close()
