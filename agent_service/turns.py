@@ -82,7 +82,7 @@ DEADLINE_MARGIN_SECONDS = 0.1
 # to a client of this service (see ErrorReason in the agent proto). Any other
 # reason with that code gets this service's own (NOT_FOUND, STATE_FULL).
 FORWARDED_NOT_FOUND = ("SESSION_NOT_FOUND", "WORKFLOW_NOT_FOUND")
-FORWARDED_EXHAUSTED = ("BACKEND_FULL",)
+FORWARDED_EXHAUSTED = ("BACKEND_FULL", "TENANT_BUSY")
 
 
 class Deadline:
@@ -151,9 +151,12 @@ def state_error(error: StateServiceError) -> ServiceError:
     if isinstance(error, InvalidRequestError):
         return InvalidArgument(error.metadata.get("field", "request"), error.message)
     if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after = error.metadata.get("retry_after_seconds")
         return ResourceExhausted(
             error.message,
             reason=error.reason if error.reason in FORWARDED_EXHAUSTED else "STATE_FULL",
+            metadata={"retry_after_seconds": retry_after} if retry_after else None,
+            retry_delay_seconds=float(retry_after) if retry_after else None,
         )
     return Unavailable(
         f"the state service failed: {error.code.name}: {error.message}", reason="STATE_FAILED"

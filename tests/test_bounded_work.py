@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from agent_service.turns import state_error
 from state_service.client import StateClient, StateServiceError
 from state_service.index_sweep import IndexSweeper
 from state_service.storage.embedded import EmbeddedRedis
@@ -378,3 +379,18 @@ async def test_the_sweep_finds_every_index_on_a_cluster(
         assert [await storage.index_page(t, "", 10) for t in found] == [["alive"]] * 3
     finally:
         await storage.close()
+
+
+def test_the_agent_passes_tenant_busy_on_with_its_retry_delay() -> None:
+    """Through the agent service a TENANT_BUSY stays TENANT_BUSY (not STATE_FULL),
+    with the state service's retry delay."""
+    error = state_error(
+        StateServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "busy",
+            "TENANT_BUSY",
+            {"retry_after_seconds": "0.5"},
+        )
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_BUSY")
+    assert error.retry_delay_seconds == 0.5

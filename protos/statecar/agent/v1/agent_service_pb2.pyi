@@ -183,6 +183,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a configured delegate. Drop the metadata or have the caller configured
     as a delegate.
     """
+    TENANT_BUSY: _ErrorReason.ValueType  # 21
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: passed on from the state service: the caller's
+    tenant has its share of heavy state requests (long contexts, retrieval)
+    in flight. Nothing was stored; retry after the google.rpc.RetryInfo delay
+    (also metadata "retry_after_seconds").
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason of the google.rpc.ErrorInfo of every error the service sends
@@ -306,6 +313,13 @@ NOT_A_DELEGATE: ErrorReason.ValueType  # 20
 PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
 a configured delegate. Drop the metadata or have the caller configured
 as a delegate.
+"""
+TENANT_BUSY: ErrorReason.ValueType  # 21
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: passed on from the state service: the caller's
+tenant has its share of heavy state requests (long contexts, retrieval)
+in flight. Nothing was stored; retry after the google.rpc.RetryInfo delay
+(also metadata "retry_after_seconds").
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
