@@ -98,14 +98,14 @@ class ContextPipeline:
         reader: LogReader,
         compression: Compression | None,
         token_counter: TokenCounter,
-        limits: ContextLimits | None = None,
-        heavy: HeavyWork | None = None,
+        limits: ContextLimits,
+        heavy: HeavyWork,
     ) -> None:
         self._reader = reader
         self._compression = compression
         self._tokens = token_counter
-        self.limits = limits or ContextLimits()
-        self._heavy = heavy or HeavyWork(per_tenant=1_000_000, retry_after_seconds=1.0)
+        self.limits = limits
+        self._heavy = heavy
 
     async def get_context(
         self,

@@ -35,7 +35,7 @@ import collections
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -148,6 +148,21 @@ class HeavyWork:
         self._queued = metrics.HEAVY_WORK_QUEUED
         self._queued.set(0)
 
+    @classmethod
+    def unlimited(cls) -> HeavyWork:
+        """Heavy work without tenant limits (tests, tools)."""
+        return cls(per_tenant=1 << 30, retry_after_seconds=1.0)
+
+    @contextlib.contextmanager
+    def lane(self, tenant: str) -> Iterator[None]:
+        """Queues the current request's jobs in its tenant's lane, without
+        taking a slot (writes: refusing them would lose a turn)."""
+        token = _LANE.set(tenant)
+        try:
+            yield
+        finally:
+            _LANE.reset(token)
+
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` in the worker thread, in the current request's tenant lane;
         cancelling the caller abandons it."""
@@ -165,11 +180,10 @@ class HeavyWork:
     async def share(self, tenant: str) -> AsyncIterator[Share]:
         """The request's share of heavy work: taken on first use, returned at exit."""
         share = Share(self, tenant)
-        lane = _LANE.set(tenant)
         try:
-            yield share
+            with self.lane(tenant):
+                yield share
         finally:
-            _LANE.reset(lane)
             share.release()
 
     async def take(self, tenant: str) -> None:

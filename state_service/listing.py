@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from state_service import metrics, paging
 from state_service.errors import InvalidField
+from state_service.heavy_work import HeavyWork, Offload
 from state_service.log import Item, LogEntry
 from state_service.reader import LogReader
 from state_service.sessions import SessionInfo, session_info
@@ -34,15 +35,32 @@ class SessionsPage:
 
 
 class Listing:
-    def __init__(self, storage: RedisStorage, reader: LogReader) -> None:
+    def __init__(self, storage: RedisStorage, reader: LogReader, heavy: HeavyWork) -> None:
         self._storage = storage
         self._reader = reader
+        self._heavy = heavy
 
     async def list_items(
         self,
         tenant: str,
         session_id: str,
         *,
+        page_size: int,
+        page_token: str,
+        newest_first: bool,
+    ) -> ItemsPage:
+        """A page of the log. Decoding a page of large items is heavy work: it
+        takes one of the tenant's slots (heavy_work.py)."""
+        async with self._heavy.share(tenant) as share:
+            return await self._list_items(
+                share.run, tenant, session_id, page_size, page_token, newest_first
+            )
+
+    async def _list_items(
+        self,
+        offload: Offload,
+        tenant: str,
+        session_id: str,
         page_size: int,
         page_token: str,
         newest_first: bool,
@@ -56,7 +74,7 @@ class Listing:
             incarnation = str(fields.get("inc", ""))
         # The first page of newest-first is the cached tail's business.
         if newest_first and start_at is None and page_size <= self._reader.cache_window:
-            tail = await self._reader.current_tail(tenant, session_id, page_size)
+            tail = await self._reader.current_tail(tenant, session_id, page_size, offload)
             if tail is None:
                 return ItemsPage(())
             if len(tail.entries) >= page_size or tail.start_index == 0:
@@ -84,7 +102,7 @@ class Listing:
             return ItemsPage(())
         if incarnation and incarnation != head.incarnation:
             raise InvalidField("page_token", "the session was deleted since")
-        entries = await self._reader.decoded(tenant, session_id, result.entries)
+        entries = await self._reader.decoded(tenant, session_id, result.entries, offload)
         # A read step may return less than the page (its byte bound): newest
         # first keeps the range's newest entries, oldest first its oldest.
         if newest_first:

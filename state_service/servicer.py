@@ -21,7 +21,7 @@ from state_service.compression.engine import Compression
 from state_service.context import ContextLimits, ContextPipeline
 from state_service.encryption import KeyRing
 from state_service.grpc_errors import maps_domain_errors
-from state_service.heavy_work import HeavyWork, inline
+from state_service.heavy_work import HeavyWork
 from state_service.identity import tenant_of
 from state_service.listing import Listing
 from state_service.reader import LogReader
@@ -66,6 +66,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         heavy: HeavyWork | None = None,
     ) -> StateServicer:
         """The servicer with its business modules, over one storage and log reader."""
+        heavy = heavy or HeavyWork.unlimited()
         return cls(
             SessionStore(
                 storage,
@@ -73,7 +74,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 token_counter=token_counter,
                 keys=keys,
                 compression=compression,
-                offload=heavy.run if heavy is not None else inline,
+                heavy=heavy,
             ),
             ContextPipeline(
                 reader,
@@ -86,7 +87,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 ),
                 heavy,
             ),
-            Listing(storage, reader),
+            Listing(storage, reader, heavy),
             WorkflowStore(storage),
             settings,
         )

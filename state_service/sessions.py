@@ -18,7 +18,7 @@ from state_service.compression.engine import CODE_OF_STRATEGY, STRATEGY_OF_CODE,
 from state_service.compression.strategies import Shares, Strategy
 from state_service.encryption import KeyRing
 from state_service.errors import EtagMismatch, SessionNotFound
-from state_service.heavy_work import OFFLOAD_MIN_BYTES, Offload, inline
+from state_service.heavy_work import OFFLOAD_MIN_BYTES, HeavyWork
 from state_service.log import Item, NewItem
 from state_service.reader import LogReader
 from state_service.storage.redis import (
@@ -85,14 +85,14 @@ class SessionStore:
         token_counter: TokenCounter,
         keys: KeyRing | None = None,
         compression: Compression | None = None,
-        offload: Offload = inline,
+        heavy: HeavyWork | None = None,
     ) -> None:
         self._storage = storage
         self._reader = reader
         self._keys = keys
         self._tokens = token_counter
         self._compression = compression
-        self._offload = offload
+        self._heavy = heavy or HeavyWork.unlimited()
 
     def _seal(self, tenant: str, session_id: str, payload: bytes) -> bytes:
         return payload if self._keys is None else self._keys.seal(tenant, session_id, payload)
@@ -117,7 +117,10 @@ class SessionStore:
         if sum(len(item.json) for item in items) < OFFLOAD_MIN_BYTES:
             payloads, tokens = encode()
         else:
-            payloads, tokens = await self._offload(encode)
+            # In the tenant's lane, without taking a slot: refusing a write
+            # would lose a turn, and its bytes are already bounded per request.
+            with self._heavy.lane(tenant):
+                payloads, tokens = await self._heavy.run(encode)
         try:
             outcome = await self._storage.append(
                 tenant,
