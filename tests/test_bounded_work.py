@@ -147,7 +147,12 @@ async def test_heavy_context_work_leaves_the_replica_answering(
         done.set()
         calls, failures = await light
     assert not failures, f"{len(failures)} of {calls} small calls failed: {failures[:5]}"
-    assert set(outcomes) <= {"OK", "DEADLINE_EXCEEDED COMPUTE_TIMEOUT"}, outcomes
+    # Never UNAVAILABLE (which StateClient would retry, repeating the load).
+    # A bare client-side DEADLINE_EXCEEDED can still win the race with the
+    # server's answer 50 ms before the deadline on a busy machine; the old
+    # code gave nothing else.
+    assert all(o == "OK" or o.startswith("DEADLINE_EXCEEDED") for o in outcomes), outcomes
+    assert any(o in ("OK", "DEADLINE_EXCEEDED COMPUTE_TIMEOUT") for o in outcomes), outcomes
 
 
 async def test_a_long_query_is_refused_and_the_echo_is_short(client: StateClient) -> None:
