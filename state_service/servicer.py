@@ -5,7 +5,7 @@ the RPC, convert its result back. Domain errors leave as their status
 
 AppendItems, PopItem, GetSession, UpdateSession, DeleteSession: sessions.py.
 GetContext: context.py. ListItems, ListSessions: listing.py. Workflows:
-workflows.py.
+workflows.py. ForkSession: forks.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from state_service import validation
 from state_service.compression.engine import Compression
 from state_service.context import ContextPipeline
 from state_service.encryption import KeyRing
+from state_service.forks import SessionForks
 from state_service.grpc_errors import maps_domain_errors
 from state_service.identity import tenant_of
 from state_service.listing import Listing
@@ -45,12 +46,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
         listing: Listing,
         workflows: WorkflowStore,
         settings: StateServiceSettings,
+        forks: SessionForks,
     ) -> None:
         self._store = store
         self._context = context
         self._listing = listing
         self._workflows = workflows
         self._settings = settings
+        self._forks = forks
 
     @classmethod
     def over(
@@ -72,6 +75,13 @@ class StateServicer(pb_grpc.StateServiceServicer):
             Listing(storage, reader),
             WorkflowStore(storage),
             settings,
+            SessionForks(
+                storage,
+                token_counter=token_counter,
+                max_items=settings.max_fork_items,
+                keys=keys,
+                compression=compression,
+            ),
         )
 
     @maps_domain_errors
@@ -270,3 +280,25 @@ class StateServicer(pb_grpc.StateServiceServicer):
             allow_missing=request.allow_missing,
         )
         return pb.DeleteWorkflowResponse()
+
+    @maps_domain_errors
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Context
+    ) -> pb.ForkSessionResponse:
+        source_id = validation.session_id(request.source_session_id, "source_session_id")
+        new_id = validation.session_id(request.new_session_id, "new_session_id")
+        if request.up_to_seq < 0:
+            raise InvalidArgument("up_to_seq", "must not be negative (0 = every item)")
+        result = await self._forks.fork(
+            tenant_of(context),
+            source_id,
+            new_id,
+            up_to_seq=request.up_to_seq,
+            request_id=validation.request_id(request.request_id),
+        )
+        return pb.ForkSessionResponse(
+            session=convert.session_message(result.session),
+            copied_item_count=result.copied,
+            up_to_seq=result.up_to_seq,
+            replayed=result.replayed,
+        )

@@ -97,6 +97,11 @@ class StateServiceSettings(BaseSettings):
     max_metadata_entries: int = Field(64, ge=0, description="metadata entries of one item")
     max_metadata_bytes: int = Field(8 * 1024, ge=0, description="keys+values of one item")
     max_page_size: int = Field(1000, ge=1, description="larger page sizes are clamped")
+    max_fork_items: int = Field(
+        10_000,
+        ge=1,
+        description="most items one ForkSession copies (a longer prefix is INVALID_ARGUMENT)",
+    )
     default_page_size: int = Field(100, ge=1, description="page size when 0 is requested")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message limit")
 

@@ -20,6 +20,7 @@ from state_service.client.errors import StateServiceError, StateUnavailableError
 from state_service.client.types import (
     AppendResult,
     Context,
+    ForkResult,
     ItemsPage,
     NewItem,
     PopResult,
@@ -388,6 +389,28 @@ class StateClient:
             session_id=session_id, etag=etag, allow_missing=allow_missing
         )
         await self._call(self._stub.DeleteSession, request, timeout)
+
+    async def fork_session(
+        self,
+        source_session_id: str,
+        new_session_id: str,
+        *,
+        up_to_seq: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ForkResult:
+        """Creates `new_session_id` from the items of `source_session_id` with
+        seq <= up_to_seq (0: all of them), atomically; the source is not
+        changed. Raises SessionAlreadyExistsError if the new session exists,
+        SessionNotFoundError if the source does not."""
+        request = pb.ForkSessionRequest(
+            source_session_id=source_session_id,
+            new_session_id=new_session_id,
+            up_to_seq=up_to_seq,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        response = await self._call(self._stub.ForkSession, request, timeout)
+        return ForkResult.from_proto(response)
 
     async def list_sessions(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None

@@ -209,6 +209,27 @@ class SessionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ForkResult:
+    """What ForkSession created: the new session, how many items it copied and
+    up to which seq (the request's, or the source's last when it sent 0)."""
+
+    session: SessionInfo
+    copied_item_count: int
+    up_to_seq: int
+    # True when the request_id had been applied before and nothing was copied.
+    replayed: bool = False
+
+    @classmethod
+    def from_proto(cls, response: pb.ForkSessionResponse) -> ForkResult:
+        return cls(
+            SessionInfo.from_proto(response.session),
+            response.copied_item_count,
+            response.up_to_seq,
+            replayed=response.replayed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SessionsPage:
     sessions: list[SessionInfo]
     next_page_token: str

@@ -210,6 +210,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a configured delegate. Drop the metadata or have the caller configured
     as a delegate.
     """
+    SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 19
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ALREADY_EXISTS: ForkSession's new_session_id names a session that
+    exists (metadata "session_id"). Nothing was written; pick another id, or
+    delete that session first.
+    """
+    FORK_SOURCE_CHANGED: _ErrorReason.ValueType  # 20
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the source of a ForkSession lost items of the prefix being
+    copied (PopItem, DeleteSession) while it was copied. Nothing was
+    written; retry (the same request_id is safe).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason of the google.rpc.ErrorInfo of every error the service sends
@@ -323,6 +335,18 @@ NOT_A_DELEGATE: ErrorReason.ValueType  # 18
 PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
 a configured delegate. Drop the metadata or have the caller configured
 as a delegate.
+"""
+SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 19
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ALREADY_EXISTS: ForkSession's new_session_id names a session that
+exists (metadata "session_id"). Nothing was written; pick another id, or
+delete that session first.
+"""
+FORK_SOURCE_CHANGED: ErrorReason.ValueType  # 20
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the source of a ForkSession lost items of the prefix being
+copied (PopItem, DeleteSession) while it was copied. Nothing was
+written; retry (the same request_id is safe).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1405,3 +1429,89 @@ class DeleteWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteWorkflowResponse: _TypeAlias = DeleteWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    """Request for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    source_session_id: _builtins.str
+    """Required. The session to copy from (of the caller's tenant; a session of
+    another tenant is NOT_FOUND, as if it did not exist).
+    """
+    up_to_seq: _builtins.int
+    """Copy the items with seq <= up_to_seq. 0 means every item the source has
+    when the fork starts. Negative, or above the source's last_seq, is
+    INVALID_ARGUMENT. A prefix of more than STATE_SERVICE_MAX_FORK_ITEMS
+    items is INVALID_ARGUMENT (field "up_to_seq").
+    """
+    new_session_id: _builtins.str
+    """Required. The session to create; it must not exist (ALREADY_EXISTS,
+    reason SESSION_ALREADY_EXISTS). Same charset as session ids.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, as for AppendItems: a retry with a request_id
+    already applied returns the first response (replayed = true) and copies
+    nothing. Remembered for the life of the new session.
+    """
+    def __init__(
+        self,
+        *,
+        source_session_id: _builtins.str = ...,
+        up_to_seq: _builtins.int = ...,
+        new_session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_session_id", b"new_session_id", "request_id", b"request_id", "source_session_id", b"source_session_id", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    """Response for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    COPIED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    copied_item_count: _builtins.int
+    """Items copied (the new session's item_count)."""
+    up_to_seq: _builtins.int
+    """The up_to_seq applied: the request's, or the source's last_seq when the
+    request sent 0. The new session's next append gets a seq above it.
+    """
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was copied now and
+    the fields above are those of the first application (session is read
+    now).
+    """
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The new session's metadata right after the fork."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        copied_item_count: _builtins.int = ...,
+        up_to_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copied_item_count", b"copied_item_count", "replayed", b"replayed", "session", b"session", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015

@@ -42,6 +42,7 @@ class StateServiceStub:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -107,6 +108,11 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/statecar.state.v1.StateService/ForkSession',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -126,6 +132,7 @@ class StateServiceServicer:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -216,6 +223,22 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Creates a new session from a prefix of another session of the same
+        tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+        metadata and create_time. Used to rewind ("resend from an earlier turn")
+        or to branch a conversation. The new session becomes visible whole or not
+        at all; appends to the source during the fork never reach the copy; the
+        source is never changed. Cost is proportional to the items copied, at
+        most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+        source's settings (retention, context strategy, shares) and gets a fresh
+        TTL; it does not inherit the source's summary (recomputed for the fork)
+        nor its request ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +297,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.SerializeToString,
             ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'statecar.state.v1.StateService', rpc_method_handlers)
@@ -299,6 +327,7 @@ class StateService:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -590,6 +619,33 @@ class StateService:
             '/statecar.state.v1.StateService/DeleteWorkflow',
             statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ForkSession',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

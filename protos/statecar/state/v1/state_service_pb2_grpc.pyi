@@ -43,6 +43,7 @@ class StateServiceStub:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -85,6 +86,18 @@ class StateServiceStub:
     """Replaces a workflow's state as a whole (compare-and-set with etag)."""
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]
     """Deletes a workflow's state (not the sessions it names)."""
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ForkSessionRequest, _state_service_pb2.ForkSessionResponse]
+    """Creates a new session from a prefix of another session of the same
+    tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+    metadata and create_time. Used to rewind ("resend from an earlier turn")
+    or to branch a conversation. The new session becomes visible whole or not
+    at all; appends to the source during the fork never reach the copy; the
+    source is never changed. Cost is proportional to the items copied, at
+    most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+    source's settings (retention, context strategy, shares) and gets a fresh
+    TTL; it does not inherit the source's summary (recomputed for the fork)
+    nor its request ids.
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -104,6 +117,7 @@ class StateServiceAsyncStub(StateServiceStub):
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -143,6 +157,18 @@ class StateServiceAsyncStub(StateServiceStub):
     """Replaces a workflow's state as a whole (compare-and-set with etag)."""
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]  # type: ignore[assignment]
     """Deletes a workflow's state (not the sessions it names)."""
+    ForkSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ForkSessionRequest, _state_service_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """Creates a new session from a prefix of another session of the same
+    tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+    metadata and create_time. Used to rewind ("resend from an earlier turn")
+    or to branch a conversation. The new session becomes visible whole or not
+    at all; appends to the source during the fork never reach the copy; the
+    source is never changed. Cost is proportional to the items copied, at
+    most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+    source's settings (retention, context strategy, shares) and gets a fresh
+    TTL; it does not inherit the source's summary (recomputed for the fork)
+    nor its request ids.
+    """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     """StateService owns the conversation state of agent sessions: an append-only
@@ -161,6 +187,7 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -264,5 +291,23 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.DeleteWorkflowResponse, _abc.Awaitable[_state_service_pb2.DeleteWorkflowResponse]]:
         """Deletes a workflow's state (not the sessions it names)."""
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _state_service_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ForkSessionResponse, _abc.Awaitable[_state_service_pb2.ForkSessionResponse]]:
+        """Creates a new session from a prefix of another session of the same
+        tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+        metadata and create_time. Used to rewind ("resend from an earlier turn")
+        or to branch a conversation. The new session becomes visible whole or not
+        at all; appends to the source during the fork never reach the copy; the
+        source is never changed. Cost is proportional to the items copied, at
+        most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+        source's settings (retention, context strategy, shares) and gets a fresh
+        TTL; it does not inherit the source's summary (recomputed for the fork)
+        nor its request ids.
+        """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
