@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
 from state_service.client import (
     EtagMismatchError,
@@ -22,7 +25,17 @@ from state_service.client import (
     StateServiceError,
     StoredItem,
 )
+from state_service.errors import ForkSourceChanged
+from state_service.forks import CHUNK_ITEMS, SessionForks
+from state_service.log import NewItem as DomainItem
+from state_service.reader import LogReader
+from state_service.sessions import SessionStore
+from state_service.storage.embedded import EmbeddedRedis
+from state_service.storage.redis import RedisStorage
+from state_service.tokens import EstimatingTokenCounter
 from tests.conftest import StateServerFactory
+from tests.helpers import metric
+from tests.redis_cluster import EmbeddedRedisCluster
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -283,3 +296,105 @@ async def test_unknown_failures_are_not_internal(client: StateClient) -> None:
     with pytest.raises(StateServiceError) as raised:
         await client.fork_session("a", "b", request_id="x" * 200)
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- interleavings, made deterministic: the business module over real Redis --
+
+
+class PoppingStorage(RedisStorage):
+    """A storage whose source changes between a fork's chunks, as a concurrent
+    PopItem or DeleteSession on another replica would."""
+
+    change: str = ""
+
+    async def fork_read(self, tenant: str, session_id: str, start: int, stop: int) -> Any:
+        chunk = await super().fork_read(tenant, session_id, start, stop)
+        if start > 0 and self.change == "pop":
+            await self.pop(tenant, session_id, request_id="", expected_etag="", now_ms=0)
+        elif start == 0 and self.change == "delete-after-first":
+            await self.delete(tenant, session_id, expected_etag="")
+        elif start == 0 and self.change == "append":
+            await self.append(
+                tenant,
+                session_id,
+                [b"x"] * 10,
+                request_id="",
+                expected_etag="",
+                new_incarnation="unused",
+                now_ms=0,
+            )
+        return chunk
+
+
+@pytest.fixture
+async def forks(
+    request: pytest.FixtureRequest, redis_backend: str
+) -> AsyncIterator[tuple[PoppingStorage, SessionForks, SessionStore]]:
+    if redis_backend == "cluster":
+        cluster: EmbeddedRedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        storage = PoppingStorage(RedisCluster.from_url(cluster.url, require_full_coverage=False))
+    else:
+        server: EmbeddedRedis = request.getfixturevalue("redis_server")
+        storage = PoppingStorage(redis.asyncio.Redis.from_url(server.url))
+    counter = EstimatingTokenCounter()
+    reader = LogReader(storage, cache=None, token_counter=counter)
+    store = SessionStore(storage, reader, token_counter=counter)
+    yield storage, SessionForks(storage, token_counter=counter, max_items=10_000), store
+    await storage.close()
+
+
+async def fill(store: SessionStore, session_id: str, count: int) -> None:
+    items = [DomainItem(json=f'{{"role":"user","content":"m{n}"}}'.encode()) for n in range(count)]
+    await store.append("t", session_id, items, request_id="", etag="")
+
+
+@pytest.mark.parametrize("change", ["pop", "delete-after-first"])
+async def test_a_source_that_loses_items_mid_copy_is_refused_whole(
+    forks: tuple[PoppingStorage, SessionForks, SessionStore], change: str
+) -> None:
+    storage, forker, store = forks
+    await fill(store, "src", CHUNK_ITEMS * 2 + 10)
+    storage.change = change
+    with pytest.raises(ForkSourceChanged):
+        await forker.fork("t", "src", "new", up_to_seq=0, request_id="r")
+    assert (await storage.heads("t", ["new"])) == [None]
+    # Neither the new session nor a staging list is left in its slot.
+    keys = storage.keys("t", "new")
+    raw: Any = storage._redis
+    for key in (*keys.as_list(), storage.fork_staging_key("t", "new", "*")):
+        assert not [k async for k in _scan(raw, key)], key
+
+
+async def test_appends_between_chunks_are_not_copied(
+    forks: tuple[PoppingStorage, SessionForks, SessionStore],
+) -> None:
+    storage, forker, store = forks
+    await fill(store, "src", CHUNK_ITEMS + 5)
+    storage.change = "append"
+    result = await forker.fork("t", "src", "new", up_to_seq=0, request_id="r")
+    assert result.copied == result.up_to_seq == CHUNK_ITEMS + 5
+    (head,) = await storage.heads("t", ["src"])
+    assert head is not None and head.item_count == CHUNK_ITEMS + 15
+
+
+async def _scan(raw: Any, pattern: str) -> AsyncIterator[bytes]:
+    if isinstance(raw, RedisCluster):
+        async for key in raw.scan_iter(match=pattern, target_nodes=RedisCluster.PRIMARIES):
+            yield key
+    else:
+        async for key in raw.scan_iter(match=pattern):
+            yield key
+
+
+async def test_fork_metrics(client: StateClient) -> None:
+    await conversation(client, "src", 3)
+    forks, copied = "statecar_state_forks_total", "statecar_state_fork_items_copied_total"
+    replays = ("statecar_state_idempotent_replays_total", {"operation": "fork"})
+    before = (metric(forks), metric(copied), metric(replays[0], **replays[1]))
+    await client.fork_session("src", "a", up_to_seq=4, request_id="m1")
+    await client.fork_session("src", "a", up_to_seq=4, request_id="m1")  # replayed
+    with pytest.raises(SessionAlreadyExistsError):
+        await client.fork_session("src", "a")  # refused: not counted
+    after = (metric(forks), metric(copied), metric(replays[0], **replays[1]))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 4, 1]
