@@ -5,7 +5,8 @@ the RPC, convert its result back. Domain errors leave as their status
 
 AppendItems, PopItem, GetSession, UpdateSession, DeleteSession: sessions.py.
 GetContext: context.py. ListItems, ListSessions: listing.py. Workflows:
-workflows.py. ForkSession: forks.py.
+workflows.py. ForkSession: forks.py. CompactSession, GetCompactedView:
+compaction.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from grpc.aio import ServicerContext
 from shared_runtime.errors import InvalidArgument
 from state_service import grpc_convert as convert
 from state_service import validation
+from state_service.compaction import CompactedViews
 from state_service.compression.engine import Compression
 from state_service.context import ContextPipeline
 from state_service.encryption import KeyRing
@@ -47,6 +49,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         workflows: WorkflowStore,
         settings: StateServiceSettings,
         forks: SessionForks,
+        views: CompactedViews,
     ) -> None:
         self._store = store
         self._context = context
@@ -54,6 +57,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self._workflows = workflows
         self._settings = settings
         self._forks = forks
+        self._views = views
 
     @classmethod
     def over(
@@ -82,6 +86,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 keys=keys,
                 compression=compression,
             ),
+            CompactedViews(storage, keys=keys),
         )
 
     @maps_domain_errors
@@ -301,4 +306,46 @@ class StateServicer(pb_grpc.StateServiceServicer):
             copied_item_count=result.copied,
             up_to_seq=result.up_to_seq,
             replayed=result.replayed,
+        )
+
+    @maps_domain_errors
+    async def CompactSession(
+        self, request: pb.CompactSessionRequest, context: Context
+    ) -> pb.CompactSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        etag = validation.etag(request.etag)
+        if not etag:
+            raise InvalidArgument("etag", "is required: the etag the compaction was computed from")
+        if request.keep_items < 0:
+            raise InvalidArgument("keep_items", "must not be negative")
+        validation.items(request.items, self._settings)
+        outcome = await self._views.compact(
+            tenant_of(context),
+            session_id,
+            convert.new_items(request.items),
+            etag=etag,
+            keep_items=request.keep_items,
+            request_id=validation.request_id(request.request_id),
+        )
+        return pb.CompactSessionResponse(
+            etag=outcome.etag,
+            view_item_count=outcome.count,
+            compacted_up_to_seq=outcome.up_to_seq,
+            replayed=outcome.replayed,
+        )
+
+    @maps_domain_errors
+    async def GetCompactedView(
+        self, request: pb.GetCompactedViewRequest, context: Context
+    ) -> pb.GetCompactedViewResponse:
+        session_id = validation.session_id(request.session_id)
+        view = await self._views.read(
+            tenant_of(context), session_id, max_items=validation.max_items(request.max_items)
+        )
+        return pb.GetCompactedViewResponse(
+            compacted=view.compacted,
+            items=[convert.item_message(item) for item in view.items],
+            total_item_count=view.total,
+            compacted_up_to_seq=view.up_to_seq,
+            etag=view.etag,
         )

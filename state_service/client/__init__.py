@@ -18,6 +18,8 @@ from state_service.client.errors import (
 )
 from state_service.client.types import (
     AppendResult,
+    CompactedView,
+    CompactResult,
     Context,
     ContextSummary,
     ForkResult,
@@ -49,6 +51,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AppendResult",
     "BudgetedSessionSettings",
+    "CompactResult",
+    "CompactedView",
     "Context",
     "ContextSummary",
     "EtagMismatchError",

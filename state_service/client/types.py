@@ -209,6 +209,29 @@ class SessionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class CompactResult:
+    """A stored compacted view: the session's new etag, the view's stored
+    items and the last log seq they stand in for."""
+
+    etag: str
+    view_item_count: int
+    compacted_up_to_seq: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompactedView:
+    """A session's compacted view: stored items (seq 0), then log items
+    appended after it; `compacted` False means no view (the log is the history)."""
+
+    compacted: bool
+    items: list[StoredItem]
+    total_item_count: int
+    compacted_up_to_seq: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
 class ForkResult:
     """What ForkSession created: the new session, how many items it copied and
     up to which seq (the request's, or the source's last when it sent 0)."""

@@ -262,6 +262,33 @@ class ForkInstalled:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredView:
+    """A session's compacted view as read: its stored items (`blob`, see
+    compaction.py) stand in for log indexes 0..covered_items-1 (seqs up to
+    up_to_seq); `entries` are the log entries after them."""
+
+    up_to_seq: int
+    covered_items: int
+    blob: bytes
+    count: int
+    entries: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRead:
+    head: SessionHead | None
+    view: StoredView | None
+
+
+@dataclass(frozen=True, slots=True)
+class ViewCommit:
+    etag: str
+    count: int
+    up_to_seq: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SessionKeys:
     meta: str
     log: str
@@ -1069,6 +1096,54 @@ class RedisStorage:
                 await self._index_created(tenant, session_id)  # a retry completes it
             return ForkInstalled(outcome, ForkRecord.parse(reply[1]))
         return ForkInstalled(outcome)
+
+    # -- compacted views -------------------------------------------------------
+
+    async def view_read(self, tenant: str, session_id: str) -> ViewRead:
+        """The head and, when current, the compacted view with the log after it."""
+        keys = self.keys(tenant, session_id)
+        reply = await self._script("view_read", keys.as_list(), [])
+        head = _parse_head(reply[0])
+        if len(reply) < 2 or reply[1] != b"view":
+            return ViewRead(head, None)
+        upto, covered, blob, count = reply[2:6]
+        view = StoredView(int(upto), int(covered), bytes(blob), int(count), list(reply[6:]))
+        return ViewRead(head, view)
+
+    async def view_commit(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        request_id: str,
+        expected_etag: str,
+        now_ms: int,
+        up_to_seq: int,
+        covered_items: int,
+        blob: bytes,
+        count: int,
+    ) -> ViewCommit | None:
+        """Stores a compacted view if the etag still matches; None if the
+        session does not exist."""
+        keys = self.keys(tenant, session_id)
+        args: list[bytes | str | int] = [
+            request_id,
+            expected_etag,
+            self.default_ttl_seconds,
+            now_ms,
+            up_to_seq,
+            covered_items,
+            blob,
+            count,
+        ]
+        reply = await self._script("view_commit", keys.as_list(), args, write=True)
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        if status == "missing":
+            return None
+        etag, stored, upto = reply[1].decode().split(" ")
+        return ViewCommit(etag, int(stored), int(upto), replayed=status == "replay")
 
     async def ping(self) -> None:
         """Readiness: every primary answers (a cluster with a primary down is

@@ -344,3 +344,58 @@ if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
 apply_ttl(ARGV[8], tonumber(ARGV[6]))
 if KEYS[6] then redis.call('ZADD', KEYS[6], 'NX', 0, ARGV[11]) end
 return {'ok', head(), response}
+
+--- view_read
+-- KEYS: the session's keys. ARGV: (none).
+-- The compacted view is stored in the summary hash (KEYS[4]), beside the
+-- summary, so it expires and is deleted with the session by the steps that
+-- already handle that hash: vinc (incarnation), vupto (last seq it stands
+-- in for), vidx (log items it stands in for), vitems (its stored items),
+-- vcount. It is current while the session is the same incarnation and the
+-- log still holds the vidx items it covered: the log only changes at its
+-- tail, seqs only grow, so that holds iff the entry at index vidx-1 still has
+-- a seq <= vupto (a pop below it and new appends would put a larger seq
+-- there). Returns {head} (no session), {head, 'log'} (no current view) or
+-- {head, 'view', vupto, vidx, vitems, vcount, log entries from vidx...}.
+local h = head()
+if not h[1] then return {h} end
+local v = redis.call('HMGET', KEYS[4], 'vinc', 'vupto', 'vidx', 'vitems', 'vcount')
+if v[1] ~= h[1] then return {h, 'log'} end
+local vidx = tonumber(v[3])
+if tonumber(h[4]) < vidx then return {h, 'log'} end
+if vidx > 0 then
+  local edge = redis.call('LINDEX', KEYS[2], vidx - 1)
+  local seq = edge and tonumber(string.match(edge, '^(%d+):'))
+  if not seq or seq > tonumber(v[2]) then return {h, 'log'} end
+end
+local result = {h, 'view', v[2], v[3], v[4], v[5]}
+local entries = redis.call('LRANGE', KEYS[2], vidx, -1)
+for i = 1, #entries do result[#result + 1] = entries[i] end
+return result
+
+--- view_commit
+-- KEYS: the session's keys. ARGV: request_id, expected etag, default ttl (s),
+--       now (ms), vupto, vidx, vitems, vcount.
+-- Stores a compacted view (see view_read) if the etag is still the one the
+-- view was computed from; bumps the version (the session's history as
+-- get_items sees it changed) and leaves the log alone.
+-- Returns {'ok'|'replay', "etag count upto"} or {'conflict', etag} or
+-- {'missing', ''}.
+local request_id, expected = ARGV[1], ARGV[2]
+local field = 'c:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
+local current = etag_of(h[1], h[2])
+if expected ~= current then return {'conflict', current} end
+if not h[1] then return {'missing', ''} end
+local ver = tonumber(h[2]) + 1
+redis.call('HSET', KEYS[4], 'vinc', h[1], 'vupto', ARGV[5], 'vidx', ARGV[6], 'vitems', ARGV[7],
+  'vcount', ARGV[8])
+redis.call('HSET', KEYS[1], 'ver', ver, 'mtime', ARGV[4])
+local response = etag_of(h[1], ver) .. ' ' .. ARGV[8] .. ' ' .. ARGV[5]
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(h[3], tonumber(ARGV[3]))
+return {'ok', response}

@@ -1515,3 +1515,158 @@ class ForkSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015
+
+@_typing.final
+class CompactSessionRequest(_message.Message):
+    """Request for CompactSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    KEEP_ITEMS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to compact; it must exist (NOT_FOUND otherwise)."""
+    etag: _builtins.str
+    """Required. The etag the compaction was computed from (GetCompactedView's
+    or any read's). Mismatch: ABORTED (ETAG_MISMATCH), nothing written.
+    """
+    keep_items: _builtins.int
+    """How many items of the current view (GetCompactedView's items, oldest
+    first; the log when there is no view) to keep ahead of items. Negative
+    or above the view's length is INVALID_ARGUMENT.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, as for AppendItems."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The items that replace the rest of the view, oldest first (at most
+        STATE_SERVICE_MAX_ITEMS_PER_APPEND, each validated as for AppendItems).
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        keep_items: _builtins.int = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "items", b"items", "keep_items", b"keep_items", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactSessionRequest: _TypeAlias = CompactSessionRequest  # noqa: Y015
+
+@_typing.final
+class CompactSessionResponse(_message.Message):
+    """Response for CompactSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ETAG_FIELD_NUMBER: _builtins.int
+    VIEW_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    COMPACTED_UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The session's etag after the compaction."""
+    view_item_count: _builtins.int
+    """Items in the stored view."""
+    compacted_up_to_seq: _builtins.int
+    """The last log seq the view stands in for."""
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was written now."""
+    def __init__(
+        self,
+        *,
+        etag: _builtins.str = ...,
+        view_item_count: _builtins.int = ...,
+        compacted_up_to_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted_up_to_seq", b"compacted_up_to_seq", "etag", b"etag", "replayed", b"replayed", "view_item_count", b"view_item_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactSessionResponse: _TypeAlias = CompactSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetCompactedViewRequest(_message.Message):
+    """Request for GetCompactedView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to read."""
+    max_items: _builtins.int
+    """The newest max_items items of the view; 0 means all. Negative is
+    INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_items", b"max_items", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactedViewRequest: _TypeAlias = GetCompactedViewRequest  # noqa: Y015
+
+@_typing.final
+class GetCompactedViewResponse(_message.Message):
+    """Response for GetCompactedView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPACTED_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    TOTAL_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    COMPACTED_UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    compacted: _builtins.bool
+    """Whether the session has a compacted view. False: items is empty and the
+    session's history is its log (ListItems).
+    """
+    total_item_count: _builtins.int
+    """Items in the whole view (items holds the newest max_items of them)."""
+    compacted_up_to_seq: _builtins.int
+    """The last log seq the stored items stand in for (0 when not compacted)."""
+    etag: _builtins.str
+    """The session's etag at the read ("0" if it does not exist); send it to
+    CompactSession.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The view's items, oldest first: stored items (seq 0), then log items
+        appended after the view (their seq).
+        """
+
+    def __init__(
+        self,
+        *,
+        compacted: _builtins.bool = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        total_item_count: _builtins.int = ...,
+        compacted_up_to_seq: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "compacted_up_to_seq", b"compacted_up_to_seq", "etag", b"etag", "items", b"items", "total_item_count", b"total_item_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactedViewResponse: _TypeAlias = GetCompactedViewResponse  # noqa: Y015

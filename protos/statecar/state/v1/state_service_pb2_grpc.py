@@ -113,6 +113,16 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
+        self.CompactSession = channel.unary_unary(
+                '/statecar.state.v1.StateService/CompactSession',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.FromString,
+                _registered_method=True)
+        self.GetCompactedView = channel.unary_unary(
+                '/statecar.state.v1.StateService/GetCompactedView',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -239,6 +249,27 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompactSession(self, request, context):
+        """Stores a compacted view of a session beside its log, in one atomic,
+        etag-checked step: the view becomes the first keep_items items of the
+        current view followed by items (e.g. the output of OpenAI's
+        responses.compact), standing in for every log item up to the session's
+        last seq; items appended later follow it. The log is never changed:
+        ListItems and GetContext still read every item. A pop of an item the view
+        covers, or a delete, drops the view. Bumps the etag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCompactedView(self, request, context):
+        """Returns a session's compacted view (see CompactSession): its stored items
+        (seq 0), then the log items appended after it (their own seq).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +332,16 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.ForkSession,
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'CompactSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactSession,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.SerializeToString,
+            ),
+            'GetCompactedView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompactedView,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -646,6 +687,60 @@ class StateService:
             '/statecar.state.v1.StateService/ForkSession',
             statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/CompactSession',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCompactedView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/GetCompactedView',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

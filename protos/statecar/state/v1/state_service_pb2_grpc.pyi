@@ -98,6 +98,19 @@ class StateServiceStub:
     TTL; it does not inherit the source's summary (recomputed for the fork)
     nor its request ids.
     """
+    CompactSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.CompactSessionRequest, _state_service_pb2.CompactSessionResponse]
+    """Stores a compacted view of a session beside its log, in one atomic,
+    etag-checked step: the view becomes the first keep_items items of the
+    current view followed by items (e.g. the output of OpenAI's
+    responses.compact), standing in for every log item up to the session's
+    last seq; items appended later follow it. The log is never changed:
+    ListItems and GetContext still read every item. A pop of an item the view
+    covers, or a delete, drops the view. Bumps the etag.
+    """
+    GetCompactedView: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactedViewRequest, _state_service_pb2.GetCompactedViewResponse]
+    """Returns a session's compacted view (see CompactSession): its stored items
+    (seq 0), then the log items appended after it (their own seq).
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -168,6 +181,19 @@ class StateServiceAsyncStub(StateServiceStub):
     source's settings (retention, context strategy, shares) and gets a fresh
     TTL; it does not inherit the source's summary (recomputed for the fork)
     nor its request ids.
+    """
+    CompactSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.CompactSessionRequest, _state_service_pb2.CompactSessionResponse]  # type: ignore[assignment]
+    """Stores a compacted view of a session beside its log, in one atomic,
+    etag-checked step: the view becomes the first keep_items items of the
+    current view followed by items (e.g. the output of OpenAI's
+    responses.compact), standing in for every log item up to the session's
+    last seq; items appended later follow it. The log is never changed:
+    ListItems and GetContext still read every item. A pop of an item the view
+    covers, or a delete, drops the view. Bumps the etag.
+    """
+    GetCompactedView: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactedViewRequest, _state_service_pb2.GetCompactedViewResponse]  # type: ignore[assignment]
+    """Returns a session's compacted view (see CompactSession): its stored items
+    (seq 0), then the log items appended after it (their own seq).
     """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +334,31 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         source's settings (retention, context strategy, shares) and gets a fresh
         TTL; it does not inherit the source's summary (recomputed for the fork)
         nor its request ids.
+        """
+
+    @_abc_1.abstractmethod
+    def CompactSession(
+        self,
+        request: _state_service_pb2.CompactSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.CompactSessionResponse, _abc.Awaitable[_state_service_pb2.CompactSessionResponse]]:
+        """Stores a compacted view of a session beside its log, in one atomic,
+        etag-checked step: the view becomes the first keep_items items of the
+        current view followed by items (e.g. the output of OpenAI's
+        responses.compact), standing in for every log item up to the session's
+        last seq; items appended later follow it. The log is never changed:
+        ListItems and GetContext still read every item. A pop of an item the view
+        covers, or a delete, drops the view. Bumps the etag.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCompactedView(
+        self,
+        request: _state_service_pb2.GetCompactedViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetCompactedViewResponse, _abc.Awaitable[_state_service_pb2.GetCompactedViewResponse]]:
+        """Returns a session's compacted view (see CompactSession): its stored items
+        (seq 0), then the log items appended after it (their own seq).
         """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
