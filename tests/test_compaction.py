@@ -6,14 +6,17 @@ OpenAI-compatible endpoint on loopback (the only fake: the model)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
 from agents import Agent, Runner
 from agents.items import TResponseInputItem
 from agents.memory.openai_responses_compaction_session import OpenAIResponsesCompactionSession
 from agents.models.openai_responses import OpenAIResponsesModel
 from openai import AsyncOpenAI
+from redis.cluster import RedisCluster
 
 from state_service.client import (
     EtagMismatchError,
@@ -22,6 +25,7 @@ from state_service.client import (
     StateClient,
     StateServiceSession,
 )
+from tests.conftest import StateServerFactory
 from tests.fake_openai import FakeOpenAI, Step
 
 
@@ -270,3 +274,34 @@ async def test_a_budgeted_session_compacts_its_log_not_its_budgeted_view(
     assert complete
     assert len(raw) == 80 > len(budgeted)
     assert raw == [i.data for i in await client.all_items("s")]
+
+
+async def test_views_are_sealed_like_the_log(
+    state_server_factory: StateServerFactory, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("*:k1:" + "B" * 43 + "=\n")
+    server = await state_server_factory(encryption_keys_file=keys)
+    async with StateClient(server.address) as client:
+        await client.append_items("s", [user("secret a"), assistant("b")])
+        etag = (await client.get_session("s")).etag
+        await client.compact_session("s", [user("secret summary")], etag=etag, keep_items=1)
+        view = await client.get_compacted_view("s")
+        assert [i.data for i in view.items] == [user("secret a"), user("secret summary")]
+        url = server.settings.redis_url
+        raw: Any = (
+            RedisCluster.from_url(url)
+            if server.settings.redis_cluster
+            else redis.Redis.from_url(url)
+        )
+        try:
+            scan = (
+                raw.scan_iter(match="*", target_nodes=RedisCluster.PRIMARIES)
+                if server.settings.redis_cluster
+                else raw.scan_iter(match="*")
+            )
+            hashes = [raw.hgetall(key) for key in scan if raw.type(key) == b"hash"]
+        finally:
+            raw.close()
+        assert any(b"vitems" in fields for fields in hashes)  # the view was among them
+        assert not any(b"secret" in value for fields in hashes for value in fields.values())
