@@ -14,6 +14,7 @@ import grpc
 import pytest
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from state_service.client import (
     EtagMismatchError,
@@ -60,6 +61,15 @@ async def conversation(client: StateClient, session_id: str, turns: int) -> None
     for n in range(turns):
         await client.append_items(
             session_id, [NewItem(user(f"q{n}"), {"turn": str(n)}), assistant(f"a{n}")]
+        )
+
+
+def test_the_cluster_runs_cross_the_slots() -> None:
+    # On the cluster, the sessions these tests fork between sit in different
+    # slots (3 primaries: usually different nodes), the case one script cannot do.
+    for source, new in [("src", "branch"), ("big", "all"), ("busy", "f0"), ("src", "once")]:
+        assert key_slot(f"statecar:{{default:{source}}}:m".encode()) != key_slot(
+            f"statecar:{{default:{new}}}:m".encode()
         )
 
 
