@@ -64,7 +64,7 @@ async def conversation(client: StateClient, session_id: str, turns: int) -> None
         )
 
 
-def test_the_cluster_runs_cross_the_slots() -> None:
+def test_the_forked_pairs_sit_in_different_cluster_slots() -> None:
     # On the cluster, the sessions these tests fork between sit in different
     # slots (3 primaries: usually different nodes), the case one script cannot do.
     for source, new in [("src", "branch"), ("big", "all"), ("busy", "f0"), ("src", "once")]:
