@@ -19,7 +19,7 @@ class NewItem:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def to_proto(self) -> pb.Item:
-        raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
         return pb.Item(json=raw, metadata=dict(self.metadata))
 
 

@@ -435,8 +435,10 @@ class TurnItem(_message.Message):
     """The item's type: "message", "function_call", "function_call_output", ...
     ("message" when the item itself has none).
     """
-    json: _builtins.bytes
-    """The item as a UTF-8 JSON object (an openai-agents input item)."""
+    json: _builtins.str
+    """The item as the text of a JSON object (an openai-agents input item); a
+    string, as in the state API, so JSON transcodings show it as text.
+    """
     seq: _builtins.int
     """The item's sequence number in the session log."""
     agent: _builtins.str
@@ -447,7 +449,7 @@ class TurnItem(_message.Message):
         self,
         *,
         type: _builtins.str = ...,
-        json: _builtins.bytes = ...,
+        json: _builtins.str = ...,
         seq: _builtins.int = ...,
         agent: _builtins.str = ...,
     ) -> None: ...

@@ -385,10 +385,13 @@ class Item(_message.Message):
     item ever appended, increasing by one per appended item. Never reused,
     also not after PopItem.
     """
-    json: _builtins.bytes
+    json: _builtins.str
     """The item itself: one openai-agents input item (a message, a function call
-    or its output, a reasoning item, ...) encoded as a UTF-8 JSON object.
-    Returned byte for byte as it was appended.
+    or its output, a reasoning item, ...) as the text of a JSON object.
+    Returned character for character as it was appended. A string, not bytes,
+    so JSON transcodings (grpcurl, gateways, other languages' JSON mappings)
+    show the item as text rather than base64; on the wire the two are the
+    same, so clients built when this field was `bytes` keep working.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -402,7 +405,7 @@ class Item(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
-        json: _builtins.bytes = ...,
+        json: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
