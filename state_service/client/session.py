@@ -32,6 +32,13 @@ Invariants of what `get_items()` returns with a budget:
   exactly as every SDK session does: the Runner itself reads session tails
   with `limit` to verify and rewind its writes, and a marker in such a tail
   would defeat that check.
+
+Compaction. Wrapped in openai-agents' OpenAIResponsesCompactionSession, the
+session replaces history through the SDK's atomic hooks (see "openai-agents'
+compaction hooks" below), never by clear_session() + add_items(): a
+compaction is one etag-checked CompactSession that stores a view beside the
+log. Unbudgeted `get_items()` (and any `limit` read) returns that view when
+the session has one: its stored items, then the items appended since.
 """
 
 from __future__ import annotations
@@ -154,7 +161,8 @@ class StateServiceSession:
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """With a budget and no limit: the budgeted context. Otherwise the newest
-        `limit` items (all when None), oldest first."""
+        `limit` items (all when None), oldest first, of the compacted view when
+        the session has one, else of the log."""
         settings = self.session_settings
         if (
             limit is None
