@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import tiktoken
 
+from state_service import tokens
 from state_service.compression.bm25 import BM25Index
 from state_service.compression.memory import SessionMemory
 from state_service.compression.strategies import (
@@ -326,6 +327,8 @@ def test_auto_counter_falls_back_without_offline_encoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    # The encoding file now ships with a dependency: "without" means without it.
+    monkeypatch.setattr(tokens, "BUNDLED_ENCODINGS_PACKAGE", "no_such_package_here")
     assert isinstance(make_token_counter("auto"), EstimatingTokenCounter)
     with pytest.raises(RuntimeError):
         make_token_counter("tiktoken")
