@@ -23,7 +23,11 @@ STOPWORDS = frozenset(
     ourselves out over own same she should so some such than that the their theirs them
     themselves then there these they this those through to too under until up very was we were
     what when where which while who whom why will with would you your yours yourself yourselves
-    s t don't i'm it's let's ok okay yes yeah please thanks thank hi hello hey""".split()
+    s t don't i'm it's let's ok okay yes yeah please thanks thank hi hello hey
+    that's what's there's here's he's she's they're we're you're i've you've we've they've
+    i'll you'll we'll they'll he'll she'll i'd you'd he'd she'd we'd they'd isn't aren't
+    wasn't weren't hasn't haven't hadn't doesn't didn't won't wouldn't can't couldn't
+    shouldn't""".split()
 )
 
 
