@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import statistics
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import context_synthetic
+from bench import context_synthetic, minilm
 from bench.common import Stats, table
 from bench.conversations import CATEGORIES, Conversation, load_all
 from bench.report import Report
@@ -75,6 +76,7 @@ class Cell:
 
     recall: list[float] = field(default_factory=list)
     by_category: dict[str, list[float]] = field(default_factory=dict)
+    by_source: dict[str, list[float]] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
     sent_tokens: list[int] = field(default_factory=list)
     over_budget: int = 0
@@ -178,6 +180,7 @@ async def _one(
                 cell = out.cell(label, budget)
                 cell.recall.append(recall)
                 cell.by_category.setdefault(question.category, []).append(recall)
+                cell.by_source.setdefault(conversation.source, []).append(recall)
                 cell.tokens.append(context.token_count)
                 cell.sent_tokens.append(sum(exact.count(t.encode()) for t in _sent_text(context)))
                 cell.over_budget += context.token_count > budget
@@ -240,6 +243,7 @@ def render(results: Results) -> str:
     categories = [c for c in CATEGORIES.values() if any(
         c in cell.by_category for cell in results.cells.values()
     )]  # fmt: skip
+    sources = sorted({s for cell in results.cells.values() for s in cell.by_source})
     rows = []
     for (strategy, budget), cell in results.cells.items():
         rows.append(
@@ -247,6 +251,7 @@ def render(results: Results) -> str:
                 strategy,
                 f"{budget:,}",
                 f"**{_pct(cell.recall)}**",
+                *(_pct(cell.by_source.get(s, [])) for s in sources),
                 *(_pct(cell.by_category.get(c, [])) for c in categories),
                 f"{statistics.fmean(cell.tokens):,.0f} / {max(cell.tokens):,}",
                 f"{statistics.fmean(cell.sent_tokens):,.0f}",
@@ -269,6 +274,7 @@ def render(results: Results) -> str:
                 "strategy",
                 "budget",
                 "evidence recall",
+                *sources,
                 *categories,
                 "tokens mean / max",
                 "sent (exact)",
@@ -290,6 +296,11 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument(
         "--strategies", default="default,sliding_window,token_window,summary,retrieval"
+    )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="hybrid retrieval with a real local model (all-MiniLM-L6-v2, bench/minilm.py)",
     )
     parser.add_argument("--token-counter", default="", help="STATE_SERVICE_TOKEN_COUNTER")
     parser.add_argument("--set", action="append", default=[], help="setting=value (repeatable)")
@@ -326,14 +337,29 @@ async def main(argv: Sequence[str]) -> None:
         settings[key] = value
     strategies = [None if s == "default" else s for s in args.strategies.split(",")]
     started = time.perf_counter()
-    results = await measure(
-        conversations,
-        questions=args.questions,
-        budgets=[int(b) for b in args.budgets.split(",")],
-        strategies=strategies,
-        settings=settings,
-    )
-    print(f"split {args.split}; " + render(results))
+    with contextlib.ExitStack() as stack:
+        if args.embeddings:
+            missing_model = minilm.available()
+            if missing_model is not None:
+                print(f"skipped --embeddings: {missing_model}", file=sys.stderr)
+                return
+            directory = minilm.model_dir()
+            assert directory is not None
+            settings |= {
+                "embeddings_base_url": stack.enter_context(minilm.serve(minilm.MiniLM(directory))),
+                "embeddings_model": "all-MiniLM-L6-v2",
+                # numpy on two shared cores: a batch of 64 items takes seconds.
+                "embeddings_timeout_seconds": 300,
+            }
+        results = await measure(
+            conversations,
+            questions=args.questions,
+            budgets=[int(b) for b in args.budgets.split(",")],
+            strategies=strategies,
+            settings=settings,
+        )
+    label = " with all-MiniLM-L6-v2 embeddings (hybrid retrieval)" if args.embeddings else ""
+    print(f"split {args.split}{label}; " + render(results))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 
