@@ -64,6 +64,9 @@ class TokenCounter(Protocol):
 
     def count(self, item_json: bytes) -> int: ...
 
+    # Counters key caches of what they counted (see summarizer.fit_summary).
+    def __hash__(self) -> int: ...
+
 
 class EstimatingTokenCounter:
     name = "estimate"

@@ -24,6 +24,7 @@ informative lines (the same score, against the summary's own lines), in order.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -161,6 +162,14 @@ def fit_summary(summary: str, budget: int, counter: TokenCounter) -> tuple[str, 
     nothing fits."""
     if not summary or budget <= 0:
         return "", 0
+    return _fit(summary, budget, counter)
+
+
+# A stored summary changes only when the summarizer commits, and budgets repeat:
+# every read of a session would otherwise count and rank the same lines again
+# (about half of a tiered read's time with exact token counts).
+@functools.lru_cache(maxsize=512)
+def _fit(summary: str, budget: int, counter: TokenCounter) -> tuple[str, int]:
     whole = counter.count(summary.encode())
     if whole <= budget:
         return summary, whole
