@@ -80,8 +80,8 @@ def test_speaker_and_time_metadata_are_searchable() -> None:
         message(4, "assistant", "Unrelated words here.", speaker="Tomasz", time="9 June 2023"),
     ]
     memory = memory_of(log)
-    by_date = memory.search("june", below_index=4, budget=10_000)
-    assert 3 in [e.seq for e, _ in by_date] and 1 not in [e.seq for e, _ in by_date]
+    by_date = {e.seq: s for e, s in memory.search("june", below_index=4, budget=10_000)}
+    assert by_date[3] > by_date.get(1, 0.0)
     # A query naming a speaker prefers what that speaker said.
     named = memory.search("Tomasz quilt", below_index=4, budget=10_000)
     scores = {e.seq: s for e, s in named}
@@ -199,3 +199,19 @@ def test_the_newest_turn_survives_a_summary_that_would_fill_the_budget() -> None
             )  # fmt: skip
             assert found.tokens <= 400
             assert found.recent and found.recent[-1].seq == log[-1].seq
+
+
+def test_feedback_finds_a_turn_about_the_same_thing_in_other_words() -> None:
+    filler = [("x", f"Small talk number {n} about nothing much.") for n in range(12)]
+    log = dialogue(
+        [
+            ("a", "How was the marathon?"),
+            ("b", "The marathon in Rotterdam was flat and fast, a personal best."),
+            *filler,
+            ("a", "Rotterdam again next spring, I already registered."),
+            ("b", "Fingers crossed."),
+        ]
+    )
+    found = memory_of(log).search("marathon", below_index=len(log), budget=10_000)
+    # "Rotterdam", learnt from the best matches, finds turn 15.
+    assert 15 in [e.seq for e, _ in found]

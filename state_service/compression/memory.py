@@ -40,6 +40,12 @@ SPEAKER_KEYS = frozenset({"speaker", "name", "author", "sender", "from"})
 TIME_KEYS = frozenset({"time", "date", "timestamp", "datetime", "created_at", "sent_at"})
 # A query that names a speaker is more likely about what that speaker said.
 SPEAKER_BOOST = 1.25
+# Pseudo-relevance feedback: the rarest words of the best few matches join the
+# query at a fraction of its weight, so turns about the same thing in other
+# words are found too. Costs the postings of FEEDBACK_TERMS more terms.
+FEEDBACK_DOCS = 3
+FEEDBACK_TERMS = 5
+FEEDBACK_WEIGHT = 0.3
 _DIALOGUE = frozenset({"user", "assistant"})
 
 
@@ -138,6 +144,8 @@ class SessionMemory:
             return []
         query_terms = textlib.terms(query)
         scores = self.index.scores(query_terms, below=below)
+        if FEEDBACK_TERMS and scores:
+            scores = self._with_feedback(scores, set(query_terms), below)
         if query_vector is not None:
             scores = self._hybrid(scores, query_vector, below)
         named = self.speaker_terms.intersection(query_terms)
@@ -164,6 +172,20 @@ class SessionMemory:
             chosen.extend((p, score) for p in members)
         chosen.sort()
         return [(self.entries[p], score) for p, score in chosen]
+
+    def _with_feedback(
+        self, scores: dict[int, float], query_terms: set[str], below: int
+    ) -> dict[int, float]:
+        best = sorted(scores, key=lambda p: -scores[p])[:FEEDBACK_DOCS]
+        candidates: dict[str, float] = {}
+        for position in best:
+            for term in set(textlib.terms(self.texts[position])) - query_terms:
+                candidates[term] = candidates.get(term, 0.0) + self.index.idf(term)
+        chosen = sorted(candidates, key=lambda t: -candidates[t])[:FEEDBACK_TERMS]
+        out = dict(scores)
+        for position, score in self.index.scores(chosen, below=below).items():
+            out[position] = out.get(position, 0.0) + FEEDBACK_WEIGHT * score
+        return out
 
     def _with_neighbours(self, scores: dict[int, float], below: int) -> dict[int, float]:
         """`scores` plus, for each matching message, its neighbouring messages at
