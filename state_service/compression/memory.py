@@ -30,10 +30,13 @@ RangeReader = Callable[
 FETCH_CHUNK = 1000
 HYBRID_LEXICAL_WEIGHT = 0.5
 # A message that matches lends this share of its score to the messages just
-# before and after it: in a dialogue the turn a query matches is often the
+# before and after it, and that share of the share to the next ones out, up to
+# NEIGHBOUR_SPAN away: in a dialogue the turn a query matches is often the
 # question, or the remark, whose answer or detail is in the next (or previous)
-# turn, which shares no word with the query.
+# turns, which share no word with the query. (Dev split: one message each way
+# +5.4 points of evidence recall at 2k tokens, a second +1.7, a third +0.2.)
 NEIGHBOUR_WEIGHT = 0.5
+NEIGHBOUR_SPAN = 2
 # Metadata annotations that say who said an item and when: indexed with its
 # text (an imported conversation often carries them there, not in the text).
 SPEAKER_KEYS = frozenset({"speaker", "name", "author", "sender", "from"})
@@ -189,15 +192,20 @@ class SessionMemory:
 
     def _with_neighbours(self, scores: dict[int, float], below: int) -> dict[int, float]:
         """`scores` plus, for each matching message, its neighbouring messages at
-        NEIGHBOUR_WEIGHT of its score (if they do not score more themselves).
-        Costs O(matches)."""
+        NEIGHBOUR_WEIGHT of its score per step away (if they do not score more
+        themselves). Costs O(matches * NEIGHBOUR_SPAN)."""
         out = dict(scores)
         for position, score in scores.items():
             if score <= 0 or self.roles[position] not in _DIALOGUE:
                 continue
-            for near in (position - 1, position + 1):
-                if 0 <= near < below and self.roles[near] in _DIALOGUE:
-                    lent = score * NEIGHBOUR_WEIGHT
+            for step in (-1, 1):
+                lent = score
+                near = position
+                for _ in range(NEIGHBOUR_SPAN):
+                    near += step
+                    if not (0 <= near < below and self.roles[near] in _DIALOGUE):
+                        break
+                    lent *= NEIGHBOUR_WEIGHT
                     if lent > out.get(near, 0.0):
                         out[near] = lent
         return out
