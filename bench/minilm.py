@@ -85,6 +85,8 @@ class MiniLM:
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()
         self._lock = threading.Lock()
+        # Runs in one process (variants of a benchmark) embed a text once.
+        self._cache: dict[str, list[float]] = {}
 
     def _norm(self, x: Any, name: str) -> Any:
         np = self._np
@@ -101,12 +103,13 @@ class MiniLM:
         """Unit vectors of `texts`, in order. Texts of similar length run
         together in small batches: padding every text to the batch's longest
         would multiply the work."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[list[float]] = [[] for _ in texts]
+        out: list[list[float]] = [self._cache.get(t, []) for t in texts]
+        order = sorted((i for i, v in enumerate(out) if not v), key=lambda i: len(texts[i]))
         for start in range(0, len(order), CHUNK):
             chunk = order[start : start + CHUNK]
             for i, vector in zip(chunk, self._embed([texts[i] for i in chunk]), strict=True):
                 out[i] = vector
+                self._cache[texts[i]] = vector
         return out
 
     def _embed(self, texts: Sequence[str]) -> list[list[float]]:
