@@ -2,6 +2,7 @@
 
     statecar up                                # embedded Redis + state + agent service
     statecar chat --session S [--agent A] "message"   # "-" (or nothing): read stdin
+    statecar fork --session S --before-seq N --new-session T ["message"]
     statecar history --session S
     statecar sessions
     statecar agents
@@ -165,6 +166,31 @@ async def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+async def fork(args: argparse.Namespace) -> int:
+    """Rewinds S into T (the items before seq N), then, with a message, runs
+    that turn in T: "resend from an earlier turn" in one command."""
+    async with AgentClient(
+        args.agent_target, timeout=args.timeout, bearer_token=args.token
+    ) as agents:
+        await _require(agents, "agent service", args.agent_target, "--agent-target")
+        forked = await agents.fork_session(
+            args.session, args.new_session, before_seq=args.before_seq, request_id=args.request_id
+        )
+    replayed = " (replayed: made earlier by this request id)" if forked.replayed else ""
+    console.print(
+        Text(
+            f"forked {args.session} into {forked.session_id}: "
+            f"{_count(forked.copied_items, 'item')} up to seq {forked.last_seq}{replayed}",
+            style="dim",
+        )
+    )
+    if args.message is None:
+        return 0
+    args.session, args.workflow = forked.session_id, None
+    args.request_id = f"{args.request_id}:turn" if args.request_id else None
+    return await chat(args)
+
+
 async def history(args: argparse.Namespace) -> int:
     async with StateClient(args.state_target, bearer_token=args.token) as state:
         await _require(state, "state service", args.state_target, "--state-target")
@@ -261,6 +287,24 @@ def parser() -> argparse.ArgumentParser:
     talk.add_argument("--timeout", type=float, default=120.0)
     talk.add_argument("--agent-target", default=agent_target)
     talk.set_defaults(handler=chat)
+
+    branch = commands.add_parser(
+        "fork", help="rewind a session into a new one (then chat there to resend)"
+    )
+    branch.add_argument("message", nargs="?", help="optional: a turn to run in the new session")
+    branch.add_argument("--session", required=True, help="the session to rewind")
+    branch.add_argument(
+        "--before-seq",
+        type=int,
+        default=0,
+        help="keep the items before this seq (`statecar history` shows them; 0: all)",
+    )
+    branch.add_argument("--new-session", required=True, help="the session to create")
+    branch.add_argument("--agent", help="agent of the turn (default: the configured default)")
+    branch.add_argument("--request-id", help="retry-safe id of the fork (and its turn)")
+    branch.add_argument("--timeout", type=float, default=120.0)
+    branch.add_argument("--agent-target", default=agent_target)
+    branch.set_defaults(handler=fork)
 
     show = commands.add_parser("history", help="a session's whole log")
     show.add_argument("--session", required=True)

@@ -195,6 +195,17 @@ class AgentInfo:
     handoffs: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class ForkedSession:
+    """The session ForkSession created: chat in it to resend from the cut."""
+
+    session_id: str
+    copied_items: int
+    last_seq: int
+    etag: str
+    replayed: bool
+
+
 class AgentClient:
     """Async client of the agent service. `target` is host:port (all DNS
     records, round robin), a list of IP:port, or any gRPC target;
@@ -353,3 +364,29 @@ class AgentClient:
         )
         response = await self._call(self._stub.UpdateWorkflow, request, timeout)
         return Workflow.from_proto(response.workflow)
+
+    async def fork_session(
+        self,
+        source_session_id: str,
+        new_session_id: str,
+        *,
+        before_seq: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ForkedSession:
+        """Copies the items of the source before `before_seq` (0: all) into a
+        new session; the next chat there resends from that point."""
+        request = pb.ForkSessionRequest(
+            source_session_id=source_session_id,
+            new_session_id=new_session_id,
+            before_seq=before_seq,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        response = await self._call(self._stub.ForkSession, request, timeout)
+        return ForkedSession(
+            response.session_id,
+            response.copied_items,
+            response.last_seq,
+            response.etag,
+            response.replayed,
+        )

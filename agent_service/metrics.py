@@ -49,6 +49,10 @@ CONTEXT_TOKENS = Histogram(
     buckets=(0, 100, 250, 500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000),
 )
 TOOL_CALLS = Counter("statecar_agent_tool_calls_total", "Function tool calls, by tool.", ["tool"])
+FORKS = Counter(
+    "statecar_agent_forks_total",
+    "ForkSession calls that created a session (a rewind or branch of a conversation).",
+)
 HANDOFFS = Counter(
     "statecar_agent_handoffs_total", "Handoffs between agents.", ["from_agent", "to_agent"]
 )

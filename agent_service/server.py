@@ -12,6 +12,7 @@ from agents import set_tracing_disabled
 
 from agent_service.catalog import AgentCatalog
 from agent_service.config import load_config
+from agent_service.forks import SessionForker
 from agent_service.models import ModelFactory
 from agent_service.servicer import AgentServicer
 from agent_service.settings import AgentServiceSettings
@@ -135,7 +136,14 @@ class AgentServer:
             interceptors.append(auth)
         server = create_server(settings, interceptors, MAX_MESSAGE_BYTES)
         pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(catalog, turns, workflows, settings), server
+            AgentServicer(
+                catalog,
+                turns,
+                workflows,
+                settings,
+                SessionForker(state, settings.state_timeout_seconds),
+            ),
+            server,
         )
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
         endpoint = None

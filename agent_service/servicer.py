@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from agent_service.catalog import AgentCatalog
+from agent_service.forks import SessionForker
 from agent_service.settings import AgentServiceSettings
 from agent_service.turns import Deadline, TurnRequest, TurnRunner
 from agent_service.workflows import WorkflowRunner, workflow_message
@@ -27,11 +28,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         turns: TurnRunner,
         workflows: WorkflowRunner,
         settings: AgentServiceSettings,
+        forks: SessionForker,
     ) -> None:
         self._catalog = catalog
         self._turns = turns
         self._workflows = workflows
         self._settings = settings
+        self._forks = forks
 
     def _turn_request(
         self, request: pb.ChatRequest | pb.StreamChatRequest, context: Context
@@ -119,3 +122,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             deadline=Deadline(context.time_remaining()),
         )
         return pb.UpdateWorkflowResponse(workflow=workflow_message(info))
+
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Context
+    ) -> pb.ForkSessionResponse:
+        source_id = identifiers.session_id(request.source_session_id, "source_session_id")
+        new_id = identifiers.session_id(request.new_session_id, "new_session_id")
+        return await self._forks.fork(
+            source_id,
+            new_id,
+            before_seq=request.before_seq,
+            request_id=identifiers.request_id(request.request_id),
+            deadline=Deadline(context.time_remaining()),
+        )

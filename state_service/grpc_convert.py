@@ -49,14 +49,14 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
 
 def new_items(items: Sequence[pb.Item]) -> list[NewItem]:
     """Items to append (their seq and create_time are the log's to assign)."""
-    return [NewItem(item.json, dict(item.metadata)) for item in items]
+    return [NewItem(item.json.encode(), dict(item.metadata)) for item in items]
 
 
 def item_message(item: Item) -> pb.Item:
     """The item's message, built once per item (callers copy it into theirs)."""
     message: pb.Item | None = item.rendered.get(_MESSAGE)
     if message is None:
-        message = pb.Item(seq=item.seq, json=item.json)
+        message = pb.Item(seq=item.seq, json=item.json.decode())
         if item.metadata:
             message.metadata.update(item.metadata)
         if item.create_ms:

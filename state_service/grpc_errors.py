@@ -30,6 +30,14 @@ def to_service_error(error: errors.StateError) -> rpc.ServiceError:
         return rpc.NotFound(
             message, reason="SESSION_NOT_FOUND", metadata={"session_id": error.session_id}
         )
+    if isinstance(error, errors.SessionAlreadyExists):
+        return rpc.AlreadyExists(
+            message, reason="SESSION_ALREADY_EXISTS", metadata={"session_id": error.session_id}
+        )
+    if isinstance(error, errors.ForkSourceChanged):
+        return rpc.Aborted(
+            message, reason="FORK_SOURCE_CHANGED", metadata={"session_id": error.session_id}
+        )
     if isinstance(error, errors.WorkflowNotFound):
         return rpc.NotFound(
             message, reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": error.workflow_id}

@@ -95,6 +95,18 @@ IDEMPOTENT_REPLAYS = Counter(
     "Writes answered from the request_id record instead of being applied again.",
     ["operation"],
 )
+FORKS = Counter(
+    "statecar_state_forks_total",
+    "ForkSession calls that created a session (replays and refusals not counted).",
+)
+FORK_ITEMS_COPIED = Counter(
+    "statecar_state_fork_items_copied_total",
+    "Items copied into new sessions by ForkSession.",
+)
+COMPACTIONS = Counter(
+    "statecar_state_compactions_total",
+    "CompactSession calls that stored a compacted view (the log is kept).",
+)
 SESSIONS_DELETED = Counter("statecar_state_sessions_deleted_total", "Sessions deleted.")
 SESSIONS_EXPIRED = Counter(
     "statecar_state_sessions_expired_total",
@@ -150,8 +162,16 @@ SERVING = Gauge(
 CACHE_RESULTS = ("hit", "partial", "miss")
 EVICTION_REASONS = ("size", "expired")
 INVALIDATION_REASONS = ("changed", "deleted", "redis_unreachable")
-WRITE_OPERATIONS = ("append", "pop", "update", "delete", "update_workflow", "delete_workflow")
-REPLAYED_OPERATIONS = ("append", "pop")
+WRITE_OPERATIONS = (
+    "append",
+    "pop",
+    "update",
+    "delete",
+    "update_workflow",
+    "delete_workflow",
+    "compact",
+)
+REPLAYED_OPERATIONS = ("append", "pop", "fork", "compact")
 
 
 def initialize(cache_name: str) -> None:

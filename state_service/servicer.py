@@ -5,7 +5,8 @@ the RPC, convert its result back. Domain errors leave as their status
 
 AppendItems, PopItem, GetSession, UpdateSession, DeleteSession: sessions.py.
 GetContext: context.py. ListItems, ListSessions: listing.py. Workflows:
-workflows.py.
+workflows.py. ForkSession: forks.py. CompactSession, GetCompactedView:
+compaction.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from grpc.aio import ServicerContext
 from shared_runtime.errors import InvalidArgument
 from state_service import grpc_convert as convert
 from state_service import validation
+from state_service.compaction import CompactedViews
 from state_service.compression.engine import Compression
 from state_service.context import ContextLimits, ContextPipeline
 from state_service.encryption import KeyRing
+from state_service.forks import SessionForks
 from state_service.grpc_errors import maps_domain_errors
 from state_service.heavy_work import HeavyWork
 from state_service.identity import tenant_of
@@ -46,12 +49,16 @@ class StateServicer(pb_grpc.StateServiceServicer):
         listing: Listing,
         workflows: WorkflowStore,
         settings: StateServiceSettings,
+        forks: SessionForks,
+        views: CompactedViews,
     ) -> None:
         self._store = store
         self._context = context
         self._listing = listing
         self._workflows = workflows
         self._settings = settings
+        self._forks = forks
+        self._views = views
 
     @classmethod
     def over(
@@ -90,6 +97,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
             Listing(storage, reader, heavy),
             WorkflowStore(storage),
             settings,
+            SessionForks(
+                storage,
+                token_counter=token_counter,
+                max_items=settings.max_fork_items,
+                keys=keys,
+                compression=compression,
+            ),
+            CompactedViews(storage, keys=keys),
         )
 
     @maps_domain_errors
@@ -126,7 +141,10 @@ class StateServicer(pb_grpc.StateServiceServicer):
             query=validation.query(request.query, self._settings),
             strategy=strategy,
             shares=shares,
-            max_items=validation.max_items(request.max_items, self._settings),
+            # Clamped: the window a GetContext reads is bounded whatever it asks.
+            max_items=min(
+                validation.max_items(request.max_items), self._settings.context_max_items
+            ),
         )
         return convert.context_response(result)
 
@@ -288,3 +306,67 @@ class StateServicer(pb_grpc.StateServiceServicer):
             allow_missing=request.allow_missing,
         )
         return pb.DeleteWorkflowResponse()
+
+    @maps_domain_errors
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Context
+    ) -> pb.ForkSessionResponse:
+        source_id = validation.session_id(request.source_session_id, "source_session_id")
+        new_id = validation.session_id(request.new_session_id, "new_session_id")
+        if request.up_to_seq < 0:
+            raise InvalidArgument("up_to_seq", "must not be negative (0 = every item)")
+        result = await self._forks.fork(
+            tenant_of(context),
+            source_id,
+            new_id,
+            up_to_seq=request.up_to_seq,
+            request_id=validation.request_id(request.request_id),
+        )
+        return pb.ForkSessionResponse(
+            session=convert.session_message(result.session),
+            copied_item_count=result.copied,
+            up_to_seq=result.up_to_seq,
+            replayed=result.replayed,
+        )
+
+    @maps_domain_errors
+    async def CompactSession(
+        self, request: pb.CompactSessionRequest, context: Context
+    ) -> pb.CompactSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        etag = validation.etag(request.etag)
+        if not etag:
+            raise InvalidArgument("etag", "is required: the etag the compaction was computed from")
+        if request.keep_items < 0:
+            raise InvalidArgument("keep_items", "must not be negative")
+        validation.items(request.items, self._settings)
+        outcome = await self._views.compact(
+            tenant_of(context),
+            session_id,
+            convert.new_items(request.items),
+            etag=etag,
+            keep_items=request.keep_items,
+            request_id=validation.request_id(request.request_id),
+        )
+        return pb.CompactSessionResponse(
+            etag=outcome.etag,
+            view_item_count=outcome.count,
+            compacted_up_to_seq=outcome.up_to_seq,
+            replayed=outcome.replayed,
+        )
+
+    @maps_domain_errors
+    async def GetCompactedView(
+        self, request: pb.GetCompactedViewRequest, context: Context
+    ) -> pb.GetCompactedViewResponse:
+        session_id = validation.session_id(request.session_id)
+        view = await self._views.read(
+            tenant_of(context), session_id, max_items=validation.max_items(request.max_items)
+        )
+        return pb.GetCompactedViewResponse(
+            compacted=view.compacted,
+            items=[convert.item_message(item) for item in view.items],
+            total_item_count=view.total,
+            compacted_up_to_seq=view.up_to_seq,
+            etag=view.etag,
+        )

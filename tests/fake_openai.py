@@ -72,6 +72,8 @@ class FakeOpenAI:
                     time.sleep(step.delay)
                 if step.status != 200:
                     self._json(step.status, {"error": {"message": "fake failure", "type": "x"}})
+                elif self.path.endswith("/responses/compact"):
+                    self._json(200, _compacted(n, body))
                 elif self.path.endswith("/chat/completions"):
                     self._json(200, _chat_completion(step, n, body))
                 elif body.get("stream"):
@@ -232,3 +234,42 @@ def _chat_completion(step: Step, n: int, body: dict[str, Any]) -> dict[str, Any]
         ],
         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
     }
+
+
+def _compacted(n: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A responses.compact answer shaped like OpenAI's: the input's user
+    messages, then one compaction item whose content names how many items it
+    replaced (so tests can tell what was compacted)."""
+    items = body.get("input") or []
+    users = [
+        {
+            "type": "message",
+            "role": "user",
+            "id": f"msg_c{n}_{i}",
+            "status": "completed",
+            "content": [{"type": "input_text", "text": _text_of(item)}],
+        }
+        for i, item in enumerate(items)
+        if isinstance(item, dict) and item.get("role") == "user"
+    ]
+    compaction = {
+        "type": "compaction",
+        "id": f"cmp_{n}",
+        "encrypted_content": f"compacted {len(items)} items",
+    }
+    return {
+        "id": f"resp_compact_{n}",
+        "created_at": 0,
+        "object": "response.compaction",
+        "output": [*users, compaction],
+        "usage": USAGE,
+    }
+
+
+def _text_of(item: dict[str, Any]) -> str:
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""

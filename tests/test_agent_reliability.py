@@ -19,17 +19,22 @@ from agent_service.turns import REQUEST_ID_KEY
 from state_service.client import StateClient
 from state_service.server import StateServer
 from tests.fake_openai import FakeOpenAI, Step
+from tests.patience import patience
 from tests.processes import agent_service_process, wait_serving
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 
 @pytest.fixture
-def slow_model() -> Iterator[str]:
+def slow_fake() -> FakeOpenAI:
     """A model endpoint that takes 0.3 s per call, so turns are in flight long
     enough to be killed."""
-    fake = FakeOpenAI(default=Step(text="a considered answer", delay=0.3))
-    with fake.serve() as url:
+    return FakeOpenAI(default=Step(text="a considered answer", delay=0.3))
+
+
+@pytest.fixture
+def slow_model(slow_fake: FakeOpenAI) -> Iterator[str]:
+    with slow_fake.serve() as url:
         yield url
 
 
@@ -106,7 +111,7 @@ async def test_kill9_mid_turn_stores_the_turn_whole_or_not_at_all(
 
 
 async def test_sigterm_drains_in_flight_turns(
-    state_server: StateServer, client: StateClient, slow_model: str
+    state_server: StateServer, client: StateClient, slow_fake: FakeOpenAI, slow_model: str
 ) -> None:
     with agent_service_process(state_server.address, _model_env(slow_model)) as (
         address,
@@ -118,7 +123,12 @@ async def test_sigterm_drains_in_flight_turns(
                 asyncio.create_task(agents.chat(f"d{n}", "hello", request_id=f"d{n}"))
                 for n in range(6)
             ]
-            await asyncio.sleep(0.1)  # all six are in flight (the model takes 0.3 s)
+            # All six have reached the agent (each has called the model, which
+            # takes 0.3 s to answer): a fixed sleep was not enough under load.
+            deadline = asyncio.get_running_loop().time() + patience(20)
+            while len(slow_fake.requests) < 6:
+                assert asyncio.get_running_loop().time() < deadline, slow_fake.requests
+                await asyncio.sleep(0.01)
             process.send_signal(signal.SIGTERM)
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             returncode = await asyncio.to_thread(process.wait, 15)

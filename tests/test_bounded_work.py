@@ -299,7 +299,7 @@ async def test_writes_without_request_id_are_never_sent_twice(
         # No StateClient: its gRPC retry policy would re-send UNAVAILABLE calls.
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.StateServiceStub(channel)
-            item = pb.Item(json=b'{"role": "user", "content": "once"}')
+            item = pb.Item(json='{"role": "user", "content": "once"}')
             await stub.AppendItems(
                 pb.AppendItemsRequest(session_id="cut-me", items=[item, item]), timeout=5
             )

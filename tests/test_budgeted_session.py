@@ -173,7 +173,9 @@ async def test_500_turns_under_runner_stay_within_the_budget(
     assert [i.data.get("content") for i in log if i.data.get("role") == "user"] == [
         user_text(n) for n in range(turns)
     ]
-    assert log_tokens > 20 * budget
+    # The log is many times the budget (16.9x with tiktoken since the counter
+    # counts what the model reads, not the items' JSON; 51x estimated).
+    assert log_tokens > 15 * budget
     assert max(history_tokens) <= budget
     assert len(retrieval_turns) > turns // 2
 
@@ -225,7 +227,7 @@ async def test_summary_and_retrieval_markers_once_the_log_outgrows_the_budget(
     counter = server_counter(state_server)
     budget = 600
     session = StateServiceSession("markers", client=client, token_budget=budget, strategy="tiered")
-    await _fill(session, 150)
+    await _fill(session, 300)  # more than 10x the budget in tokens the model reads
     await session.add_items([{"role": "user", "content": "What was the vault code ZEBRA?"}])
     log = await client.all_items("markers")
     assert tokens(counter, [i.data for i in log]) > 10 * budget

@@ -17,6 +17,10 @@ def _instance(kind: type[errors.StateError]) -> errors.StateError:
         return errors.SessionNotFound("s")
     if kind is errors.WorkflowNotFound:
         return errors.WorkflowNotFound("w")
+    if kind is errors.SessionAlreadyExists:
+        return errors.SessionAlreadyExists("n")
+    if kind is errors.ForkSourceChanged:
+        return errors.ForkSourceChanged("s")
     if kind is errors.InvalidField:
         return errors.InvalidField("page_token", "is not a token this service issued")
     if kind is errors.ReplicationTimeout:
@@ -35,6 +39,16 @@ def _all_kinds(kind: type[errors.StateError]) -> list[type[errors.StateError]]:
 EXPECTED = {
     errors.EtagMismatch: (grpc.StatusCode.ABORTED, "ETAG_MISMATCH", {"current_etag": "abc.3"}),
     errors.SessionNotFound: (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", {"session_id": "s"}),
+    errors.SessionAlreadyExists: (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "SESSION_ALREADY_EXISTS",
+        {"session_id": "n"},
+    ),
+    errors.ForkSourceChanged: (
+        grpc.StatusCode.ABORTED,
+        "FORK_SOURCE_CHANGED",
+        {"session_id": "s"},
+    ),
     errors.WorkflowNotFound: (
         grpc.StatusCode.NOT_FOUND,
         "WORKFLOW_NOT_FOUND",

@@ -31,7 +31,8 @@ def format0(content: str, metadata: dict[str, str]) -> bytes:
     created = timestamp_pb2.Timestamp()
     created.FromMilliseconds(CREATED_MS)
     data = json.dumps({"role": "user", "content": content}).encode()
-    return pb.Item(json=data, metadata=metadata, create_time=created).SerializeToString()
+    # Item.json was `bytes` then; the wire encoding of UTF-8 text is the same.
+    return pb.Item(json=data.decode(), metadata=metadata, create_time=created).SerializeToString()
 
 
 def test_current_format_round_trips() -> None:

@@ -96,7 +96,8 @@ def test_tenants_never_see_each_other(two_tenants, session_id: str, content: str
     stub, _ = two_tenants
     alpha = (("authorization", "Bearer token-alpha"),)
     beta = (("authorization", "Bearer token-beta"),)
-    item = pb.Item(json=json.dumps({"c": content, "id": session_id}).encode())
+    marker = json.dumps({"c": content, "id": session_id})
+    item = pb.Item(json=json.dumps({"role": "user", "content": marker}))
     written = stub.AppendItems(
         pb.AppendItemsRequest(session_id=session_id, items=[item]), metadata=alpha
     )

@@ -98,7 +98,7 @@ def error_reason(trailing: Any) -> str:
 
 
 def test_append_then_context(servicer_server: grpc_testing.Server) -> None:
-    item = pb.Item(json=b'{"role":"user","content":"hi"}', metadata={"k": "v"})
+    item = pb.Item(json='{"role":"user","content":"hi"}', metadata={"k": "v"})
     response, _, code, _ = invoke(
         servicer_server, "AppendItems", pb.AppendItemsRequest(session_id="u", items=[item])
     )
@@ -123,7 +123,7 @@ def test_validation_error_carries_error_info(servicer_server: grpc_testing.Serve
 
 
 def test_stale_etag_is_aborted(servicer_server: grpc_testing.Server) -> None:
-    item = pb.Item(json=b'{"role":"user","content":"hi"}')
+    item = pb.Item(json='{"role":"user","content":"hi"}')
     first, *_ = invoke(
         servicer_server, "AppendItems", pb.AppendItemsRequest(session_id="e", items=[item])
     )

@@ -70,7 +70,7 @@ async def test_exact_json_bytes_are_preserved(client: StateClient) -> None:
     from statecar.state.v1 import state_service_pb2 as pb
     from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
-    raw = b'{ "role" : "user",   "content":[ {"type":"input_text" , "text":"\\u00e9"} ] }'
+    raw = '{ "role" : "user",   "content":[ {"type":"input_text" , "text":"\\u00e9 é"} ] }'
     stub = pb_grpc.StateServiceStub(client._channel)
     await stub.AppendItems(pb.AppendItemsRequest(session_id="raw", items=[pb.Item(json=raw)]))
     response = await stub.ListItems(pb.ListItemsRequest(session_id="raw"))

@@ -79,3 +79,17 @@ async def test_agent_service(
         code = await _call(agent_server.address, method, streaming, raw)
         assert code in expected(method, raw), (method, raw, code)
     assert await redis_digest(redis) == before
+
+
+async def test_an_item_that_is_not_utf8_is_refused_and_writes_nothing(
+    state_server: StateServer, redis: aioredis.Redis
+) -> None:
+    # AppendItemsRequest{session_id: "s", items: [{json: b"\xff"}]}, which no
+    # generated client can build: Item.json is a string.
+    raw = b"\x0a\x01s\x12\x03\x12\x01\xff"
+    before = await redis_digest(redis)
+    code = await _call(
+        state_server.address, "/statecar.state.v1.StateService/AppendItems", False, raw
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert await redis_digest(redis) == before

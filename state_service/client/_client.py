@@ -19,7 +19,10 @@ from shared_runtime.auth import TENANT_METADATA_KEY
 from state_service.client.errors import StateServiceError, StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
+    CompactedView,
+    CompactResult,
     Context,
+    ForkResult,
     ItemsPage,
     NewItem,
     PopResult,
@@ -388,6 +391,71 @@ class StateClient:
             session_id=session_id, etag=etag, allow_missing=allow_missing
         )
         await self._call(self._stub.DeleteSession, request, timeout)
+
+    async def fork_session(
+        self,
+        source_session_id: str,
+        new_session_id: str,
+        *,
+        up_to_seq: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ForkResult:
+        """Creates `new_session_id` from the items of `source_session_id` with
+        seq <= up_to_seq (0: all of them), atomically; the source is not
+        changed. Raises SessionAlreadyExistsError if the new session exists,
+        SessionNotFoundError if the source does not."""
+        request = pb.ForkSessionRequest(
+            source_session_id=source_session_id,
+            new_session_id=new_session_id,
+            up_to_seq=up_to_seq,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        response = await self._call(self._stub.ForkSession, request, timeout)
+        return ForkResult.from_proto(response)
+
+    async def compact_session(
+        self,
+        session_id: str,
+        items: Sequence[Mapping[str, Any] | NewItem],
+        *,
+        etag: str,
+        keep_items: int = 0,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> CompactResult:
+        """Stores a compacted view beside the log: the first `keep_items` items
+        of the current view, then `items`; only if the session's etag is still
+        `etag` (EtagMismatchError otherwise). The log is not changed."""
+        request = pb.CompactSessionRequest(
+            session_id=session_id,
+            etag=etag,
+            keep_items=keep_items,
+            items=_items(items),
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        response = await self._call(self._stub.CompactSession, request, timeout)
+        return CompactResult(
+            response.etag,
+            response.view_item_count,
+            response.compacted_up_to_seq,
+            replayed=response.replayed,
+        )
+
+    async def get_compacted_view(
+        self, session_id: str, *, max_items: int = 0, timeout: float | None = None
+    ) -> CompactedView:
+        """The session's compacted view (its newest `max_items` items; 0: all);
+        `compacted` is False when it has none (its history is then the log)."""
+        request = pb.GetCompactedViewRequest(session_id=session_id, max_items=max_items)
+        response = await self._call(self._stub.GetCompactedView, request, timeout)
+        return CompactedView(
+            compacted=response.compacted,
+            items=[StoredItem.from_proto(i) for i in response.items],
+            total_item_count=response.total_item_count,
+            compacted_up_to_seq=response.compacted_up_to_seq,
+            etag=response.etag,
+        )
 
     async def list_sessions(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None

@@ -32,6 +32,10 @@ class SessionNotFoundError(StateServiceError):
     """NOT_FOUND: the session does not exist."""
 
 
+class SessionAlreadyExistsError(StateServiceError):
+    """ALREADY_EXISTS: the session to create (a fork's new session) exists."""
+
+
 class InvalidRequestError(StateServiceError):
     """INVALID_ARGUMENT: the request was refused; nothing was written."""
 
@@ -44,6 +48,7 @@ class StateUnavailableError(StateServiceError):
 _BY_CODE: dict[grpc.StatusCode, type[StateServiceError]] = {
     grpc.StatusCode.ABORTED: EtagMismatchError,
     grpc.StatusCode.NOT_FOUND: SessionNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: SessionAlreadyExistsError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.UNAVAILABLE: StateUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: StateUnavailableError,

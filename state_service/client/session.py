@@ -32,6 +32,13 @@ Invariants of what `get_items()` returns with a budget:
   exactly as every SDK session does: the Runner itself reads session tails
   with `limit` to verify and rewind its writes, and a marker in such a tail
   would defeat that check.
+
+Compaction. Wrapped in openai-agents' OpenAIResponsesCompactionSession, the
+session replaces history through the SDK's atomic hooks (see "openai-agents'
+compaction hooks" below), never by clear_session() + add_items(): a
+compaction is one etag-checked CompactSession that stores a view beside the
+log. Unbudgeted `get_items()` (and any `limit` read) returns that view when
+the session has one: its stored items, then the items appended since.
 """
 
 from __future__ import annotations
@@ -41,15 +48,20 @@ from dataclasses import fields, replace
 from typing import Any, Literal, cast
 
 from agents.items import TResponseInputItem
+from agents.memory.session import _CompactionSnapshot
 from agents.memory.session_settings import SessionSettings, resolve_session_limit
 from pydantic.dataclasses import dataclass
 
 from state_service.client._client import StateClient
+from state_service.client.errors import EtagMismatchError
 from state_service.client.rendering import MarkerRole, budgeted_input_items, marker_reserve
 from state_service.client.types import Context, TierShares
 
 StrategyName = Literal["sliding_window", "token_window", "summary", "retrieval", "tiered"]
 
+
+# GetCompactedView's max_items is an int32; larger limits read everything.
+_MAX_VIEW_ITEMS = 2**31 - 1
 
 # The strategies whose view is the newest items only: no marker, so nothing to
 # reserve for one.
@@ -143,11 +155,14 @@ class StateServiceSession:
         self.session_id = session_id
         self.session_settings = session_settings
         self._owns_client = client is None
+        # The etag of the newest raw read for a compaction (see the hooks below).
+        self._compaction_etag = ""
         self._client = client if client is not None else StateClient(cast(str, target))
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """With a budget and no limit: the budgeted context. Otherwise the newest
-        `limit` items (all when None), oldest first."""
+        `limit` items (all when None), oldest first, of the compacted view when
+        the session has one, else of the log."""
         settings = self.session_settings
         if (
             limit is None
@@ -157,12 +172,39 @@ class StateServiceSession:
         ):
             return await self._budgeted_items(settings, settings.token_budget)
         limit = resolve_session_limit(limit, settings)
-        if limit is None:
-            items = await self._client.all_items(self.session_id)
-            return [cast(TResponseInputItem, item.data) for item in items]
-        if limit <= 0:
+        if limit is not None and limit <= 0:
             return []
+        items, _, _ = await self._raw_items(limit)
+        return items
+
+    async def _raw_items(self, limit: int | None) -> tuple[list[TResponseInputItem], int, str]:
+        """The newest `limit` items (all when None) of the session's history:
+        its compacted view when it has one, else its log; with the history's
+        total length and the etag they were read at ("" when the log's pages
+        were read at different etags)."""
+        max_items = min(limit, _MAX_VIEW_ITEMS) if limit is not None else 0
+        view = await self._client.get_compacted_view(self.session_id, max_items=max_items)
+        if view.compacted:
+            items = [cast(TResponseInputItem, item.data) for item in view.items]
+            return items, view.total_item_count, view.etag
+        if limit is None:
+            page_items: list[dict[str, Any]] = []
+            etags = set()
+            token = ""
+            while True:
+                page = await self._client.list_items(
+                    self.session_id, page_size=1000, page_token=token
+                )
+                page_items.extend(item.data for item in page.items)
+                etags.add(page.etag)
+                token = page.next_page_token
+                if not token:
+                    break
+            etag = etags.pop() if len(etags) == 1 else ""
+            return [cast(TResponseInputItem, i) for i in page_items], len(page_items), etag
         collected: list[dict[str, Any]] = []
+        etags = set()
+        total = 0
         token = ""
         while len(collected) < limit:
             page = await self._client.list_items(
@@ -172,11 +214,67 @@ class StateServiceSession:
                 newest_first=True,
             )
             collected.extend(item.data for item in page.items)
+            etags.add(page.etag)
+            total = page.total_item_count
             token = page.next_page_token
             if not token:
                 break
         collected.reverse()
-        return [cast(TResponseInputItem, item) for item in collected]
+        etag = etags.pop() if len(etags) == 1 else ""
+        return [cast(TResponseInputItem, item) for item in collected], total, etag
+
+    # -- openai-agents' compaction hooks ---------------------------------------
+    # OpenAIResponsesCompactionSession looks these up on the session it wraps
+    # (private names of the SDK, see agents/memory/openai_responses_compaction_
+    # session.py). Without them it replaces history by clear_session() then
+    # add_items(): the log deleted, and not atomically. With them a compaction
+    # is one etag-checked CompactSession: a view stored beside the log, which
+    # stays whole. They read the raw history (never the budgeted view), so a
+    # budgeted session compacts what it stores, not what it sends.
+
+    async def _read_compaction_items(
+        self, limit: int | None
+    ) -> tuple[list[TResponseInputItem], bool]:
+        """The newest `limit` items of the history and whether they are all of it."""
+        items, total, etag = await self._raw_items(limit)
+        self._compaction_etag = etag
+        return items, len(items) >= total
+
+    async def _get_compaction_snapshot(self, limit: int) -> _CompactionSnapshot | None:
+        """The newest `limit` items, with a replacement of their suffix that
+        applies only if the session is unchanged since this read."""
+        items, total, etag = await self._raw_items(limit)
+        if not etag:
+            return None  # read across a concurrent write: no consistent snapshot
+
+        async def replace_suffix(start: int, output: list[TResponseInputItem]) -> bool:
+            if start >= len(items):
+                return False
+            try:
+                await self._client.compact_session(
+                    self.session_id,
+                    [cast(dict[str, Any], item) for item in output],
+                    etag=etag,
+                    keep_items=total - len(items) + start,
+                )
+            except EtagMismatchError:
+                return False  # the SDK then keeps the history as it is
+            return True
+
+        return _CompactionSnapshot(items, len(items) >= total, replace_suffix)
+
+    async def _atomic_replace_items(self, items: list[TResponseInputItem]) -> bool:
+        """Replaces the whole history (as get_items sees it) with `items`, if
+        it is unchanged since the compaction read it. Raises on a concurrent
+        write rather than returning False: the SDK answers False by clearing
+        the session and adding the items again."""
+        etag = self._compaction_etag
+        if not etag:
+            _, _, etag = await self._raw_items(1)
+        await self._client.compact_session(
+            self.session_id, [cast(dict[str, Any], item) for item in items], etag=etag
+        )
+        return True
 
     async def get_context(self) -> Context:
         """The GetContext view behind a budgeted `get_items()` (what the server

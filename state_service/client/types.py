@@ -19,7 +19,7 @@ class NewItem:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     def to_proto(self) -> pb.Item:
-        raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
         return pb.Item(json=raw, metadata=dict(self.metadata))
 
 
@@ -205,6 +205,50 @@ class SessionInfo:
             tier_shares=TierShares.from_proto(session.settings.tier_shares)
             if session.settings.HasField("tier_shares")
             else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompactResult:
+    """A stored compacted view: the session's new etag, the view's stored
+    items and the last log seq they stand in for."""
+
+    etag: str
+    view_item_count: int
+    compacted_up_to_seq: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompactedView:
+    """A session's compacted view: stored items (seq 0), then log items
+    appended after it; `compacted` False means no view (the log is the history)."""
+
+    compacted: bool
+    items: list[StoredItem]
+    total_item_count: int
+    compacted_up_to_seq: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForkResult:
+    """What ForkSession created: the new session, how many items it copied and
+    up to which seq (the request's, or the source's last when it sent 0)."""
+
+    session: SessionInfo
+    copied_item_count: int
+    up_to_seq: int
+    # True when the request_id had been applied before and nothing was copied.
+    replayed: bool = False
+
+    @classmethod
+    def from_proto(cls, response: pb.ForkSessionResponse) -> ForkResult:
+        return cls(
+            SessionInfo.from_proto(response.session),
+            response.copied_item_count,
+            response.up_to_seq,
+            replayed=response.replayed,
         )
 
 

@@ -40,6 +40,7 @@ STRATEGY_OF_CODE: dict[int, Strategy] = {
     5: Strategy.TIERED,
 }
 CODE_OF_STRATEGY = {strategy: code for code, strategy in STRATEGY_OF_CODE.items()}
+TIER_SHARE_SETTINGS = ("tier_recent_share", "tier_summary_share", "tier_retrieval_share")
 
 
 @dataclass
@@ -176,7 +177,11 @@ def build_compression(
     compression = Compression(
         default_strategy=default_strategy,
         default_shares=Shares(
-            settings.tier_recent_share, settings.tier_summary_share, settings.tier_retrieval_share
+            settings.tier_recent_share,
+            settings.tier_summary_share,
+            settings.tier_retrieval_share,
+            # Unless an operator set them, the shares adapt to each log's size.
+            adaptive=not settings.model_fields_set & set(TIER_SHARE_SETTINGS),
         ),
         sliding_window_items=settings.sliding_window_items,
         memories=memories,

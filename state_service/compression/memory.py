@@ -31,6 +31,27 @@ RangeReader = Callable[
 ]
 FETCH_CHUNK = 1000
 HYBRID_LEXICAL_WEIGHT = 0.5
+# A message that matches lends this share of its score to the messages just
+# before and after it, and that share of the share to the next ones out, up to
+# NEIGHBOUR_SPAN away: in a dialogue the turn a query matches is often the
+# question, or the remark, whose answer or detail is in the next (or previous)
+# turns, which share no word with the query. (Dev split: one message each way
+# +5.4 points of evidence recall at 2k tokens, a second +1.7, a third +0.2.)
+NEIGHBOUR_WEIGHT = 0.5
+NEIGHBOUR_SPAN = 2
+# Metadata annotations that say who said an item and when: indexed with its
+# text (an imported conversation often carries them there, not in the text).
+SPEAKER_KEYS = frozenset({"speaker", "name", "author", "sender", "from"})
+TIME_KEYS = frozenset({"time", "date", "timestamp", "datetime", "created_at", "sent_at"})
+# A query that names a speaker is more likely about what that speaker said.
+SPEAKER_BOOST = 1.25
+# Pseudo-relevance feedback: the rarest words of the best few matches join the
+# query at a fraction of its weight, so turns about the same thing in other
+# words are found too. Costs the postings of FEEDBACK_TERMS more terms.
+FEEDBACK_DOCS = 3
+FEEDBACK_TERMS = 5
+FEEDBACK_WEIGHT = 0.3
+_DIALOGUE = frozenset({"user", "assistant"})
 
 
 def _catch_up(memory: SessionMemory, begin: int, entries: Sequence[LogEntry]) -> None:
@@ -43,6 +64,19 @@ def _catch_up(memory: SessionMemory, begin: int, entries: Sequence[LogEntry]) ->
 
 class StaleMemory(Exception):
     """The log changed under a catch-up (pop, delete): try again from scratch."""
+
+
+def _annotations(entry: LogEntry) -> tuple[frozenset[str], list[str]]:
+    """(the speaker's name terms, the terms of who-and-when metadata)."""
+    speaker: list[str] = []
+    other: list[str] = []
+    for key, value in entry.item.metadata.items():
+        lowered = key.lower()
+        if lowered in SPEAKER_KEYS:
+            speaker += textlib.terms(value)
+        elif lowered in TIME_KEYS:
+            other += textlib.terms(value)
+    return frozenset(speaker), speaker + other
 
 
 def _describe_text(entry: LogEntry) -> tuple[str, str]:
@@ -62,6 +96,10 @@ class SessionMemory:
     roles: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     index: BM25Index = field(default_factory=BM25Index)
+    # Stemmed name terms of each item's speaker (from metadata), and every
+    # speaker term seen: a query term among them names a speaker.
+    speakers: list[frozenset[str]] = field(default_factory=list)
+    speaker_terms: set[str] = field(default_factory=set)
     vectors: list[list[float] | None] = field(default_factory=list)
     # call_id -> positions of the call and its outputs (a retrieval unit).
     groups: dict[str, list[int]] = field(default_factory=dict)
@@ -79,7 +117,10 @@ class SessionMemory:
             self.roles.append(role)
             self.texts.append(text)
             self.vectors.append(None)
-            self.index.add(textlib.terms(text))
+            speaker, annotations = _annotations(entry)
+            self.speakers.append(speaker)
+            self.speaker_terms |= speaker
+            self.index.add(textlib.terms(text) + annotations)
             self.total_tokens += entry.tokens
             key = entry.call_id or entry.output_of
             if key:
@@ -114,9 +155,18 @@ class SessionMemory:
         below = self.position_of(below_index)
         if below <= 0 or budget <= 0:
             return []
-        scores = self.index.scores(textlib.terms(query), below=below)
+        query_terms = textlib.terms(query)
+        scores = self.index.scores(query_terms, below=below)
+        if FEEDBACK_TERMS and scores:
+            scores = self._with_feedback(scores, set(query_terms), below)
         if query_vector is not None:
             scores = self._hybrid(scores, query_vector, below)
+        named = self.speaker_terms.intersection(query_terms)
+        if named:
+            for position, score in scores.items():
+                if self.speakers[position] & named:
+                    scores[position] = score * SPEAKER_BOOST
+        scores = self._with_neighbours(scores, below)
         units: dict[tuple[int, ...], float] = {}
         for position, score in scores.items():
             if score <= 0:
@@ -135,6 +185,40 @@ class SessionMemory:
             chosen.extend((p, score) for p in members)
         chosen.sort()
         return [(self.entries[p], score) for p, score in chosen]
+
+    def _with_feedback(
+        self, scores: dict[int, float], query_terms: set[str], below: int
+    ) -> dict[int, float]:
+        best = sorted(scores, key=lambda p: -scores[p])[:FEEDBACK_DOCS]
+        candidates: dict[str, float] = {}
+        for position in best:
+            for term in set(textlib.terms(self.texts[position])) - query_terms:
+                candidates[term] = candidates.get(term, 0.0) + self.index.idf(term)
+        chosen = sorted(candidates, key=lambda t: -candidates[t])[:FEEDBACK_TERMS]
+        out = dict(scores)
+        for position, score in self.index.scores(chosen, below=below).items():
+            out[position] = out.get(position, 0.0) + FEEDBACK_WEIGHT * score
+        return out
+
+    def _with_neighbours(self, scores: dict[int, float], below: int) -> dict[int, float]:
+        """`scores` plus, for each matching message, its neighbouring messages at
+        NEIGHBOUR_WEIGHT of its score per step away (if they do not score more
+        themselves). Costs O(matches * NEIGHBOUR_SPAN)."""
+        out = dict(scores)
+        for position, score in scores.items():
+            if score <= 0 or self.roles[position] not in _DIALOGUE:
+                continue
+            for step in (-1, 1):
+                lent = score
+                near = position
+                for _ in range(NEIGHBOUR_SPAN):
+                    near += step
+                    if not (0 <= near < below and self.roles[near] in _DIALOGUE):
+                        break
+                    lent *= NEIGHBOUR_WEIGHT
+                    if lent > out.get(near, 0.0):
+                        out[near] = lent
+        return out
 
     def _hybrid(
         self, lexical: dict[int, float], query_vector: Sequence[float], below: int

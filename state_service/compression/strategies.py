@@ -36,13 +36,27 @@ class Strategy(enum.Enum):
         return self in (Strategy.RETRIEVAL, Strategy.TIERED)
 
 
+# Adaptive shares (see adaptive_shares): the recent window's share shrinks
+# with the log's size relative to the budget, between these bounds; the
+# summary's share grows to SUMMARY_SHARE once the log is twice the budget.
+MIN_RECENT_SHARE = 0.1
+MAX_RECENT_SHARE = 0.6
+SUMMARY_SHARE = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class Shares:
-    """Shares of the budget: recent (minimum), summary and retrieval (maximums)."""
+    """Shares of the budget: recent (minimum), summary and retrieval (maximums).
+
+    `adaptive`: these are only the service's defaults, nobody chose them;
+    compose replaces them with adaptive_shares for the log at hand. Shares
+    a request, a session or an operator sets are used as they are.
+    """
 
     recent: float
     summary: float
     retrieval: float
+    adaptive: bool = False
 
     def problem(self) -> str | None:
         """Why these shares are unusable, or None."""
@@ -74,6 +88,31 @@ class Shares:
         if strategy is Strategy.TIERED:
             return self.summary, self.retrieval
         return 0.0, 0.0
+
+
+def adaptive_shares(log_tokens: int, budget: int) -> Shares:
+    """Shares for a log of `log_tokens` read within `budget`.
+
+    With the evidence a turn needs anywhere in the log, the newest R tokens
+    hold about R / log_tokens of it while retrieval picks by relevance: as the
+    log outgrows the budget, the verbatim window keeps only what continuity
+    needs (budget / log_tokens of the budget, at least MIN_RECENT_SHARE) and
+    the rest goes to retrieval, with a small share for the summary of older
+    items. When the log is about the budget's size, the newest items take
+    most of it (up to MAX_RECENT_SHARE; a log that fits is sent whole).
+    """
+    ratio = log_tokens / max(1, budget)
+    recent = min(MAX_RECENT_SHARE, max(MIN_RECENT_SHARE, 1.0 / max(ratio, 1e-9)))
+    summary = SUMMARY_SHARE * min(1.0, max(0.0, ratio - 1.0))
+    return Shares(recent, summary, max(0.0, 1.0 - recent - summary))
+
+
+def _newest_turn_tokens(tail: Sequence[LogEntry], *, at_log_start: bool) -> int:
+    """Tokens from the newest turn's start (or, lacking one, the newest item) on."""
+    for i in range(len(tail) - 1, -1, -1):
+        if tail[i].starts_turn or (i == 0 and at_log_start):
+            return sum(e.tokens for e in tail[i:])
+    return tail[-1].tokens if tail else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +183,20 @@ def compose(
     at_log_start = tail_start == 0
     if at_log_start and _tokens(tail) <= budget:
         return ContextView(strategy, tail, (), None, _tokens(tail))
+    if shares.adaptive:
+        # The log's size, from the tail's mean item size: the tail is the
+        # newest part of the log, which ends at tail_start + len(tail).
+        log_tokens = round(_tokens(tail) / max(1, len(tail)) * (tail_start + len(tail)))
+        shares = adaptive_shares(log_tokens, budget)
     summary_share, retrieval_share = shares.for_strategy(strategy)
+    # Neither the summary nor retrieval takes the newest turn's room (when it
+    # fits the budget at all).
+    newest = _newest_turn_tokens(tail, at_log_start=at_log_start)
+    spare = budget - newest if newest <= budget else budget
     part: SummaryPart | None = None
     if summary is not None and summary.text and summary_share > 0:
-        text, tokens = fit_summary(summary.text, math.floor(summary_share * budget), counter)
+        room = min(math.floor(summary_share * budget), spare)
+        text, tokens = fit_summary(summary.text, room, counter)
         if text:
             part = SummaryPart(text, summary.first_seq, summary.last_seq, tokens)
     summary_tokens = part.tokens if part else 0
@@ -155,7 +204,7 @@ def compose(
     if retrieve is not None and retrieval_share > 0:
         unused_summary = math.floor(summary_share * budget) - summary_tokens
         retrieval_max = math.floor(retrieval_share * budget) + max(0, unused_summary)
-        retrieval_max = min(retrieval_max, budget - summary_tokens)
+        retrieval_max = max(0, min(retrieval_max, spare - summary_tokens))
     # The recent items' guaranteed part decides what counts as "older".
     first = token_window(tail, budget - summary_tokens - retrieval_max, at_log_start=at_log_start)
     retrieved: Sequence[tuple[LogEntry, float]] = ()

@@ -4,18 +4,28 @@ A summary is text, one statement per line. Folding is incremental: the
 stored summary covers seqs first..k; `fold(previous, items k+1..m)` returns
 the summary of first..m without looking at items 1..k again.
 
-- ExtractiveSummarizer (the offline default) keeps the sentences that carry
-  facts: names, numbers, dates, decisions, preferences, and lets a later
-  correction replace the statement it corrects. Lines read
-  "#<seq> <role>: <sentence>" so a reader knows when something was said.
+- ExtractiveSummarizer (the offline default) keeps the sentences that are
+  informative in this conversation, whoever said them: each sentence is
+  scored by the inverse frequency of its content words among the summary's
+  candidate lines (TF-IDF with the conversation as the corpus: a word every
+  other line uses, a speaker's name or "really", weighs little; a rare name,
+  place or number weighs much), per token it costs; the words of every
+  sentence folded, repeats and small talk included, make the corpus, so
+  small talk said often weighs little. Sentences with fewer than three
+  content words ("ok thanks", "lol that's funny") are never kept. No word
+  lists: nothing here knows what a fact in any particular data set looks
+  like. Lines read "#<seq> <role>: <sentence>" so a reader knows when
+  something was said (and that a later line corrects an earlier one).
 - LLMSummarizer asks any OpenAI-compatible chat completions endpoint.
 
 `fit_summary` cuts a summary to a token budget at read time, keeping the most
-informative (then newest) lines.
+informative lines (the same score, against the summary's own lines), in order.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,73 +54,21 @@ class SummarizerError(Exception):
     """The summarizer could not produce a summary (the caller keeps the old one)."""
 
 
-_MONTHS = (
-    "january february march april may june july august september october november december "
-    "jan feb mar apr jun jul aug sep sept oct nov dec"
-).split()
-_DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
-_RELATIVE = "today tomorrow tonight yesterday weekend week month year morning evening".split()
-_DECISION = (
-    "decide decided decision agree agreed chose choose chosen plan planned book booked "
-    "schedule scheduled confirm confirmed settle settled pick picked deadline due budget "
-    "order ordered reserve reserved appointment meeting"
-).split()
-_PREFERENCE = (
-    "prefer prefers preferred preference favorite favourite like likes love loves hate hates "
-    "dislike dislikes allergic allergy vegetarian vegan always never want wants avoid "
-    "need needs must"
-).split()
-_CORRECTION = (
-    "actually correction correct instead changed change moved update updated mistake wrong "
-    "rather anymore longer postponed rescheduled"
-).split()
-_FEATURE_WORDS = {
-    **dict.fromkeys(_MONTHS + _DAYS, ("date", 2.0)),
-    **dict.fromkeys(_RELATIVE, ("date", 1.0)),
-    **dict.fromkeys(_DECISION, ("decision", 2.0)),
-    **dict.fromkeys(_PREFERENCE, ("preference", 2.0)),
-    **dict.fromkeys(_CORRECTION, ("correction", 2.0)),
-}
-_NOT_NAMES = frozenset(
-    "I I'm I've I'll I'd OK Ok The A An And But So Yes No Sure Thanks Thank Hi Hello Hey "
-    "Okay Well Also Then Great Good Nice Please Sorry Let Let's What When Where Why How Who "
-    "It It's That This These Those There We You He She They My Your Our Their".split()
-    + [m.capitalize() for m in _MONTHS + _DAYS]
-)
-_NUMBER = re.compile(r"\d")
-_IDENTIFIER = re.compile(r"\b(?=[A-Za-z-]*\d)(?=\d*[A-Za-z])[A-Za-z0-9-]{3,}\b")
-_CONTACT = re.compile(r"@|https?://|\$|€|£|%")
-_CAPITALIZED = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)?\b")
 _LINE = re.compile(r"#(\d+) (\w+): (.*)")
-_ROLE_WEIGHT = {"user": 1.0, "assistant": 0.6, "system": 1.0, "tool": 0.5}
-KEEP_SCORE = 2.0
+# Fewer content words than this and a sentence is filler ("Totally agree, Mel.").
+MIN_CONTENT_TERMS = 3
+# A question asks for facts more often than it states them.
+QUESTION_WEIGHT = 0.5
+MAX_SENTENCE_CHARS = 400
 
 
-def score_sentence(sentence: str) -> tuple[float, bool]:
-    """How much a sentence is worth keeping (0 = chit-chat), and whether it
-    corrects something said earlier."""
-    words = textlib.words(sentence)
-    if len(words) < 3:
-        return 0.0, False
-    score = 0.0
-    kinds: set[str] = set()
-    if _NUMBER.search(sentence):
-        score += 2.0
-        kinds.add("number")
-    if _CONTACT.search(sentence) or _IDENTIFIER.search(sentence):
-        score += 1.0
-    for word in words:
-        feature = _FEATURE_WORDS.get(word)
-        if feature is not None and feature[0] not in kinds:
-            kinds.add(feature[0])
-            score += feature[1]
-    names = [m for m in _CAPITALIZED.findall(sentence) if m not in _NOT_NAMES]
-    # A capitalized word that does not start the sentence is likely a name.
-    if names and not (len(names) == 1 and sentence.startswith(names[0])):
-        score += 1.5
-    if sentence.rstrip().endswith("?"):
-        score *= 0.5  # questions ask for facts more often than they state them
-    return score, "correction" in kinds
+def content_terms(sentence: str) -> frozenset[str]:
+    """The distinct content words (stemmed, no stopwords) of a sentence."""
+    return frozenset(textlib.terms(sentence))
+
+
+def is_filler(sentence: str) -> bool:
+    return len(content_terms(sentence)) < MIN_CONTENT_TERMS
 
 
 @dataclass(slots=True)
@@ -118,7 +76,11 @@ class _Line:
     seq: int
     role: str
     text: str
-    score: float
+    terms: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            self.terms = content_terms(self.text)
 
     def render(self) -> str:
         return f"#{self.seq} {self.role}: {self.text}"
@@ -132,42 +94,62 @@ def _parse(summary: str) -> list[_Line]:
             continue
         match = _LINE.fullmatch(raw)
         if match:
-            seq, role, body = int(match[1]), match[2], match[3]
+            lines.append(_Line(int(match[1]), match[2], match[3]))
         else:
-            seq, role, body = -(10**9) + position, "", raw
-        score, _ = score_sentence(body)
-        lines.append(_Line(seq, role, body, score * _ROLE_WEIGHT.get(role, 1.0)))
+            lines.append(_Line(-(10**9) + position, "", raw))
     return lines
 
 
-def _topic(sentence: str) -> set[str]:
-    """Content words of a sentence minus numbers and correction cues: what it is about."""
-    return {
-        t
-        for t in textlib.terms(sentence)
-        if not t.isdigit() and t not in _FEATURE_WORDS and t not in _MONTHS
-    }
+def informativeness(
+    lines: Sequence[_Line], corpus: Sequence[frozenset[str]] | None = None
+) -> list[float]:
+    """Each line's summed idf of its content terms, against `corpus` (the
+    content terms of every sentence seen; default: the lines themselves):
+    what is informative in this conversation. Questions count half."""
+    documents = corpus if corpus is not None else [line.terms for line in lines]
+    df: dict[str, int] = {}
+    for terms in documents:
+        for term in terms:
+            df[term] = df.get(term, 0) + 1
+    for line in lines:
+        for term in line.terms:
+            df.setdefault(term, 1)
+    n = max(1, len(documents))
+    scores = []
+    for line in lines:
+        score = sum(math.log(1.0 + n / df[t]) for t in line.terms)
+        if line.text.rstrip().endswith("?"):
+            score *= QUESTION_WEIGHT
+        scores.append(score)
+    return scores
 
 
-def _select(lines: list[_Line], budget: int, counter: TokenCounter) -> list[_Line]:
-    """The most valuable lines (score, then newest) whose joined text fits
-    `budget` tokens, in their original order."""
+def _select(
+    lines: list[_Line],
+    budget: int,
+    counter: TokenCounter,
+    corpus: Sequence[frozenset[str]] | None = None,
+) -> list[_Line]:
+    """The lines with the most information per token (newest first among
+    equals) whose joined text fits `budget` tokens, in their original order."""
     if not lines or budget <= 0:
         return []
-    ranked = sorted(range(len(lines)), key=lambda i: (lines[i].score, i), reverse=True)
+    framing = counter.count(b"")
+    costs = [max(1, counter.count((line.render() + "\n").encode()) - framing) for line in lines]
+    scores = informativeness(lines, corpus)
+    ranked = sorted(range(len(lines)), key=lambda i: (scores[i] / costs[i], i), reverse=True)
     chosen: list[int] = []
-    used = counter.count(b"")
+    used = framing
     for i in ranked:
-        cost = counter.count((lines[i].render() + "\n").encode()) - counter.count(b"")
-        if used + cost <= budget:
+        if used + costs[i] <= budget:
             chosen.append(i)
-            used += cost
-    kept = [lines[i] for i in sorted(chosen)]
+            used += costs[i]
+    kept = sorted(chosen)
     # Token counts of parts need not add up exactly: verify the whole.
-    while kept and counter.count(render(kept).encode()) > budget:
-        weakest = min(range(len(kept)), key=lambda i: (kept[i].score, i))
+    while kept and counter.count(render([lines[i] for i in kept]).encode()) > budget:
+        weakest = min(range(len(kept)), key=lambda k: (scores[kept[k]], kept[k]))
         kept.pop(weakest)
-    return kept
+    return [lines[i] for i in kept]
 
 
 def render(lines: Sequence[_Line]) -> str:
@@ -180,6 +162,14 @@ def fit_summary(summary: str, budget: int, counter: TokenCounter) -> tuple[str, 
     nothing fits."""
     if not summary or budget <= 0:
         return "", 0
+    return _fit(summary, budget, counter)
+
+
+# A stored summary changes only when the summarizer commits, and budgets repeat:
+# every read of a session would otherwise count and rank the same lines again
+# (about half of a tiered read's time with exact token counts).
+@functools.lru_cache(maxsize=512)
+def _fit(summary: str, budget: int, counter: TokenCounter) -> tuple[str, int]:
     whole = counter.count(summary.encode())
     if whole <= budget:
         return summary, whole
@@ -191,8 +181,8 @@ def fit_summary(summary: str, budget: int, counter: TokenCounter) -> tuple[str, 
 
 
 class ExtractiveSummarizer:
-    """Offline: keeps fact-bearing sentences; later corrections replace what
-    they correct; the summary stays within `max_tokens`."""
+    """Offline: keeps the sentences most informative in this conversation,
+    in the order they were said; the summary stays within `max_tokens`."""
 
     name = "extractive"
 
@@ -201,44 +191,44 @@ class ExtractiveSummarizer:
         self.max_tokens = max_tokens
 
     def extract(self, items: Sequence[SummaryInput]) -> list[_Line]:
+        return [line for line in self._sentences(items) if len(line.terms) >= MIN_CONTENT_TERMS]
+
+    def _sentences(self, items: Sequence[SummaryInput]) -> list[_Line]:
         lines: list[_Line] = []
         for item in items:
-            weight = _ROLE_WEIGHT.get(item.role, 0.5)
             for sentence in textlib.sentences(item.text):
                 sentence = " ".join(sentence.split())
-                if len(sentence) > 400:
-                    sentence = sentence[:400].rsplit(" ", 1)[0] + " …"
-                score, _ = score_sentence(sentence)
-                if score * weight >= KEEP_SCORE:
-                    lines.append(_Line(item.seq, item.role, sentence, score * weight))
+                if len(sentence) > MAX_SENTENCE_CHARS:
+                    sentence = sentence[:MAX_SENTENCE_CHARS].rsplit(" ", 1)[0] + " …"
+                lines.append(_Line(item.seq, item.role, sentence))
         return lines
 
     def merge(self, previous: list[_Line], new: list[_Line]) -> list[_Line]:
+        """`previous` then the new lines not said before. A later statement
+        that corrects an earlier one comes after it, with its newer "#<seq>":
+        telling a correction from a second fact of the same shape ("booked
+        table 5", "booked table 6") takes understanding, so the reader of the
+        summary decides, not a word list."""
         lines = list(previous)
         seen = {line.text.lower() for line in lines}
         for line in new:
             key = line.text.lower()
-            if key in seen:
-                continue
-            _, corrects = score_sentence(line.text)
-            if corrects:
-                topic = _topic(line.text)
-                if len(topic) >= 2:
-                    lines = [
-                        old
-                        for old in lines
-                        if len(topic & _topic(old.text)) < max(2, len(_topic(old.text)) // 2)
-                    ]
-            seen.add(key)
-            lines.append(line)
+            if key not in seen:
+                seen.add(key)
+                lines.append(line)
         return lines
 
     async def fold(self, previous: str, items: Sequence[SummaryInput]) -> str:
         return self.fold_sync(previous, items)
 
     def fold_sync(self, previous: str, items: Sequence[SummaryInput]) -> str:
-        lines = self.merge(_parse(previous), self.extract(items))
-        return render(_select(lines, self.max_tokens, self._counter))
+        kept = _parse(previous)
+        sentences = self._sentences(items)
+        lines = self.merge(kept, [s for s in sentences if len(s.terms) >= MIN_CONTENT_TERMS])
+        # Every sentence of the new items counts for how common a word is,
+        # repeats and filler included: small talk said twenty times is common.
+        corpus = [line.terms for line in kept] + [s.terms for s in sentences]
+        return render(_select(lines, self.max_tokens, self._counter, corpus))
 
 
 SYSTEM_PROMPT = (

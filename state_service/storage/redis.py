@@ -215,6 +215,87 @@ class WorkflowRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ForkChunk:
+    """A chunk of a fork's source log, with the parts of the source's head it
+    was read at: `incarnation` and `trunc` tell whether the log lost items
+    between chunks; the settings are what the new session inherits."""
+
+    incarnation: str
+    trunc: int
+    last_seq: int
+    item_count: int
+    ttl_setting: int
+    strategy: str
+    shares: str
+    entries: list[bytes]
+
+
+class ForkTarget(enum.Enum):
+    """What fork_check found at the new session's id."""
+
+    ABSENT = "absent"
+    EXISTS = "exists"
+    REPLAY = "replay"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkRecord:
+    """What a fork created ("etag copied up_to", the record kept for replays)."""
+
+    etag: str
+    copied: int
+    up_to_seq: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> ForkRecord:
+        etag, copied, up_to = raw.decode().split(" ")
+        return cls(etag, int(copied), int(up_to))
+
+
+class ForkInstall(enum.Enum):
+    """How fork_install ended."""
+
+    OK = "ok"  # the new session exists now, whole
+    REPLAY = "replay"  # request_id had made it before; nothing done
+    EXISTS = "exists"  # the id is taken; nothing done
+    STALE = "stale"  # the staged copy is incomplete (expired); nothing done
+
+
+@dataclass(frozen=True, slots=True)
+class ForkInstalled:
+    outcome: ForkInstall
+    record: ForkRecord | None = None
+    head: SessionHead | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredView:
+    """A session's compacted view as read: its stored items (`blob`, see
+    compaction.py) stand in for log indexes 0..covered_items-1 (seqs up to
+    up_to_seq); `entries` are the log entries after them."""
+
+    up_to_seq: int
+    covered_items: int
+    blob: bytes
+    count: int
+    entries: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRead:
+    head: SessionHead | None
+    view: StoredView | None
+
+
+@dataclass(frozen=True, slots=True)
+class ViewCommit:
+    etag: str
+    count: int
+    up_to_seq: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SessionKeys:
     meta: str
     log: str
@@ -1013,6 +1094,152 @@ class RedisStorage:
         if status == "conflict":
             raise EtagMismatch(reply[1].decode())
         return status == "ok"
+
+    # -- forks ----------------------------------------------------------------
+    # A fork reads one session and creates another: on a cluster they are in
+    # different slots, so no script can touch both. The copy is chunked into a
+    # staging list in the new session's slot (fork_stage), then one script
+    # there (fork_install) renames it into place with a new head: the new
+    # session appears whole or not at all. The source is only read.
+
+    def fork_staging_key(self, tenant: str, session_id: str, attempt: str) -> str:
+        """A staging list of one fork attempt, in the new session's slot."""
+        return f"{self._prefix}:{{{tenant}:{session_id}}}:f:{attempt}"
+
+    async def fork_read(
+        self, tenant: str, session_id: str, start: int, stop: int
+    ) -> ForkChunk | None:
+        """Log indexes start..stop (inclusive) of the source with its head;
+        None if the source does not exist."""
+        keys = self.keys(tenant, session_id)
+        reply = await self._script("fork_read", keys.as_list(), [start, stop])
+        if reply[0] == b"missing":
+            return None
+        inc, trunc, last, count, ttl, strat, shares = reply[1:8]
+        return ForkChunk(
+            incarnation=inc.decode(),
+            trunc=int(trunc),
+            last_seq=int(last),
+            item_count=int(count),
+            ttl_setting=int(ttl),
+            strategy=strat.decode(),
+            shares=shares.decode(),
+            entries=list(reply[8:]),
+        )
+
+    async def fork_check(
+        self, tenant: str, session_id: str, request_id: str
+    ) -> tuple[ForkTarget, ForkRecord | None]:
+        keys = self.keys(tenant, session_id)
+        reply = await self._script("fork_check", keys.as_list(), [request_id])
+        found = ForkTarget(reply[0].decode())
+        if found is not ForkTarget.REPLAY:
+            return found, None
+        if self._cluster is not None:
+            # A retry after the install but before its index step finished.
+            await self._index_created(tenant, session_id)
+        return found, ForkRecord.parse(reply[1])
+
+    async def fork_stage(self, staging_key: str, entries: Sequence[bytes], ttl_seconds: int) -> int:
+        """Appends entries to a staging list; its length after."""
+        reply = await self._script("fork_stage", [staging_key], [ttl_seconds, *entries], write=True)
+        return int(reply)
+
+    async def fork_discard(self, staging_key: str) -> None:
+        await self._call("fork_discard", self._redis.delete(staging_key))
+
+    async def fork_install(
+        self,
+        tenant: str,
+        session_id: str,
+        staging_key: str,
+        *,
+        request_id: str,
+        copied: int,
+        up_to_seq: int,
+        tokens: int,
+        now_ms: int,
+        new_incarnation: str,
+        ttl_setting: int,
+        strategy: str,
+        shares: str,
+    ) -> ForkInstalled:
+        """Makes the staged copy the new session's log, with a new head, in one
+        step (or does nothing); the index entry as for a creating append."""
+        keys = [*self.keys(tenant, session_id).as_list(), staging_key]
+        args: list[str | int] = [
+            request_id,
+            copied,
+            up_to_seq,
+            tokens,
+            now_ms,
+            self.default_ttl_seconds,
+            new_incarnation,
+            ttl_setting,
+            strategy,
+            shares,
+            session_id,
+        ]
+        index_add = (self.index_key(tenant), session_id)
+        reply = await self._script("fork_install", keys, args, write=True, index_add=index_add)
+        outcome = ForkInstall(reply[0].decode())
+        if outcome is ForkInstall.OK:
+            if self._cluster is not None:
+                await self._index_created(tenant, session_id)  # as in append
+            return ForkInstalled(outcome, ForkRecord.parse(reply[2]), _parse_head(reply[1]))
+        if outcome is ForkInstall.REPLAY:
+            if self._cluster is not None:
+                await self._index_created(tenant, session_id)  # a retry completes it
+            return ForkInstalled(outcome, ForkRecord.parse(reply[1]))
+        return ForkInstalled(outcome)
+
+    # -- compacted views -------------------------------------------------------
+
+    async def view_read(self, tenant: str, session_id: str) -> ViewRead:
+        """The head and, when current, the compacted view with the log after it."""
+        keys = self.keys(tenant, session_id)
+        reply = await self._script("view_read", keys.as_list(), [])
+        head = _parse_head(reply[0])
+        if len(reply) < 2 or reply[1] != b"view":
+            return ViewRead(head, None)
+        upto, covered, blob, count = reply[2:6]
+        view = StoredView(int(upto), int(covered), bytes(blob), int(count), list(reply[6:]))
+        return ViewRead(head, view)
+
+    async def view_commit(
+        self,
+        tenant: str,
+        session_id: str,
+        *,
+        request_id: str,
+        expected_etag: str,
+        now_ms: int,
+        up_to_seq: int,
+        covered_items: int,
+        blob: bytes,
+        count: int,
+    ) -> ViewCommit | None:
+        """Stores a compacted view if the etag still matches; None if the
+        session does not exist."""
+        keys = self.keys(tenant, session_id)
+        args: list[bytes | str | int] = [
+            request_id,
+            expected_etag,
+            self.default_ttl_seconds,
+            now_ms,
+            up_to_seq,
+            covered_items,
+            blob,
+            count,
+        ]
+        reply = await self._script("view_commit", keys.as_list(), args, write=True)
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        if status == "missing":
+            return None
+        etag, stored, upto = reply[1].decode().split(" ")
+        return ViewCommit(etag, int(stored), int(upto), replayed=status == "replay")
 
     async def ping(self) -> None:
         """Readiness: every primary answers (a cluster with a primary down is

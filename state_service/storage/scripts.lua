@@ -16,6 +16,9 @@
 -- another slot and is added in an earlier step), and add the session id to it
 -- in the same atomic step that creates the session, so a write refused at
 -- maxmemory leaves nothing behind, not even an index entry.
+-- The fork scripts (fork_read on the source, fork_check, fork_stage and
+-- fork_install on the new session) are separate steps because a fork spans two
+-- sessions, hence two slots on a cluster; see RedisStorage.fork_install.
 
 --- common
 local function etag_of(inc, ver)
@@ -303,6 +306,147 @@ if ARGV[1] ~= '' and ARGV[1] ~= current then return {'conflict', current} end
 if not h[1] then return {'missing', current} end
 redis.call('DEL', KEYS[1])
 return {'ok', current}
+
+--- fork_read
+-- KEYS: the source session's keys. ARGV: first index, last index (inclusive).
+-- One chunk of a fork's copy, with the head it was read at: the fork checks
+-- that inc and trunc stay the same across its chunks (the log only changes at
+-- its tail, so then the prefix it copies cannot have changed).
+-- Returns {'missing'} or {'ok', inc, trunc, last, n, ttl, strat, shares,
+-- entries...} (absent settings as '').
+local h = redis.call('HMGET', KEYS[1], 'inc', 'trunc', 'last', 'n', 'ttl', 'strat', 'shares')
+if not h[1] then return {'missing'} end
+local result = {'ok', h[1], h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '0', h[6] or '',
+  h[7] or ''}
+if tonumber(ARGV[2]) >= tonumber(ARGV[1]) then
+  local entries = redis.call('LRANGE', KEYS[2], ARGV[1], ARGV[2])
+  for i = 1, #entries do result[#result + 1] = entries[i] end
+end
+return result
+
+--- fork_check
+-- KEYS: the new session's keys. ARGV: request_id.
+-- Before a fork copies anything: {'replay', response} if request_id made this
+-- session already, {'exists', ''} if the session exists, else {'absent', ''}.
+-- fork_install checks both again; this only spares copying for nothing.
+if ARGV[1] ~= '' then
+  local prior = redis.call('HGET', KEYS[3], 'f:' .. ARGV[1])
+  if prior then return {'replay', prior} end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ''} end
+return {'absent', ''}
+
+--- fork_stage
+-- KEYS[1] a fork's staging list (in the new session's slot, never read by
+-- anything but fork_install). ARGV: its TTL (s), entries... Appends a chunk;
+-- the TTL removes what a fork that died half-way left behind.
+-- Returns the staging list's length.
+local batch = {}
+for i = 2, #ARGV do
+  batch[#batch + 1] = ARGV[i]
+  if #batch == 500 then
+    redis.call('RPUSH', KEYS[1], unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then redis.call('RPUSH', KEYS[1], unpack(batch)) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return redis.call('LLEN', KEYS[1])
+
+--- fork_install
+-- KEYS: the new session's keys, KEYS[5] the fork's staging list, KEYS[6] the
+-- tenant's session index (one node only, as for append).
+-- ARGV: request_id, items staged, up_to seq (the new session's last), tokens
+--       of the items, now (ms), default ttl (s), new incarnation, ttl setting,
+--       strategy ('' = default), shares ('' = default), session id (index member).
+-- The step that makes a fork visible: the staged list becomes the session's
+-- log (RENAME, O(1)) together with a new head, or nothing happens.
+-- Returns {'ok', head, response} or {'replay', response} or {'exists', ''} or
+-- {'stale', ''} (the staging list is not what was staged: it expired).
+local request_id = ARGV[1]
+local field = 'f:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then
+    redis.call('DEL', KEYS[5])
+    return {'replay', prior}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[5])
+  return {'exists', ''}
+end
+local count = tonumber(ARGV[2])
+if redis.call('LLEN', KEYS[5]) ~= count then return {'stale', ''} end
+local inc, now = ARGV[7], ARGV[5]
+-- HSET first (refused at maxmemory, then nothing is written), then the
+-- leftovers of an expiring predecessor go, as in append.
+redis.call('HSET', KEYS[1], 'inc', inc, 'ver', 1, 'last', ARGV[3], 'n', count, 'trunc', 0,
+  'ttl', ARGV[8], 'ctime', now, 'mtime', now, 'tok', ARGV[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+if count > 0 then redis.call('RENAME', KEYS[5], KEYS[2]) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'strat', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'shares', ARGV[10]) end
+local response = etag_of(inc, 1) .. ' ' .. count .. ' ' .. ARGV[3]
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(ARGV[8], tonumber(ARGV[6]))
+if KEYS[6] then redis.call('ZADD', KEYS[6], 'NX', 0, ARGV[11]) end
+return {'ok', head(), response}
+
+--- view_read
+-- KEYS: the session's keys. ARGV: (none).
+-- The compacted view is stored in the summary hash (KEYS[4]), beside the
+-- summary, so it expires and is deleted with the session by the steps that
+-- already handle that hash: vinc (incarnation), vupto (last seq it stands
+-- in for), vidx (log items it stands in for), vitems (its stored items),
+-- vcount. It is current while the session is the same incarnation and the
+-- log still holds the vidx items it covered: the log only changes at its
+-- tail, seqs only grow, so that holds iff the entry at index vidx-1 still has
+-- a seq <= vupto (a pop below it and new appends would put a larger seq
+-- there). Returns {head} (no session), {head, 'log'} (no current view) or
+-- {head, 'view', vupto, vidx, vitems, vcount, log entries from vidx...}.
+local h = head()
+if not h[1] then return {h} end
+local v = redis.call('HMGET', KEYS[4], 'vinc', 'vupto', 'vidx', 'vitems', 'vcount')
+if v[1] ~= h[1] then return {h, 'log'} end
+local vidx = tonumber(v[3])
+if tonumber(h[4]) < vidx then return {h, 'log'} end
+if vidx > 0 then
+  local edge = redis.call('LINDEX', KEYS[2], vidx - 1)
+  local seq = edge and tonumber(string.match(edge, '^(%d+):'))
+  if not seq or seq > tonumber(v[2]) then return {h, 'log'} end
+end
+local result = {h, 'view', v[2], v[3], v[4], v[5]}
+local entries = redis.call('LRANGE', KEYS[2], vidx, -1)
+for i = 1, #entries do result[#result + 1] = entries[i] end
+return result
+
+--- view_commit
+-- KEYS: the session's keys. ARGV: request_id, expected etag, default ttl (s),
+--       now (ms), vupto, vidx, vitems, vcount.
+-- Stores a compacted view (see view_read) if the etag is still the one the
+-- view was computed from; bumps the version (the session's history as
+-- get_items sees it changed) and leaves the log alone.
+-- Returns {'ok'|'replay', "etag count upto"} or {'conflict', etag} or
+-- {'missing', ''}.
+local request_id, expected = ARGV[1], ARGV[2]
+local field = 'c:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
+local current = etag_of(h[1], h[2])
+if expected ~= current then return {'conflict', current} end
+if not h[1] then return {'missing', ''} end
+local ver = tonumber(h[2]) + 1
+redis.call('HSET', KEYS[4], 'vinc', h[1], 'vupto', ARGV[5], 'vidx', ARGV[6], 'vitems', ARGV[7],
+  'vcount', ARGV[8])
+redis.call('HSET', KEYS[1], 'ver', ver, 'mtime', ARGV[4])
+local response = etag_of(h[1], ver) .. ' ' .. ARGV[8] .. ' ' .. ARGV[5]
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(h[3], tonumber(ARGV[3]))
+return {'ok', response}
 
 --- unlock
 -- KEYS[1] a lock key; ARGV: the holder's token.

@@ -8,7 +8,7 @@ const [address, protosDir, googleDir] = process.argv.slice(2);
 const api = load(protosDir, googleDir, "statecar/state/v1/state_service.proto").statecar.state.v1;
 const state = new api.StateService(address, grpc.credentials.createInsecure());
 const session = `node-${process.pid}`;
-const item = (role, content) => ({ json: Buffer.from(JSON.stringify({ role, content })) });
+const item = (role, content) => ({ json: JSON.stringify({ role, content }) });
 
 const first = await call(state, "AppendItems", {
   session_id: session,
@@ -42,7 +42,7 @@ console.log(
     first_seq: Number(first.first_seq),
     last_seq: Number(second.last_seq),
     conflict,
-    contents: context.items.map((i) => JSON.parse(Buffer.from(i.json).toString("utf8")).content),
+    contents: context.items.map((i) => JSON.parse(i.json).content),
     etag: context.etag,
   }),
 );

@@ -183,7 +183,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a configured delegate. Drop the metadata or have the caller configured
     as a delegate.
     """
-    TENANT_BUSY: _ErrorReason.ValueType  # 21
+    SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 21
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ALREADY_EXISTS: ForkSession's new_session_id names a session that
+    exists. Nothing was written; pick another id.
+    """
+    FORK_SOURCE_CHANGED: _ErrorReason.ValueType  # 22
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: ForkSession's source lost items (an item was popped, the
+    session deleted) while it was copied. Nothing was written; retry.
+    """
+    TENANT_BUSY: _ErrorReason.ValueType  # 23
     """buf:lint:ignore ENUM_VALUE_PREFIX
     RESOURCE_EXHAUSTED: passed on from the state service: the caller's
     tenant has its share of heavy state requests (long contexts, retrieval)
@@ -314,7 +324,17 @@ PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
 a configured delegate. Drop the metadata or have the caller configured
 as a delegate.
 """
-TENANT_BUSY: ErrorReason.ValueType  # 21
+SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 21
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ALREADY_EXISTS: ForkSession's new_session_id names a session that
+exists. Nothing was written; pick another id.
+"""
+FORK_SOURCE_CHANGED: ErrorReason.ValueType  # 22
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: ForkSession's source lost items (an item was popped, the
+session deleted) while it was copied. Nothing was written; retry.
+"""
+TENANT_BUSY: ErrorReason.ValueType  # 23
 """buf:lint:ignore ENUM_VALUE_PREFIX
 RESOURCE_EXHAUSTED: passed on from the state service: the caller's
 tenant has its share of heavy state requests (long contexts, retrieval)
@@ -429,8 +449,10 @@ class TurnItem(_message.Message):
     """The item's type: "message", "function_call", "function_call_output", ...
     ("message" when the item itself has none).
     """
-    json: _builtins.bytes
-    """The item as a UTF-8 JSON object (an openai-agents input item)."""
+    json: _builtins.str
+    """The item as the text of a JSON object (an openai-agents input item); a
+    string, as in the state API, so JSON transcodings show it as text.
+    """
     seq: _builtins.int
     """The item's sequence number in the session log."""
     agent: _builtins.str
@@ -441,7 +463,7 @@ class TurnItem(_message.Message):
         self,
         *,
         type: _builtins.str = ...,
-        json: _builtins.bytes = ...,
+        json: _builtins.str = ...,
         seq: _builtins.int = ...,
         agent: _builtins.str = ...,
     ) -> None: ...
@@ -1039,3 +1061,84 @@ class UpdateWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateWorkflowResponse: _TypeAlias = UpdateWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    """Request for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    source_session_id: _builtins.str
+    """Required. The session to rewind (of the caller's tenant)."""
+    before_seq: _builtins.int
+    """Keep the items with seq < before_seq: usually the seq of the user
+    message to resend differently (`statecar history` shows seqs). 0 keeps
+    every item (a branch of the whole conversation). 1 is INVALID_ARGUMENT
+    (nothing to keep: chat in a new session instead), as is a value above
+    the source's last seq + 1.
+    """
+    new_session_id: _builtins.str
+    """Required. The session to create; it must not exist (ALREADY_EXISTS,
+    SESSION_ALREADY_EXISTS).
+    """
+    request_id: _builtins.str
+    """Optional idempotency key: a retry returns the first response and copies
+    nothing again.
+    """
+    def __init__(
+        self,
+        *,
+        source_session_id: _builtins.str = ...,
+        before_seq: _builtins.int = ...,
+        new_session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "new_session_id", b"new_session_id", "request_id", b"request_id", "source_session_id", b"source_session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    """Response for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    COPIED_ITEMS_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The new session's id."""
+    copied_items: _builtins.int
+    """Items copied into it."""
+    last_seq: _builtins.int
+    """The seq of the newest item it may hold (the next turn's items come after)."""
+    etag: _builtins.str
+    """The new session's etag."""
+    replayed: _builtins.bool
+    """True when request_id had been applied before and nothing was copied now."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        copied_items: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copied_items", b"copied_items", "etag", b"etag", "last_seq", b"last_seq", "replayed", b"replayed", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015

@@ -71,6 +71,11 @@ class AgentServiceStub:
                 request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.SerializeToString,
                 response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/statecar.agent.v1.AgentService/ForkSession',
+                request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -131,6 +136,18 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Rewinds a conversation into a new session: copies the source session's
+        items before before_seq into new_session_id (the state service's
+        ForkSession: atomic, the source untouched), so the next Chat on the new
+        session resends from that point, e.g. an edited message or another path.
+        The cut must not separate a tool call from its output (INVALID_ARGUMENT,
+        field "before_seq"; the seq of a user message is always a safe cut).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +175,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.UpdateWorkflow,
                     request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.FromString,
                     response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +329,33 @@ class AgentService:
             '/statecar.agent.v1.AgentService/UpdateWorkflow',
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowRequest.SerializeToString,
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.UpdateWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.agent.v1.AgentService/ForkSession',
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.SerializeToString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

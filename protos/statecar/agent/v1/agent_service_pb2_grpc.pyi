@@ -67,6 +67,14 @@ class AgentServiceStub:
     results; with an etag, only if nobody changed the workflow since
     (ABORTED, ETAG_MISMATCH otherwise).
     """
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ForkSessionRequest, _agent_service_pb2.ForkSessionResponse]
+    """Rewinds a conversation into a new session: copies the source session's
+    items before before_seq into new_session_id (the state service's
+    ForkSession: atomic, the source untouched), so the next Chat on the new
+    session resends from that point, e.g. an edited message or another path.
+    The cut must not separate a tool call from its output (INVALID_ARGUMENT,
+    field "before_seq"; the seq of a user message is always a safe cut).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -106,6 +114,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Moves an existing workflow to another stage and optionally replaces its
     results; with an etag, only if nobody changed the workflow since
     (ABORTED, ETAG_MISMATCH otherwise).
+    """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ForkSessionRequest, _agent_service_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """Rewinds a conversation into a new session: copies the source session's
+    items before before_seq into new_session_id (the state service's
+    ForkSession: atomic, the source untouched), so the next Chat on the new
+    session resends from that point, e.g. an edited message or another path.
+    The cut must not separate a tool call from its output (INVALID_ARGUMENT,
+    field "before_seq"; the seq of a user message is always a safe cut).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +189,20 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Moves an existing workflow to another stage and optionally replaces its
         results; with an etag, only if nobody changed the workflow since
         (ABORTED, ETAG_MISMATCH otherwise).
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _agent_service_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ForkSessionResponse, _abc.Awaitable[_agent_service_pb2.ForkSessionResponse]]:
+        """Rewinds a conversation into a new session: copies the source session's
+        items before before_seq into new_session_id (the state service's
+        ForkSession: atomic, the source untouched), so the next Chat on the new
+        session resends from that point, e.g. an edited message or another path.
+        The cut must not separate a tool call from its output (INVALID_ARGUMENT,
+        field "before_seq"; the seq of a user message is always a safe cut).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -210,14 +210,26 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a configured delegate. Drop the metadata or have the caller configured
     as a delegate.
     """
-    TENANT_BUSY: _ErrorReason.ValueType  # 19
+    SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 19
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ALREADY_EXISTS: ForkSession's new_session_id names a session that
+    exists (metadata "session_id"). Nothing was written; pick another id, or
+    delete that session first.
+    """
+    FORK_SOURCE_CHANGED: _ErrorReason.ValueType  # 20
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the source of a ForkSession lost items of the prefix being
+    copied (PopItem, DeleteSession) while it was copied. Nothing was
+    written; retry (the same request_id is safe).
+    """
+    TENANT_BUSY: _ErrorReason.ValueType  # 21
     """buf:lint:ignore ENUM_VALUE_PREFIX
     RESOURCE_EXHAUSTED: the caller's tenant already has its share of heavy
     requests (GetContext over large or many items, retrieval, summaries) in
     flight on this replica. Nothing was done. Retry after the delay in the
     google.rpc.RetryInfo detail (also metadata "retry_after_seconds").
     """
-    COMPUTE_TIMEOUT: _ErrorReason.ValueType  # 20
+    COMPUTE_TIMEOUT: _ErrorReason.ValueType  # 22
     """buf:lint:ignore ENUM_VALUE_PREFIX
     DEADLINE_EXCEEDED: the request's CPU work (retrieval, token counting of
     large items) did not finish within the call's deadline and was
@@ -339,14 +351,26 @@ PERMISSION_DENIED: the caller sent "statecar-tenant" metadata but is not
 a configured delegate. Drop the metadata or have the caller configured
 as a delegate.
 """
-TENANT_BUSY: ErrorReason.ValueType  # 19
+SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 19
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ALREADY_EXISTS: ForkSession's new_session_id names a session that
+exists (metadata "session_id"). Nothing was written; pick another id, or
+delete that session first.
+"""
+FORK_SOURCE_CHANGED: ErrorReason.ValueType  # 20
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the source of a ForkSession lost items of the prefix being
+copied (PopItem, DeleteSession) while it was copied. Nothing was
+written; retry (the same request_id is safe).
+"""
+TENANT_BUSY: ErrorReason.ValueType  # 21
 """buf:lint:ignore ENUM_VALUE_PREFIX
 RESOURCE_EXHAUSTED: the caller's tenant already has its share of heavy
 requests (GetContext over large or many items, retrieval, summaries) in
 flight on this replica. Nothing was done. Retry after the delay in the
 google.rpc.RetryInfo detail (also metadata "retry_after_seconds").
 """
-COMPUTE_TIMEOUT: ErrorReason.ValueType  # 20
+COMPUTE_TIMEOUT: ErrorReason.ValueType  # 22
 """buf:lint:ignore ENUM_VALUE_PREFIX
 DEADLINE_EXCEEDED: the request's CPU work (retrieval, token counting of
 large items) did not finish within the call's deadline and was
@@ -391,10 +415,13 @@ class Item(_message.Message):
     item ever appended, increasing by one per appended item. Never reused,
     also not after PopItem.
     """
-    json: _builtins.bytes
+    json: _builtins.str
     """The item itself: one openai-agents input item (a message, a function call
-    or its output, a reasoning item, ...) encoded as a UTF-8 JSON object.
-    Returned byte for byte as it was appended.
+    or its output, a reasoning item, ...) as the text of a JSON object.
+    Returned character for character as it was appended. A string, not bytes,
+    so JSON transcodings (grpcurl, gateways, other languages' JSON mappings)
+    show the item as text rather than base64; on the wire the two are the
+    same, so clients built when this field was `bytes` keep working.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -408,7 +435,7 @@ class Item(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
-        json: _builtins.bytes = ...,
+        json: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
@@ -1436,3 +1463,244 @@ class DeleteWorkflowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteWorkflowResponse: _TypeAlias = DeleteWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    """Request for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    source_session_id: _builtins.str
+    """Required. The session to copy from (of the caller's tenant; a session of
+    another tenant is NOT_FOUND, as if it did not exist).
+    """
+    up_to_seq: _builtins.int
+    """Copy the items with seq <= up_to_seq. 0 means every item the source has
+    when the fork starts. Negative, or above the source's last_seq, is
+    INVALID_ARGUMENT. A prefix of more than STATE_SERVICE_MAX_FORK_ITEMS
+    items is INVALID_ARGUMENT (field "up_to_seq").
+    """
+    new_session_id: _builtins.str
+    """Required. The session to create; it must not exist (ALREADY_EXISTS,
+    reason SESSION_ALREADY_EXISTS). Same charset as session ids.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, as for AppendItems: a retry with a request_id
+    already applied returns the first response (replayed = true) and copies
+    nothing. Remembered for the life of the new session.
+    """
+    def __init__(
+        self,
+        *,
+        source_session_id: _builtins.str = ...,
+        up_to_seq: _builtins.int = ...,
+        new_session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_session_id", b"new_session_id", "request_id", b"request_id", "source_session_id", b"source_session_id", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    """Response for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    COPIED_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    copied_item_count: _builtins.int
+    """Items copied (the new session's item_count)."""
+    up_to_seq: _builtins.int
+    """The up_to_seq applied: the request's, or the source's last_seq when the
+    request sent 0. The new session's next append gets a seq above it.
+    """
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was copied now and
+    the fields above are those of the first application (session is read
+    now).
+    """
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The new session's metadata right after the fork."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        copied_item_count: _builtins.int = ...,
+        up_to_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copied_item_count", b"copied_item_count", "replayed", b"replayed", "session", b"session", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015
+
+@_typing.final
+class CompactSessionRequest(_message.Message):
+    """Request for CompactSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    KEEP_ITEMS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to compact; it must exist (NOT_FOUND otherwise)."""
+    etag: _builtins.str
+    """Required. The etag the compaction was computed from (GetCompactedView's
+    or any read's). Mismatch: ABORTED (ETAG_MISMATCH), nothing written.
+    """
+    keep_items: _builtins.int
+    """How many items of the current view (GetCompactedView's items, oldest
+    first; the log when there is no view) to keep ahead of items. Negative
+    or above the view's length is INVALID_ARGUMENT.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, as for AppendItems."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The items that replace the rest of the view, oldest first (at most
+        STATE_SERVICE_MAX_ITEMS_PER_APPEND, each validated as for AppendItems).
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        keep_items: _builtins.int = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "items", b"items", "keep_items", b"keep_items", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactSessionRequest: _TypeAlias = CompactSessionRequest  # noqa: Y015
+
+@_typing.final
+class CompactSessionResponse(_message.Message):
+    """Response for CompactSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ETAG_FIELD_NUMBER: _builtins.int
+    VIEW_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    COMPACTED_UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The session's etag after the compaction."""
+    view_item_count: _builtins.int
+    """Items in the stored view."""
+    compacted_up_to_seq: _builtins.int
+    """The last log seq the view stands in for."""
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was written now."""
+    def __init__(
+        self,
+        *,
+        etag: _builtins.str = ...,
+        view_item_count: _builtins.int = ...,
+        compacted_up_to_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted_up_to_seq", b"compacted_up_to_seq", "etag", b"etag", "replayed", b"replayed", "view_item_count", b"view_item_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactSessionResponse: _TypeAlias = CompactSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetCompactedViewRequest(_message.Message):
+    """Request for GetCompactedView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to read."""
+    max_items: _builtins.int
+    """The newest max_items items of the view; 0 means all. Negative is
+    INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_items", b"max_items", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactedViewRequest: _TypeAlias = GetCompactedViewRequest  # noqa: Y015
+
+@_typing.final
+class GetCompactedViewResponse(_message.Message):
+    """Response for GetCompactedView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPACTED_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    TOTAL_ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    COMPACTED_UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    compacted: _builtins.bool
+    """Whether the session has a compacted view. False: items is empty and the
+    session's history is its log (ListItems).
+    """
+    total_item_count: _builtins.int
+    """Items in the whole view (items holds the newest max_items of them)."""
+    compacted_up_to_seq: _builtins.int
+    """The last log seq the stored items stand in for (0 when not compacted)."""
+    etag: _builtins.str
+    """The session's etag at the read ("0" if it does not exist); send it to
+    CompactSession.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The view's items, oldest first: stored items (seq 0), then log items
+        appended after the view (their seq).
+        """
+
+    def __init__(
+        self,
+        *,
+        compacted: _builtins.bool = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        total_item_count: _builtins.int = ...,
+        compacted_up_to_seq: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "compacted_up_to_seq", b"compacted_up_to_seq", "etag", b"etag", "items", b"items", "total_item_count", b"total_item_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCompactedViewResponse: _TypeAlias = GetCompactedViewResponse  # noqa: Y015

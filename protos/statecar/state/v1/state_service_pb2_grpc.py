@@ -42,6 +42,7 @@ class StateServiceStub:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -107,6 +108,21 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/statecar.state.v1.StateService/ForkSession',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.CompactSession = channel.unary_unary(
+                '/statecar.state.v1.StateService/CompactSession',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.FromString,
+                _registered_method=True)
+        self.GetCompactedView = channel.unary_unary(
+                '/statecar.state.v1.StateService/GetCompactedView',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -126,6 +142,7 @@ class StateServiceServicer:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -226,6 +243,43 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Creates a new session from a prefix of another session of the same
+        tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+        metadata and create_time. Used to rewind ("resend from an earlier turn")
+        or to branch a conversation. The new session becomes visible whole or not
+        at all; appends to the source during the fork never reach the copy; the
+        source is never changed. Cost is proportional to the items copied, at
+        most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+        source's settings (retention, context strategy, shares) and gets a fresh
+        TTL; it does not inherit the source's summary (recomputed for the fork)
+        nor its request ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactSession(self, request, context):
+        """Stores a compacted view of a session beside its log, in one atomic,
+        etag-checked step: the view becomes the first keep_items items of the
+        current view followed by items (e.g. the output of OpenAI's
+        responses.compact), standing in for every log item up to the session's
+        last seq; items appended later follow it. The log is never changed:
+        ListItems and GetContext still read every item. A pop of an item the view
+        covers, or a delete, drops the view. Bumps the etag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCompactedView(self, request, context):
+        """Returns a session's compacted view (see CompactSession): its stored items
+        (seq 0), then the log items appended after it (their own seq).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +338,21 @@ def add_StateServiceServicer_to_server(servicer, server):
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.SerializeToString,
             ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'CompactSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactSession,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.SerializeToString,
+            ),
+            'GetCompactedView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompactedView,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'statecar.state.v1.StateService', rpc_method_handlers)
@@ -309,6 +378,7 @@ class StateService:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -600,6 +670,87 @@ class StateService:
             '/statecar.state.v1.StateService/DeleteWorkflow',
             statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.DeleteWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ForkSession',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/CompactSession',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.CompactSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCompactedView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/GetCompactedView',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,7 @@ class StateServiceStub:
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -96,6 +97,31 @@ class StateServiceStub:
     """Replaces a workflow's state as a whole (compare-and-set with etag)."""
     DeleteWorkflow: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]
     """Deletes a workflow's state (not the sessions it names)."""
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ForkSessionRequest, _state_service_pb2.ForkSessionResponse]
+    """Creates a new session from a prefix of another session of the same
+    tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+    metadata and create_time. Used to rewind ("resend from an earlier turn")
+    or to branch a conversation. The new session becomes visible whole or not
+    at all; appends to the source during the fork never reach the copy; the
+    source is never changed. Cost is proportional to the items copied, at
+    most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+    source's settings (retention, context strategy, shares) and gets a fresh
+    TTL; it does not inherit the source's summary (recomputed for the fork)
+    nor its request ids.
+    """
+    CompactSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.CompactSessionRequest, _state_service_pb2.CompactSessionResponse]
+    """Stores a compacted view of a session beside its log, in one atomic,
+    etag-checked step: the view becomes the first keep_items items of the
+    current view followed by items (e.g. the output of OpenAI's
+    responses.compact), standing in for every log item up to the session's
+    last seq; items appended later follow it. The log is never changed:
+    ListItems and GetContext still read every item. A pop of an item the view
+    covers, or a delete, drops the view. Bumps the etag.
+    """
+    GetCompactedView: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactedViewRequest, _state_service_pb2.GetCompactedViewResponse]
+    """Returns a session's compacted view (see CompactSession): its stored items
+    (seq 0), then the log items appended after it (their own seq).
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -115,6 +141,7 @@ class StateServiceAsyncStub(StateServiceStub):
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -165,6 +192,31 @@ class StateServiceAsyncStub(StateServiceStub):
     """Replaces a workflow's state as a whole (compare-and-set with etag)."""
     DeleteWorkflow: _aio.UnaryUnaryMultiCallable[_state_service_pb2.DeleteWorkflowRequest, _state_service_pb2.DeleteWorkflowResponse]  # type: ignore[assignment]
     """Deletes a workflow's state (not the sessions it names)."""
+    ForkSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ForkSessionRequest, _state_service_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """Creates a new session from a prefix of another session of the same
+    tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+    metadata and create_time. Used to rewind ("resend from an earlier turn")
+    or to branch a conversation. The new session becomes visible whole or not
+    at all; appends to the source during the fork never reach the copy; the
+    source is never changed. Cost is proportional to the items copied, at
+    most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+    source's settings (retention, context strategy, shares) and gets a fresh
+    TTL; it does not inherit the source's summary (recomputed for the fork)
+    nor its request ids.
+    """
+    CompactSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.CompactSessionRequest, _state_service_pb2.CompactSessionResponse]  # type: ignore[assignment]
+    """Stores a compacted view of a session beside its log, in one atomic,
+    etag-checked step: the view becomes the first keep_items items of the
+    current view followed by items (e.g. the output of OpenAI's
+    responses.compact), standing in for every log item up to the session's
+    last seq; items appended later follow it. The log is never changed:
+    ListItems and GetContext still read every item. A pop of an item the view
+    covers, or a delete, drops the view. Bumps the etag.
+    """
+    GetCompactedView: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactedViewRequest, _state_service_pb2.GetCompactedViewResponse]  # type: ignore[assignment]
+    """Returns a session's compacted view (see CompactSession): its stored items
+    (seq 0), then the log items appended after it (their own seq).
+    """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     """StateService owns the conversation state of agent sessions: an append-only
@@ -183,6 +235,7 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     (domain "state.statecar.dev") whose reason is stable and machine readable:
     INVALID_ARGUMENT (reason INVALID_FIELD, metadata "field"), ABORTED (reason
     ETAG_MISMATCH, metadata "current_etag"), NOT_FOUND (SESSION_NOT_FOUND),
+    ALREADY_EXISTS (SESSION_ALREADY_EXISTS),
     UNAVAILABLE (BACKEND_UNAVAILABLE), RESOURCE_EXHAUSTED (BACKEND_FULL).
     ErrorReason lists every reason the service sends. INTERNAL carries none.
     """
@@ -297,5 +350,48 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_service_pb2.DeleteWorkflowResponse, _abc.Awaitable[_state_service_pb2.DeleteWorkflowResponse]]:
         """Deletes a workflow's state (not the sessions it names)."""
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _state_service_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ForkSessionResponse, _abc.Awaitable[_state_service_pb2.ForkSessionResponse]]:
+        """Creates a new session from a prefix of another session of the same
+        tenant: the items with seq <= up_to_seq, byte for byte with their seq,
+        metadata and create_time. Used to rewind ("resend from an earlier turn")
+        or to branch a conversation. The new session becomes visible whole or not
+        at all; appends to the source during the fork never reach the copy; the
+        source is never changed. Cost is proportional to the items copied, at
+        most STATE_SERVICE_MAX_FORK_ITEMS per call. The new session inherits the
+        source's settings (retention, context strategy, shares) and gets a fresh
+        TTL; it does not inherit the source's summary (recomputed for the fork)
+        nor its request ids.
+        """
+
+    @_abc_1.abstractmethod
+    def CompactSession(
+        self,
+        request: _state_service_pb2.CompactSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.CompactSessionResponse, _abc.Awaitable[_state_service_pb2.CompactSessionResponse]]:
+        """Stores a compacted view of a session beside its log, in one atomic,
+        etag-checked step: the view becomes the first keep_items items of the
+        current view followed by items (e.g. the output of OpenAI's
+        responses.compact), standing in for every log item up to the session's
+        last seq; items appended later follow it. The log is never changed:
+        ListItems and GetContext still read every item. A pop of an item the view
+        covers, or a delete, drops the view. Bumps the etag.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCompactedView(
+        self,
+        request: _state_service_pb2.GetCompactedViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.GetCompactedViewResponse, _abc.Awaitable[_state_service_pb2.GetCompactedViewResponse]]:
+        """Returns a session's compacted view (see CompactSession): its stored items
+        (seq 0), then the log items appended after it (their own seq).
+        """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
