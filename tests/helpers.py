@@ -26,9 +26,8 @@ async def health_status(address: str, service: str = "") -> int:
 
 
 async def wait_health(address: str, expected: int, timeout: float = 15.0) -> None:
-    timeout = patience(timeout)
     """Waits (bounded) until the overall health of `address` is `expected`."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         try:
             if await health_status(address) == expected:

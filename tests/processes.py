@@ -59,8 +59,7 @@ def agent_service_process(
 
 
 async def wait_serving(address: str, timeout: float = 20.0) -> None:
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         try:
             if await health_status(address) == SERVING:
