@@ -12,7 +12,6 @@ the client retries UNAVAILABLE itself only for calls that carry one.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from shared_runtime.channels import reachable as channel_reachable
 from shared_runtime.errors import error_info
 from state_service.client import channel_target, service_config
 from statecar.agent.v1 import agent_service_pb2 as pb
@@ -250,15 +250,8 @@ class AgentClient:
         await self.close()
 
     async def reachable(self, timeout: float) -> bool:
-        """Whether a connection to the target is up within `timeout` seconds:
-        lets a caller say "nothing is listening there" at once instead of
-        waiting out a call's deadline."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._channel.channel_ready()
-        except TimeoutError:
-            return False
-        return True
+        """Whether the service's address accepts a connection within `timeout`."""
+        return await channel_reachable(self._channel, timeout)
 
     async def close(self) -> None:
         await self._channel.close()

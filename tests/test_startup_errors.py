@@ -79,6 +79,28 @@ def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+def _state_env(data_dir: Path) -> dict[str, str]:
+    return {
+        "STATE_SERVICE_DATA_DIR": str(data_dir),
+        "STATE_SERVICE_LISTEN": f"127.0.0.1:{free_port()}",
+        "STATE_SERVICE_METRICS_PORT": "0",
+    }
+
+
+def _started_state_service(data_dir: Path) -> subprocess.Popen[str]:
+    """A state service on an embedded Redis in data_dir, once it is ready."""
+    service = subprocess.Popen(
+        [sys.executable, "-m", "state_service"],
+        env={**os.environ, **_state_env(data_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert service.stdout is not None
+    assert "ready on" in service.stdout.readline()
+    return service
+
+
 def _one_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
     failures = [line for line in lines if "cannot start" in line]
@@ -126,29 +148,9 @@ def test_a_taken_agent_port_is_one_line() -> None:
 
 def test_a_data_dir_in_use_names_the_process_holding_it(tmp_path: Path) -> None:
     data_dir = tmp_path / "state"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
-        env={
-            **os.environ,
-            "STATE_SERVICE_DATA_DIR": str(data_dir),
-            "STATE_SERVICE_LISTEN": f"127.0.0.1:{free_port()}",
-            "STATE_SERVICE_METRICS_PORT": "0",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    first = _started_state_service(data_dir)
     try:
-        assert first.stdout is not None
-        assert "ready on" in first.stdout.readline()
-        result = _run(
-            "state_service",
-            {
-                "STATE_SERVICE_DATA_DIR": str(data_dir),
-                "STATE_SERVICE_LISTEN": f"127.0.0.1:{free_port()}",
-                "STATE_SERVICE_METRICS_PORT": "0",
-            },
-        )
+        result = _run("state_service", _state_env(data_dir))
         assert result.returncode == EX_CONFIG, result.stderr
         line = _one_line(result.stderr)
         assert f"pid {first.pid}" in line
@@ -161,21 +163,8 @@ def test_a_data_dir_in_use_names_the_process_holding_it(tmp_path: Path) -> None:
 
 def test_a_sigkilled_service_takes_its_embedded_redis_with_it(tmp_path: Path) -> None:
     data_dir = tmp_path / "state"
-    service = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
-        env={
-            **os.environ,
-            "STATE_SERVICE_DATA_DIR": str(data_dir),
-            "STATE_SERVICE_LISTEN": f"127.0.0.1:{free_port()}",
-            "STATE_SERVICE_METRICS_PORT": "0",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    service = _started_state_service(data_dir)
     try:
-        assert service.stdout is not None
-        assert "ready on" in service.stdout.readline()
         pid = _redis_pid(data_dir)
         assert pid is not None and _alive(pid)
     finally:

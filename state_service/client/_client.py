@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import uuid
@@ -16,6 +15,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared_runtime.auth import TENANT_METADATA_KEY
+from shared_runtime.channels import reachable as channel_reachable
 from state_service.client.errors import StateServiceError, StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
@@ -165,15 +165,8 @@ class StateClient:
         await self.close()
 
     async def reachable(self, timeout: float) -> bool:
-        """Whether a connection to the target is up within `timeout` seconds:
-        lets a caller say "nothing is listening there" at once instead of
-        waiting out a call's deadline."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._channel.channel_ready()
-        except TimeoutError:
-            return False
-        return True
+        """Whether the service's address accepts a connection within `timeout`."""
+        return await channel_reachable(self._channel, timeout)
 
     async def close(self) -> None:
         await self._channel.close()
