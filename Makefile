@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # needs git history (CI's full clone has it; a shallow clone does not).
 BUF_AGAINST ?=
 
-.PHONY: venv run test node-deps lint buf-lint fmt protos protos-check bench k8s-check k8s-rules docs clean
+.PHONY: venv run test test-fast test-slow node-deps lint buf-lint fmt protos protos-check bench k8s-check k8s-rules docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ run: $(RUN_STAMP)
 
 test: $(STAMP) lint protos-check node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The suite in two halves, for a quicker loop while working: everything but
+# the slow fault/load tests, and those alone (`make test` and CI run both).
+test-fast: $(STAMP) node-deps
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) node-deps
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 # The Node.js client test's packages (tests/node): installed when npm exists;
 # without it that test skips (outside CI) and says why.
