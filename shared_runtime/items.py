@@ -1,5 +1,6 @@
-"""The role and human-readable text of an openai-agents input item, as the
-summarizers, the retrieval index, the offline model and the CLI see it."""
+"""openai-agents input items: their role and human-readable text (as the
+summarizers, the retrieval index, the offline model and the CLI see them),
+and whether a JSON object is one at all (checked when items are appended)."""
 
 from __future__ import annotations
 
