@@ -32,9 +32,12 @@ from state_service.encryption import KeyRing
 from state_service.errors import EtagMismatch, InvalidField, SessionNotFound
 from state_service.log import Item, NewItem
 from state_service.sessions import now_ms
-from state_service.storage.redis import RedisStorage, StoredView
+from state_service.storage.redis import RedisStorage, StoredView, ViewRead
 
 _LENGTH = struct.Struct(">I")
+# A view read whose log keeps changing under its steps (pops, deletes) gives
+# up after this many tries: the caller hears the etag changed.
+VIEW_READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +87,35 @@ class CompactedViews:
         """The view's items as stored: kept payloads, then the log's after it."""
         return unpack(view.blob) + [entry.partition(b":")[2] for entry in view.entries]
 
+    async def _view_read(self, tenant: str, session_id: str) -> ViewRead:
+        """The view with the whole log after it, read in bounded steps (one
+        script step holds only the first; see RedisStorage.read). The log only
+        changes at its tail, so while the incarnation and pop count stay those
+        of the first step, the entries below its item count are unchanged and
+        the steps make one snapshot; otherwise the read starts over."""
+        for _ in range(VIEW_READ_ATTEMPTS):
+            read = await self._storage.view_read(tenant, session_id)
+            head, view = read.head, read.view
+            if head is None or view is None:
+                return read
+            index = view.covered_items + len(view.entries)
+            while index < head.item_count:
+                ranged = await self._storage.read(
+                    tenant, session_id, index_range=(index, head.item_count - 1)
+                )
+                now = ranged.head
+                if now is None or (now.incarnation, now.trunc) != (head.incarnation, head.trunc):
+                    break
+                if not ranged.entries:
+                    break
+                view.entries.extend(ranged.entries)
+                index += len(ranged.entries)
+            else:
+                return read
+        raise EtagMismatch(head.etag if head is not None else "0")
+
     async def read(self, tenant: str, session_id: str, *, max_items: int) -> ViewResult:
-        read = await self._storage.view_read(tenant, session_id)
+        read = await self._view_read(tenant, session_id)
         if read.head is None:
             return ViewResult(False, [], 0, 0, "0")
         view = read.view
@@ -113,7 +143,7 @@ class CompactedViews:
         keep_items: int,
         request_id: str,
     ) -> CompactOutcome:
-        read = await self._storage.view_read(tenant, session_id)
+        read = await self._view_read(tenant, session_id)
         head = read.head
         if head is None:
             raise SessionNotFound(session_id)

@@ -54,7 +54,8 @@ from state_service.storage.redis import (
 )
 from state_service.tokens import TokenCounter
 
-# Entries per read and staging step: each Redis step stays short (a script
+# Most entries per read and staging step (a read step is also cut at
+# REDIS_READ_STEP_BYTES): each Redis step stays short (a script
 # blocks its node while it runs) whatever the size of the fork.
 CHUNK_ITEMS = 256
 # How long a staging list outlives the fork attempt that wrote it, at most.

@@ -90,6 +90,37 @@ async def test_a_small_budget_reads_little_of_large_items(
     assert 0 < metric("statecar_state_cache_bytes", cache="session_tail") <= 2 * MIB
 
 
+async def test_fork_and_compacted_view_steps_are_bounded_in_bytes(
+    redis_server: EmbeddedRedis, state_server_factory: StateServerFactory
+) -> None:
+    """ForkSession's copy chunks were bounded to 256 items and GetCompactedView
+    read the whole log after the view in one script step: with 200 KB items one
+    step returned them all (here 20 x 200 KB = 4 MB). Now each step is one read
+    step (1 MiB past the first entry) and the callers read on in steps."""
+    server = await state_server_factory()
+    async with StateClient(server.address, timeout=30.0) as client:
+        appended = await client.append_items("wide", [{"role": "user", "content": "first"}])
+        summary = [{"role": "assistant", "content": "summary"}]
+        await client.compact_session("wide", summary, etag=appended.etag)
+        for i in range(20):
+            await client.append_items("wide", [large_item(i, 200_000)])
+        fork = await client.fork_session("wide", "copy")
+        view = await client.get_compacted_view("wide")
+    assert fork.copied_item_count == 21
+    assert view.compacted and len(view.items) == 21
+    assert view.items[-1].data["content"].startswith("19 ")
+    storage = RedisStorage.from_url(redis_server.url)
+    try:
+        chunk = await storage.fork_read("default", "wide", 0, 255)
+        read = await storage.view_read("default", "wide")
+    finally:
+        await storage.close()
+    assert chunk is not None and read.view is not None
+    one_more = 210_000  # a step may end with the entry that crosses its bound
+    assert 0 < sum(map(len, chunk.entries)) <= MIB + one_more
+    assert 0 < sum(map(len, read.view.entries)) <= MIB + one_more
+
+
 # -- two tenants -----------------------------------------------------------------
 
 

@@ -1109,10 +1109,12 @@ class RedisStorage:
     async def fork_read(
         self, tenant: str, session_id: str, start: int, stop: int
     ) -> ForkChunk | None:
-        """Log indexes start..stop (inclusive) of the source with its head;
-        None if the source does not exist."""
+        """Log indexes start..stop (inclusive) of the source with its head, cut
+        at the end to one read step (see ``read``); None if the source does not
+        exist."""
         keys = self.keys(tenant, session_id)
-        reply = await self._script("fork_read", keys.as_list(), [start, stop])
+        args = [start, stop, READ_STEP_ITEMS, self.read_step_bytes]
+        reply = await self._script("fork_read", keys.as_list(), args)
         if reply[0] == b"missing":
             return None
         inc, trunc, last, count, ttl, strat, shares = reply[1:8]
@@ -1196,9 +1198,12 @@ class RedisStorage:
     # -- compacted views -------------------------------------------------------
 
     async def view_read(self, tenant: str, session_id: str) -> ViewRead:
-        """The head and, when current, the compacted view with the log after it."""
+        """The head and, when current, the compacted view with the first read
+        step (see ``read``) of the log after it: the view's entries end before
+        the head's item count when more follow."""
         keys = self.keys(tenant, session_id)
-        reply = await self._script("view_read", keys.as_list(), [])
+        args = [READ_STEP_ITEMS, self.read_step_bytes]
+        reply = await self._script("view_read", keys.as_list(), args)
         head = _parse_head(reply[0])
         if len(reply) < 2 or reply[1] != b"view":
             return ViewRead(head, None)

@@ -52,6 +52,42 @@ local function head()
   return h
 end
 
+-- Log indexes lo..hi (absolute), from the newest if `back`, within the bounds;
+-- returns them in log order and the index of the first one returned. At most
+-- `most_items` entries and, past the first, `most_bytes` bytes (0: no byte
+-- bound), fetched in small LRANGEs: see `read` for why no step may grow with
+-- the log.
+local function bounded(lo, hi, back, most_items, most_bytes)
+  local got, bytes = {}, 0
+  local step = 32
+  local at = back and hi or lo
+  while #got < most_items and (back and at >= lo or not back and at <= hi) do
+    local first, last
+    if back then first, last = math.max(lo, at - step + 1), at
+    else first, last = at, math.min(hi, at + step - 1) end
+    local chunk = redis.call('LRANGE', KEYS[2], first, last)
+    if #chunk == 0 then break end
+    local from, to, by = 1, #chunk, 1
+    if back then from, to, by = #chunk, 1, -1 end
+    for i = from, to, by do
+      local size = #chunk[i]
+      if #got >= most_items or (most_bytes > 0 and #got > 0 and bytes + size > most_bytes) then
+        at = back and lo - 1 or hi + 1
+        break
+      end
+      got[#got + 1] = chunk[i]
+      bytes = bytes + size
+    end
+    if back then at = math.min(at, first - 1) else at = math.max(at, last + 1) end
+  end
+  if back then
+    local count = #got
+    for i = 1, math.floor(count / 2) do got[i], got[count + 1 - i] = got[count + 1 - i], got[i] end
+    return got, hi - count + 1
+  end
+  return got, lo
+end
+
 --- append
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
 --       tokens of the payloads, session id (index member), payload...
@@ -198,39 +234,6 @@ if not h[1] then return {h, 'missing'} end
 local n = tonumber(h[4])
 local most_items, most_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
 
--- Log indexes lo..hi (absolute), from the newest if `back`, within the bounds;
--- returns them in log order and the index of the first one returned.
-local function bounded(lo, hi, back)
-  local got, bytes = {}, 0
-  local step = 32
-  local at = back and hi or lo
-  while #got < most_items and (back and at >= lo or not back and at <= hi) do
-    local first, last
-    if back then first, last = math.max(lo, at - step + 1), at
-    else first, last = at, math.min(hi, at + step - 1) end
-    local chunk = redis.call('LRANGE', KEYS[2], first, last)
-    if #chunk == 0 then break end
-    local from, to, by = 1, #chunk, 1
-    if back then from, to, by = #chunk, 1, -1 end
-    for i = from, to, by do
-      local size = #chunk[i]
-      if #got >= most_items or (most_bytes > 0 and #got > 0 and bytes + size > most_bytes) then
-        at = back and lo - 1 or hi + 1
-        break
-      end
-      got[#got + 1] = chunk[i]
-      bytes = bytes + size
-    end
-    if back then at = math.min(at, first - 1) else at = math.max(at, last + 1) end
-  end
-  if back then
-    local count = #got
-    for i = 1, math.floor(count / 2) do got[i], got[count + 1 - i] = got[count + 1 - i], got[i] end
-    return got, hi - count + 1
-  end
-  return got, lo
-end
-
 local result = {h}
 local entries
 if ARGV[6] ~= '' then
@@ -240,7 +243,7 @@ if ARGV[6] ~= '' then
   if hi < 0 then hi = n + hi end
   lo, hi = math.max(lo, 0), math.min(hi, n - 1)
   entries = {}
-  if lo <= hi then entries = bounded(lo, hi, ARGV[8] == 'back') end
+  if lo <= hi then entries = bounded(lo, hi, ARGV[8] == 'back', most_items, most_bytes) end
 else
   local window = tonumber(ARGV[5])
   local lo = math.max(0, n - window)
@@ -251,7 +254,7 @@ else
   end
   local first
   entries, first = {}, n
-  if window > 0 and lo < n then entries, first = bounded(lo, n - 1, true) end
+  if window > 0 and lo < n then entries, first = bounded(lo, n - 1, true, most_items, most_bytes) end
   if h[1] == ARGV[1] and h[5] == ARGV[2] and first == tonumber(ARGV[4]) then
     result[2] = 'delta'
   else
@@ -308,7 +311,8 @@ redis.call('DEL', KEYS[1])
 return {'ok', current}
 
 --- fork_read
--- KEYS: the source session's keys. ARGV: first index, last index (inclusive).
+-- KEYS: the source session's keys. ARGV: first index, last index (inclusive),
+--       most items, most bytes (as in `read`: the chunk is cut at its end).
 -- One chunk of a fork's copy, with the head it was read at: the fork checks
 -- that inc and trunc stay the same across its chunks (the log only changes at
 -- its tail, so then the prefix it copies cannot have changed).
@@ -318,8 +322,9 @@ local h = redis.call('HMGET', KEYS[1], 'inc', 'trunc', 'last', 'n', 'ttl', 'stra
 if not h[1] then return {'missing'} end
 local result = {'ok', h[1], h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '0', h[6] or '',
   h[7] or ''}
-if tonumber(ARGV[2]) >= tonumber(ARGV[1]) then
-  local entries = redis.call('LRANGE', KEYS[2], ARGV[1], ARGV[2])
+local lo, hi = tonumber(ARGV[1]), math.min(tonumber(ARGV[2]), (tonumber(h[4]) or 0) - 1)
+if hi >= lo then
+  local entries = bounded(lo, hi, false, tonumber(ARGV[3]), tonumber(ARGV[4]))
   for i = 1, #entries do result[#result + 1] = entries[i] end
 end
 return result
@@ -394,7 +399,7 @@ if KEYS[6] then redis.call('ZADD', KEYS[6], 'NX', 0, ARGV[11]) end
 return {'ok', head(), response}
 
 --- view_read
--- KEYS: the session's keys. ARGV: (none).
+-- KEYS: the session's keys. ARGV: most items, most bytes (as in `read`).
 -- The compacted view is stored in the summary hash (KEYS[4]), beside the
 -- summary, so it expires and is deleted with the session by the steps that
 -- already handle that hash: vinc (incarnation), vupto (last seq it stands
@@ -404,7 +409,8 @@ return {'ok', head(), response}
 -- tail, seqs only grow, so that holds iff the entry at index vidx-1 still has
 -- a seq <= vupto (a pop below it and new appends would put a larger seq
 -- there). Returns {head} (no session), {head, 'log'} (no current view) or
--- {head, 'view', vupto, vidx, vitems, vcount, log entries from vidx...}.
+-- {head, 'view', vupto, vidx, vitems, vcount, log entries from vidx...}: the
+-- first of them that fit the bounds; the caller reads the rest in `read` steps.
 local h = head()
 if not h[1] then return {h} end
 local v = redis.call('HMGET', KEYS[4], 'vinc', 'vupto', 'vidx', 'vitems', 'vcount')
@@ -417,7 +423,9 @@ if vidx > 0 then
   if not seq or seq > tonumber(v[2]) then return {h, 'log'} end
 end
 local result = {h, 'view', v[2], v[3], v[4], v[5]}
-local entries = redis.call('LRANGE', KEYS[2], vidx, -1)
+local n = tonumber(h[4])
+local entries = {}
+if vidx < n then entries = bounded(vidx, n - 1, false, tonumber(ARGV[1]), tonumber(ARGV[2])) end
 for i = 1, #entries do result[#result + 1] = entries[i] end
 return result
 
