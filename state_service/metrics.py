@@ -74,6 +74,11 @@ CACHE_BYTES = Gauge(
     "Bytes (stored item JSON) held in the local cache; bounded by STATE_SERVICE_CACHE_MAX_BYTES.",
     ["cache"],
 )
+RETRIEVAL_MEMORY_BYTES = Gauge(
+    "statecar_state_retrieval_memory_bytes",
+    "Bytes (item JSON and text) held in the retrieval memories of this replica's sessions; "
+    "bounded by STATE_SERVICE_RETRIEVAL_MAX_BYTES.",
+)
 REDIS_SECONDS = Histogram(
     "statecar_state_redis_command_seconds",
     "Latency of one Redis round trip, by operation.",

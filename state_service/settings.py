@@ -251,6 +251,18 @@ class StateServiceSettings(BaseSettings):
     retrieval_max_sessions: int = Field(
         1000, ge=1, description="sessions whose retrieval index this replica keeps in memory"
     )
+    retrieval_max_session_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="bytes (item JSON and text) of one session's retrieval index: past it, the "
+        "index is rebuilt over the newest items that fit half of it",
+    )
+    retrieval_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes (item JSON and text) of all retrieval indexes of this replica "
+        "(least recently used sessions leave; one session holds at most all of it)",
+    )
     embeddings_base_url: str = Field(
         "",
         description="OpenAI-compatible base URL (…/v1) for /embeddings; set = hybrid retrieval",

@@ -121,6 +121,38 @@ async def test_fork_and_compacted_view_steps_are_bounded_in_bytes(
     assert 0 < sum(map(len, read.view.entries)) <= MIB + one_more
 
 
+async def test_retrieval_memories_are_bounded_in_bytes(
+    state_server_factory: StateServerFactory,
+) -> None:
+    """The retrieval memory of a session (item JSON, text, BM25 postings) was
+    bounded to 20,000 items, not bytes: 30 x 100 KB items took ~6 MB per
+    session, whatever the local cache's byte bound. Now a session's memory
+    covers its newest items within RETRIEVAL_MAX_SESSION_BYTES, all of them
+    within RETRIEVAL_MAX_BYTES, and the gauge says how much they hold."""
+    server = await state_server_factory(
+        retrieval_max_session_bytes=2 * MIB, retrieval_max_bytes=3 * MIB
+    )
+    sessions = ("first", "second")
+    async with StateClient(server.address, timeout=30.0) as client:
+        for session in sessions:
+            for i in range(30):
+                await client.append_items(session, [large_item(i, 100_000)])
+            context = await client.get_context(
+                session, token_budget=200_000, strategy="retrieval", query="29"
+            )
+            assert context.items
+    memories = server.compression.memories
+    held = [m for m in (memories.get("default", s) for s in sessions) if m is not None]
+    sizes = [
+        sum(len(e.item.json) + len(t) for e, t in zip(m.entries, m.texts, strict=True))
+        for m in held
+    ]
+    assert held and all(size <= 2 * MIB for size in sizes), sizes
+    assert sum(sizes) <= 3 * MIB, sizes
+    assert all(m.end_index == 30 for m in held)  # the newest items stay searchable
+    assert metric("statecar_state_retrieval_memory_bytes") == sum(sizes)
+
+
 # -- two tenants -----------------------------------------------------------------
 
 

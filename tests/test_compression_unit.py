@@ -336,3 +336,21 @@ def test_auto_counter_falls_back_without_offline_encoding(
     assert isinstance(make_token_counter("auto"), EstimatingTokenCounter)
     with pytest.raises(RuntimeError):
         make_token_counter("tiktoken")
+
+
+def test_a_memory_over_its_byte_bound_keeps_its_newest_items() -> None:
+    log = make_log([user(f"message {i} about topic{i} " + "word " * 50) for i in range(100)])
+    memory = SessionMemory("inc", 0, 0)
+    memory.extend(log)
+    assert memory.fitted(memory.size) is memory
+    bound = memory.size // 4
+    fitted = memory.fitted(bound)
+    assert fitted.size <= bound // 2
+    assert fitted.start_index > 0 and fitted.end_index == 100
+    assert fitted.sizes == memory.sizes[fitted.start_index :]
+
+    def found(m: SessionMemory) -> list[int]:
+        return [e.seq for e, _ in m.search("topic98", below_index=100, budget=10_000)]
+
+    # Scores differ (fewer documents), but what matches is found in both.
+    assert 99 in found(fitted) and 99 in found(memory)

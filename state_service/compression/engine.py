@@ -138,6 +138,8 @@ def build_compression(
         max_sessions=settings.retrieval_max_sessions,
         ttl_seconds=settings.cache_ttl_seconds,
         max_items=settings.retrieval_max_items,
+        max_bytes_per_session=settings.retrieval_max_session_bytes,
+        max_bytes=settings.retrieval_max_bytes,
         offload=offload or inline,
     )
     codec = SummaryCodec(seal, open_)

@@ -17,6 +17,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from state_service import metrics
 from state_service.compression import text as textlib
 from state_service.compression.bm25 import BM25Index
 from state_service.compression.summarizer import SummaryInput
@@ -54,12 +55,16 @@ FEEDBACK_WEIGHT = 0.3
 _DIALOGUE = frozenset({"user", "assistant"})
 
 
-def _catch_up(memory: SessionMemory, begin: int, entries: Sequence[LogEntry]) -> None:
+def _catch_up(
+    memory: SessionMemory, begin: int, entries: Sequence[LogEntry], max_bytes: int
+) -> SessionMemory:
     """Indexes the part of `entries` (log indexes from `begin`) that `memory`
-    lacks. Runs where MemoryStore's offload puts it, so the check and the
-    extend happen together, after any other catch-up queued before it."""
+    lacks; returns the memory to keep (a newer-only one when it outgrew
+    `max_bytes`). Runs where MemoryStore's offload puts it, so the check and
+    the extend happen together, after any other catch-up queued before it."""
     if begin <= memory.end_index < begin + len(entries):
         memory.extend(entries[memory.end_index - begin :])
+    return memory.fitted(max_bytes)
 
 
 class StaleMemory(Exception):
@@ -87,6 +92,12 @@ def _describe_text(entry: LogEntry) -> tuple[str, str]:
     return textlib.item_role(data), textlib.item_text(data)
 
 
+def _size_of_entry(entry: LogEntry, text: str) -> int:
+    # What a memory holds per item grows with its JSON (the entry) and its
+    # text (kept, and indexed: postings and feedback terms follow the text).
+    return len(entry.item.json) + len(text)
+
+
 @dataclass
 class SessionMemory:
     incarnation: str
@@ -104,6 +115,9 @@ class SessionMemory:
     # call_id -> positions of the call and its outputs (a retrieval unit).
     groups: dict[str, list[int]] = field(default_factory=dict)
     total_tokens: int = 0
+    # _size_of_entry of each item, and their sum: the memory's byte bound.
+    sizes: list[int] = field(default_factory=list)
+    size: int = 0
 
     @property
     def end_index(self) -> int:
@@ -117,6 +131,9 @@ class SessionMemory:
             self.roles.append(role)
             self.texts.append(text)
             self.vectors.append(None)
+            size = _size_of_entry(entry, text)
+            self.sizes.append(size)
+            self.size += size
             speaker, annotations = _annotations(entry)
             self.speakers.append(speaker)
             self.speaker_terms |= speaker
@@ -125,6 +142,23 @@ class SessionMemory:
             key = entry.call_id or entry.output_of
             if key:
                 self.groups.setdefault(key, []).append(position)
+
+    def fitted(self, max_bytes: int) -> SessionMemory:
+        """This memory if it is within `max_bytes`, else one rebuilt over its
+        newest items that fit half of it (at least one item; BM25Index cannot
+        remove documents, and the slack spares a rebuild on every append)."""
+        if self.size <= max_bytes or len(self.entries) <= 1:
+            return self
+        kept = 0
+        cut = len(self.entries)
+        while cut > 1 and kept + self.sizes[cut - 1] <= max_bytes // 2:
+            cut -= 1
+            kept += self.sizes[cut]
+        cut = min(cut, len(self.entries) - 1)
+        newer = SessionMemory(self.incarnation, self.trunc, self.start_index + cut)
+        newer.extend(self.entries[cut:])
+        newer.vectors = self.vectors[cut:]
+        return newer
 
     def position_of(self, log_index: int) -> int:
         return log_index - self.start_index
@@ -236,8 +270,15 @@ class SessionMemory:
         return combined
 
 
+def _size_of(memory: SessionMemory) -> int:
+    return max(1, memory.size)
+
+
 class MemoryStore:
-    """The retrieval memories of this replica's recently used sessions."""
+    """The retrieval memories of this replica's recently used sessions,
+    bounded in sessions, in items and bytes per session, and in bytes in all
+    (least recently used sessions leave): an item bound alone let a few
+    sessions of large items hold far more than the local cache's bound."""
 
     def __init__(
         self,
@@ -246,24 +287,44 @@ class MemoryStore:
         max_sessions: int = 1000,
         ttl_seconds: float = 300.0,
         max_items: int = 20_000,
+        max_bytes_per_session: int = 64 * 1024 * 1024,
+        max_bytes: int = 256 * 1024 * 1024,
         offload: Offload = inline,
     ) -> None:
         self._read_range = read_range
         # Indexing is CPU work proportional to bytes: state_service/heavy_work.py.
         self._offload = offload
+        self._max_sessions = max_sessions
         self._memories: TTLCache[tuple[str, str], SessionMemory] = TTLCache(
-            maxsize=max_sessions, ttl=ttl_seconds
+            maxsize=max_bytes, ttl=ttl_seconds, getsizeof=_size_of
         )
         self.max_items = max_items
+        # A memory larger than the whole bound could not be stored at all.
+        self.max_bytes_per_session = min(max_bytes_per_session, max_bytes)
+        self._bytes = metrics.RETRIEVAL_MEMORY_BYTES
+        self._bytes.set(0)
 
     def get(self, tenant: str, session_id: str) -> SessionMemory | None:
         return self._memories.get((tenant, session_id))
 
     def drop(self, tenant: str, session_id: str) -> None:
         self._memories.pop((tenant, session_id), None)
+        self._bytes.set(self._memories.currsize)
 
     def clear(self) -> None:
         self._memories.clear()
+        self._bytes.set(0)
+
+    def _put(self, key: tuple[str, str], memory: SessionMemory) -> None:
+        # The cache weighs a value when it is inserted; a memory grows after
+        # that, so it is taken out and put back to be weighed again (and to
+        # make room, least recently used first, for what it has become).
+        self._memories.pop(key, None)
+        if _size_of(memory) <= self._memories.maxsize:  # else it serves this request only
+            self._memories[key] = memory
+        while len(self._memories) > self._max_sessions:
+            self._memories.popitem()
+        self._bytes.set(self._memories.currsize)
 
     async def sync(
         self,
@@ -286,7 +347,7 @@ class MemoryStore:
             memory = SessionMemory(
                 head.incarnation, head.trunc, max(0, head.item_count - self.max_items)
             )
-            self._memories[key] = memory
+            self._put(key, memory)
         fetch_until = head.item_count if tail_start is None else tail_start
         while memory.end_index < fetch_until:
             begin = memory.end_index
@@ -295,11 +356,15 @@ class MemoryStore:
             if now is None or now.incarnation != head.incarnation or now.trunc != head.trunc:
                 self.drop(tenant, session_id)
                 raise StaleMemory(session_id)
-            await self._offload(functools.partial(_catch_up, memory, begin, entries))
+            memory = await self._offload(
+                functools.partial(_catch_up, memory, begin, entries, self.max_bytes_per_session)
+            )
             if not entries:
                 break
         if tail_start is not None:
-            await self._offload(functools.partial(_catch_up, memory, tail_start, tail))
-        # Keep the map fresh for LRU/TTL purposes.
-        self._memories[key] = memory
+            memory = await self._offload(
+                functools.partial(_catch_up, memory, tail_start, tail, self.max_bytes_per_session)
+            )
+        # Weighs it again, and keeps it fresh for LRU/TTL purposes.
+        self._put(key, memory)
         return memory
