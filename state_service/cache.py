@@ -10,6 +10,7 @@ decided by Redis, never here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -109,18 +110,32 @@ def _size_of(tail: CachedTail) -> int:
     return max(1, tail.size)
 
 
-class _CountingTTLCache(TTLCache[Any, Any]):
+class CountingTTLCache(TTLCache[Any, Any]):
+    """A TTLCache that counts what it evicts, as statecar_state_cache_evictions_total
+    with cache=`name` (the series exist at zero from the start)."""
+
+    def __init__(
+        self,
+        name: str,
+        maxsize: float,
+        ttl: float,
+        getsizeof: Callable[[Any], float] | None = None,
+    ) -> None:
+        super().__init__(maxsize=maxsize, ttl=ttl, getsizeof=getsizeof)
+        self._for_room = metrics.CACHE_EVICTIONS.labels(name, "size")
+        self._idle = metrics.CACHE_EVICTIONS.labels(name, "expired")
+
     def popitem(self) -> tuple[Any, Any]:
         # Called only when an insert needs room, not on expiry.
         item = super().popitem()
-        metrics.CACHE_EVICTIONS.labels(CACHE_NAME, "size").inc()
+        self._for_room.inc()
         return item
 
     def expire(self, time: Any = None) -> Any:
         # Every insert expires idle entries first; so does popitem().
         expired = super().expire(time)
         if expired:
-            metrics.CACHE_EVICTIONS.labels(CACHE_NAME, "expired").inc(len(expired))
+            self._idle.inc(len(expired))
         return expired
 
 
@@ -145,8 +160,8 @@ class SessionCache:
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
-        self._tails: TTLCache[tuple[str, str], CachedTail] = _CountingTTLCache(
-            maxsize=self.max_bytes, ttl=self.ttl_seconds, getsizeof=_size_of
+        self._tails: TTLCache[tuple[str, str], CachedTail] = CountingTTLCache(
+            CACHE_NAME, maxsize=self.max_bytes, ttl=self.ttl_seconds, getsizeof=_size_of
         )
         self._size = metrics.CACHE_SESSIONS.labels(CACHE_NAME)
         self._size.set(0)

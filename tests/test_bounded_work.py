@@ -133,6 +133,9 @@ async def test_retrieval_memories_are_bounded_in_bytes(
         retrieval_max_session_bytes=2 * MIB, retrieval_max_bytes=3 * MIB
     )
     sessions = ("first", "second")
+    evicted_before = metric(
+        "statecar_state_cache_evictions_total", cache="retrieval_memory", reason="size"
+    )
     async with StateClient(server.address, timeout=30.0) as client:
         for session in sessions:
             for i in range(30):
@@ -151,6 +154,11 @@ async def test_retrieval_memories_are_bounded_in_bytes(
     assert sum(sizes) <= 3 * MIB, sizes
     assert all(m.end_index == 30 for m in held)  # the newest items stay searchable
     assert metric("statecar_state_retrieval_memory_bytes") == sum(sizes)
+    # Two memories of up to 2 MiB do not fit 3 MiB: one made room, and it was counted.
+    evicted = metric(
+        "statecar_state_cache_evictions_total", cache="retrieval_memory", reason="size"
+    )
+    assert evicted > evicted_before
 
 
 # -- two tenants -----------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from state_service import metrics
+from state_service.cache import CountingTTLCache
 from state_service.compression import text as textlib
 from state_service.compression.bm25 import BM25Index
 from state_service.compression.summarizer import SummaryInput
@@ -31,6 +32,8 @@ RangeReader = Callable[
     [str, str, int, int], Awaitable[tuple[SessionHead | None, tuple[LogEntry, ...]]]
 ]
 FETCH_CHUNK = 1000
+# The cache label of retrieval memories in statecar_state_cache_evictions_total.
+MEMORY_CACHE_NAME = "retrieval_memory"
 HYBRID_LEXICAL_WEIGHT = 0.5
 # A message that matches lends this share of its score to the messages just
 # before and after it, and that share of the share to the next ones out, up to
@@ -295,8 +298,8 @@ class MemoryStore:
         # Indexing is CPU work proportional to bytes: state_service/heavy_work.py.
         self._offload = offload
         self._max_sessions = max_sessions
-        self._memories: TTLCache[tuple[str, str], SessionMemory] = TTLCache(
-            maxsize=max_bytes, ttl=ttl_seconds, getsizeof=_size_of
+        self._memories: TTLCache[tuple[str, str], SessionMemory] = CountingTTLCache(
+            MEMORY_CACHE_NAME, maxsize=max_bytes, ttl=ttl_seconds, getsizeof=_size_of
         )
         self.max_items = max_items
         # A memory larger than the whole bound could not be stored at all.
