@@ -830,7 +830,10 @@ class GetContextResponse(_message.Message):
     strategy: Global___ContextStrategy.ValueType
     """The strategy that was applied (never UNSPECIFIED)."""
     query: _builtins.str
-    """The query retrieval used: the request's, else the newest user message."""
+    """The query retrieval used: the request's, else the newest user message.
+    At most its first 256 characters, so a long query is never sent back
+    whole (the request's query is limited to STATE_SERVICE_MAX_QUERY_BYTES).
+    """
     summary_lag: _builtins.int
     """Items older than items[0] that the stored summary does not cover yet
     (summary strategies only); the background summarizer catches up.
