@@ -112,11 +112,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self, request: pb.AppendItemsRequest, context: Context
     ) -> pb.AppendItemsResponse:
         session_id = validation.session_id(request.session_id)
-        validation.items(request.items, self._settings)
+        new_items = convert.new_items(request.items)
+        validation.items(new_items, self._settings)
         outcome = await self._store.append(
             tenant_of(context),
             session_id,
-            convert.new_items(request.items),
+            new_items,
             request_id=validation.request_id(request.request_id),
             etag=validation.etag(request.etag),
         )
@@ -339,11 +340,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
             raise InvalidArgument("etag", "is required: the etag the compaction was computed from")
         if request.keep_items < 0:
             raise InvalidArgument("keep_items", "must not be negative")
-        validation.items(request.items, self._settings)
+        new_items = convert.new_items(request.items)
+        validation.items(new_items, self._settings)
         outcome = await self._views.compact(
             tenant_of(context),
             session_id,
-            convert.new_items(request.items),
+            new_items,
             etag=etag,
             keep_items=request.keep_items,
             request_id=validation.request_id(request.request_id),

@@ -17,6 +17,7 @@ from shared_runtime.identifiers import session_id as session_id
 from shared_runtime.items import input_item_problem
 from state_service.compression.strategies import Shares, Strategy
 from state_service.grpc_convert import STRATEGY_OF_PROTO
+from state_service.log import NewItem
 from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
 
@@ -32,15 +33,13 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def json_object(raw: bytes | str, field: str, max_bytes: int) -> dict[str, Any]:
+def json_object(raw: bytes, field: str, max_bytes: int) -> dict[str, Any]:
     if not raw:
         raise InvalidArgument(field, "is required")
-    size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
-    if size > max_bytes:
-        raise InvalidArgument(field, f"is {size} bytes; the limit is {max_bytes}")
+    if len(raw) > max_bytes:
+        raise InvalidArgument(field, f"is {len(raw)} bytes; the limit is {max_bytes}")
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = _DECODER.decode(text)
+        value = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise InvalidArgument(field, "is not valid UTF-8") from None
     except RecursionError:
@@ -64,22 +63,20 @@ def metadata(value: Mapping[str, str], field: str, settings: StateServiceSetting
         raise InvalidArgument(field, "keys must not be empty")
 
 
-def items(values: Sequence[pb.Item], settings: StateServiceSettings) -> list[dict[str, Any]]:
-    """Validates items to append; returns their parsed JSON."""
+def items(values: Sequence[NewItem], settings: StateServiceSettings) -> None:
+    """Validates items to append (as the gRPC layer converted them: UTF-8 JSON
+    bytes, so sizes are checked in the bytes that will be stored)."""
     if len(values) > settings.max_items_per_append:
         raise InvalidArgument(
             "items",
             f"has {len(values)} items; the limit is {settings.max_items_per_append} per append",
         )
-    parsed = []
     check_shape = settings.item_schema == "openai-agents"
     for i, item in enumerate(values):
         data = json_object(item.json, f"items[{i}].json", settings.max_item_bytes)
         if check_shape and (problem := input_item_problem(data)) is not None:
             raise InvalidArgument(f"items[{i}].json", problem)
-        parsed.append(data)
         metadata(item.metadata, f"items[{i}].metadata", settings)
-    return parsed
 
 
 def page_size(value: int, settings: StateServiceSettings) -> int:
