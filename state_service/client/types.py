@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from statecar.state.v1 import state_service_pb2 as pb
 
@@ -142,15 +142,17 @@ class Context:
             summary_lag=response.summary_lag,
         )
 
-    def input_items(self, marker_role: str = "user") -> list[dict[str, Any]]:
+    def input_items(
+        self, marker_role: Literal["user", "developer", "system"] = "user"
+    ) -> list[dict[str, Any]]:
         """The context as openai-agents input items: the summary and the
         retrieved items as quoted marker messages (a raw retrieved tool call
         without its output, or an output without its call, is refused by the
         model APIs), then the recent items verbatim. See client/rendering.py."""
+        # Imported here: rendering.py imports this module.
         from state_service.client.rendering import markers
 
-        role: Any = marker_role
-        return [*markers(self.summary, self.retrieved, role), *(i.data for i in self.items)]
+        return [*markers(self.summary, self.retrieved, marker_role), *(i.data for i in self.items)]
 
 
 @dataclass(frozen=True, slots=True)
