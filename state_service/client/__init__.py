@@ -18,6 +18,7 @@ from state_service.client.errors import (
 )
 from state_service.client.types import (
     AppendResult,
+    ClaimedRun,
     CompactedView,
     CompactResult,
     Context,
@@ -25,6 +26,8 @@ from state_service.client.types import (
     ForkResult,
     ItemsPage,
     NewItem,
+    PausedRun,
+    PendingApproval,
     PopResult,
     RetrievedItem,
     SessionInfo,
@@ -51,6 +54,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AppendResult",
     "BudgetedSessionSettings",
+    "ClaimedRun",
     "CompactResult",
     "CompactedView",
     "Context",
@@ -60,6 +64,8 @@ __all__ = [
     "InvalidRequestError",
     "ItemsPage",
     "NewItem",
+    "PausedRun",
+    "PendingApproval",
     "PopResult",
     "RetrievedItem",
     "SessionAlreadyExistsError",

@@ -1,0 +1,338 @@
+"""Tool approvals across replicas: a turn pauses on a tool that needs
+approval, the paused run is kept by the state service, and any agent replica
+resumes it exactly once. Real state and agent servers (in process, and as
+processes for the kill test), real Redis, the offline model ("remember ..."
+makes it call save_note)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent_service.client import AgentClient, AgentServiceError, ChatResult
+from agent_service.turns import REQUEST_ID_KEY
+from state_service.client import StateClient
+from state_service.server import StateServer
+from state_service.storage.embedded import free_port
+from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
+from tests.processes import agent_service_process, wait_serving
+
+AGENTS = """
+agents:
+  - name: assistant
+    model: offline
+    tools: [save_note, list_notes, calculate]
+    needs_approval: [save_note]
+"""
+
+
+@pytest.fixture
+def agents_file(tmp_path: Path) -> Path:
+    return write_agents_file(tmp_path, AGENTS)
+
+
+@pytest.fixture
+async def approving(
+    agent_server_factory: AgentServerFactory, agents_file: Path
+) -> AsyncIterator[AgentClient]:
+    server = await agent_server_factory(agents_config=agents_file)
+    async with AgentClient(server.address, timeout=10.0) as client:
+        yield client
+
+
+async def _pause(agents: AgentClient, session: str, request_id: str = "t1") -> ChatResult:
+    paused = await agents.chat(session, "remember the door code is 4711", request_id=request_id)
+    assert paused.pending_approvals, paused
+    return paused
+
+
+def _tool_runs(text: str) -> float:
+    found = re.search(
+        r'^statecar_agent_approved_tool_runs_total\{tool="save_note"\} (\S+)$', text, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_pause_then_approve_stores_the_whole_turn(
+    approving: AgentClient, client: StateClient
+) -> None:
+    await approving.chat("s", "Hello there.")
+    paused = await _pause(approving, "s")
+    assert paused.items == [] and paused.reply == ""
+    (approval,) = paused.pending_approvals
+    assert approval.tool_name == "save_note"
+    assert approval.arguments == {"note": "the door code is 4711"}
+    assert len(await client.all_items("s")) == 2  # nothing of the paused turn yet
+    assert [a.approval_id for a in await approving.list_approvals("s")] == [approval.approval_id]
+
+    turn, decisions = await approving.resolve_approvals(
+        "s", approve=[approval.approval_id], request_id="r1"
+    )
+    assert decisions == {approval.approval_id: "approve"}
+    assert [i.type for i in turn.items] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert "saved note: the door code is 4711" in turn.reply
+    stored = await client.all_items("s")
+    assert [i.data for i in stored[2:]] == [i.data for i in turn.items]
+    assert {i.metadata[REQUEST_ID_KEY] for i in stored[2:]} == {"turn:t1"}
+    assert await approving.list_approvals("s") == []
+
+    # A retry of the resume returns the first response and runs nothing.
+    again, _ = await approving.resolve_approvals(
+        "s", approve=[approval.approval_id], request_id="r1"
+    )
+    assert again.replayed and again.raw.items == turn.raw.items
+    # A retry of the original Chat finds the stored turn.
+    retried = await approving.chat("s", "remember the door code is 4711", request_id="t1")
+    assert retried.replayed and not retried.pending_approvals
+    assert len(await client.all_items("s")) == 6
+    # Another request resuming it again is refused.
+    with pytest.raises(AgentServiceError) as refused:
+        await approving.resolve_approvals("s", approve=[approval.approval_id], request_id="r2")
+    assert (refused.value.code, refused.value.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_RESOLVED",
+    )
+
+
+async def test_reject_does_not_run_the_tool_and_the_model_sees_it(
+    approving: AgentClient, client: StateClient
+) -> None:
+    await _pause(approving, "s")
+    turn, decisions = await approving.resolve_approvals(
+        "s", remaining="reject", rejection_message="not allowed here"
+    )
+    assert list(decisions.values()) == ["reject"]
+    output = next(i for i in turn.items if i.type == "function_call_output")
+    assert output.data["output"] == "not allowed here"
+    assert "not allowed here" in turn.reply  # the offline model repeats tool outputs
+    stored = await client.all_items("s")
+    assert not any("saved note" in str(i.data) for i in stored)
+
+
+async def test_a_retried_chat_returns_the_same_pending_approvals(approving: AgentClient) -> None:
+    first = await _pause(approving, "s", "same")
+    second = await _pause(approving, "s", "same")
+    assert second.replayed
+    assert [a.approval_id for a in second.pending_approvals] == [
+        a.approval_id for a in first.pending_approvals
+    ]
+    assert len(await approving.list_approvals("s")) == 1
+
+
+async def test_streamed_turns_pause_too(approving: AgentClient) -> None:
+    final = None
+    async for event in approving.stream_chat("s", "remember to water the plants"):
+        final = event
+    assert isinstance(final, ChatResult) and final.pending_approvals
+
+
+async def test_bad_resolve_requests(approving: AgentClient) -> None:
+    cases: list[tuple[dict[str, object], grpc.StatusCode, str]] = [
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD"),  # nothing decided
+        ({"remaining": "approve"}, grpc.StatusCode.NOT_FOUND, "APPROVAL_NOT_FOUND"),
+        ({"approve": ["run-x.1"]}, grpc.StatusCode.NOT_FOUND, "APPROVAL_NOT_FOUND"),
+    ]
+    for kwargs, code, reason in cases:
+        with pytest.raises(AgentServiceError) as raised:
+            await approving.resolve_approvals("s", **kwargs)  # type: ignore[arg-type]
+        assert (raised.value.code, raised.value.reason) == (code, reason), kwargs
+    paused = await _pause(approving, "s")
+    (approval,) = paused.pending_approvals
+    more: list[tuple[dict[str, object], grpc.StatusCode, str]] = [
+        (
+            {"approve": [approval.approval_id + "9"]},
+            grpc.StatusCode.NOT_FOUND,
+            "APPROVAL_NOT_FOUND",
+        ),
+        (
+            {"approve": [approval.approval_id], "reject": [approval.approval_id]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_FIELD",
+        ),
+    ]
+    for kwargs, code, reason in more:
+        with pytest.raises(AgentServiceError) as raised:
+            await approving.resolve_approvals("s", **kwargs)  # type: ignore[arg-type]
+        assert (raised.value.code, raised.value.reason) == (code, reason), kwargs
+    with pytest.raises(AgentServiceError) as raised:
+        await approving.resolve_approvals("bad id", remaining="approve")
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # Nothing was claimed by the refused calls: the run still resumes.
+    turn, _ = await approving.resolve_approvals("s", remaining="approve")
+    assert "saved note" in turn.reply
+
+
+async def test_expired_paused_runs_are_not_found(
+    state_server_factory: StateServerFactory,
+    agent_server_factory: AgentServerFactory,
+    agents_file: Path,
+) -> None:
+    short = await state_server_factory(paused_run_ttl_seconds=1)
+    server = await agent_server_factory(agents_config=agents_file, state_target=short.address)
+    async with AgentClient(server.address, timeout=10.0) as agents:
+        paused = await _pause(agents, "s")
+        await asyncio.sleep(1.2)
+        assert await agents.list_approvals("s") == []
+        with pytest.raises(AgentServiceError) as raised:
+            await agents.resolve_approvals("s", approve=[paused.pending_approvals[0].approval_id])
+        assert (raised.value.code, raised.value.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "APPROVAL_NOT_FOUND",
+        )
+
+
+# -- two agent replicas as processes ----------------------------------------------
+
+
+def _replica_env(agents_file: Path, metrics_port: int) -> dict[str, str]:
+    return {
+        "AGENT_SERVICE_AGENTS_CONFIG": str(agents_file),
+        "AGENT_SERVICE_METRICS_PORT": str(metrics_port),
+        "AGENT_SERVICE_MODEL_API_KEY": "",
+        "AGENT_SERVICE_MODEL_BASE_URL": "",
+    }
+
+
+async def _tool_runs_at(metrics_port: int) -> float:
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    return _tool_runs(await asyncio.to_thread(scrape))
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+async def test_pause_on_a_kill9_a_resume_on_b_runs_the_tool_once(
+    state_server: StateServer, client: StateClient, agents_file: Path
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    with (
+        agent_service_process(state_server.address, _replica_env(agents_file, port_a)) as (
+            a,
+            process_a,
+        ),
+        agent_service_process(state_server.address, _replica_env(agents_file, port_b)) as (b, _),
+    ):
+        await asyncio.gather(wait_serving(a), wait_serving(b))
+        async with AgentClient(a, timeout=10) as on_a:
+            await on_a.chat("conv", "Hello there.", request_id="t0")
+            paused = await _pause(on_a, "conv")
+        process_a.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(process_a.wait, 10)
+        async with AgentClient(b, timeout=10) as on_b:
+            pending = await on_b.list_approvals("conv")
+            assert [p.approval_id for p in pending] == [
+                p.approval_id for p in paused.pending_approvals
+            ]
+            turn, _ = await on_b.resolve_approvals("conv", remaining="approve", request_id="go")
+            again, _ = await on_b.resolve_approvals("conv", remaining="approve", request_id="go")
+        assert again.replayed and again.raw.items == turn.raw.items
+        assert await _tool_runs_at(port_b) == 1
+    stored = await client.all_items("conv")
+    assert [i.data.get("type", "message") for i in stored] == [
+        "message",
+        "message",
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert [i.metadata[REQUEST_ID_KEY] for i in stored] == ["turn:t0"] * 2 + ["turn:t1"] * 4
+    assert stored[2].data["content"] == "remember the door code is 4711"
+    assert "saved note: the door code is 4711" in str(stored[4].data)
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+async def test_racing_resumes_on_two_replicas_run_the_tool_once(
+    state_server: StateServer, client: StateClient, agents_file: Path
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    rounds = 6
+    outcomes: list[str] = []
+    with (
+        agent_service_process(state_server.address, _replica_env(agents_file, port_a)) as (a, _),
+        agent_service_process(state_server.address, _replica_env(agents_file, port_b)) as (b, _),
+    ):
+        await asyncio.gather(wait_serving(a), wait_serving(b))
+        async with AgentClient(a, timeout=10) as on_a, AgentClient(b, timeout=10) as on_b:
+            for n in range(rounds):
+                await _pause(on_a, f"race{n}", request_id=f"t{n}")
+                results = await asyncio.gather(
+                    on_a.resolve_approvals(f"race{n}", remaining="approve", request_id=f"a{n}"),
+                    on_b.resolve_approvals(f"race{n}", remaining="approve", request_id=f"b{n}"),
+                    return_exceptions=True,
+                )
+                won = [r for r in results if not isinstance(r, BaseException)]
+                lost = [r for r in results if isinstance(r, BaseException)]
+                assert len(won) == 1 and len(lost) == 1, results
+                error = lost[0]
+                assert isinstance(error, AgentServiceError), error
+                assert (error.code, error.reason) in {
+                    (grpc.StatusCode.ABORTED, "RESUME_CONFLICT"),
+                    (grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_RESOLVED"),
+                }, error
+                outcomes.append(error.reason)
+        runs = await _tool_runs_at(port_a) + await _tool_runs_at(port_b)
+    assert runs == rounds
+    for n in range(rounds):
+        stored = await client.all_items(f"race{n}")
+        assert [i.data.get("type", "message") for i in stored] == [
+            "message",
+            "function_call",
+            "function_call_output",
+            "message",
+        ]
+    print(f"\nracing resumes: {rounds} rounds, tool ran {runs:g} times, losers {outcomes}")
+
+
+# -- the CLI -----------------------------------------------------------------------
+
+
+async def test_cli_shows_pending_approvals_and_approves(
+    agent_server_factory: AgentServerFactory, agents_file: Path, client: StateClient
+) -> None:
+    server = await agent_server_factory(agents_config=agents_file)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent_service.cli",
+            *args,
+            "--agent-target",
+            server.address,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode or 0, out.decode()
+
+    code, out = await cli("chat", "--session", "s", "remember the door code is 4711")
+    assert code == 0, out
+    approval_id = re.search(r"(run-[0-9a-f]+\.1)", out)
+    assert approval_id and "save_note" in out, out
+    code, out = await cli("approve", "s")
+    assert code == 0 and approval_id.group(1) in out, out
+    code, out = await cli("approve", "s", approval_id.group(1))
+    assert code == 0 and "saved note" in out, out
+    assert len(await client.all_items("s")) == 4
+    code, out = await cli("approve", "s", "--reject", "--all")
+    assert code != 0 and "FAILED_PRECONDITION" in out, out  # resumed already
