@@ -17,12 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from agent_service.client import AgentClient, AgentServiceError, ChatResult
 from agent_service.turns import REQUEST_ID_KEY
-from state_service.client import StateClient
+from state_service.client import PendingApproval, StateClient, StateServiceError
 from state_service.server import StateServer
-from state_service.storage.embedded import free_port
+from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
 from tests.processes import agent_service_process, wait_serving
 
@@ -193,6 +194,107 @@ async def test_expired_paused_runs_are_not_found(
             grpc.StatusCode.NOT_FOUND,
             "APPROVAL_NOT_FOUND",
         )
+
+
+# -- the state service's paused-run RPCs ---------------------------------------------
+
+
+def _approval(n: int = 1) -> PendingApproval:
+    return PendingApproval(f"run-1.{n}", "save_note", '{"note": "x"}', "assistant", f"call-{n}")
+
+
+async def test_paused_runs_are_one_hash_per_session_and_claimed_once(
+    client: StateClient, redis_server: EmbeddedRedis
+) -> None:
+    appended = await client.append_items("s", [{"role": "user", "content": "hi"}])
+    run, replayed = await client.put_paused_run(
+        "s", "run-1", b"state", [_approval()], etag=appended.etag
+    )
+    assert (run.status, replayed) == ("paused", False)
+    again, replayed = await client.put_paused_run("s", "run-1", b"other", [_approval(2)], etag="")
+    assert replayed and again.approvals == [_approval()]  # the first one stays
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert set(await raw.keys("*:p")) == {b"statecar:{default:s}:p"}
+        assert 0 < await raw.pttl("statecar:{default:s}:p") <= 24 * 3600 * 1000
+    finally:
+        await raw.aclose()
+
+    claimed = await client.claim_paused_run("s", "run-1", "c1")
+    assert (claimed.state, claimed.resolved, claimed.run.claim_id) == (b"state", False, "c1")
+    for claim_id in ("c1", "c2"):  # held: its own retry and any other are refused
+        with pytest.raises(StateServiceError) as busy:
+            await client.claim_paused_run("s", "run-1", claim_id)
+        assert (busy.value.code, busy.value.reason) == (
+            grpc.StatusCode.ABORTED,
+            "PAUSED_RUN_CLAIMED",
+        )
+    with pytest.raises(StateServiceError) as not_holder:
+        await client.resolve_paused_run("s", "run-1", "c2", b"result")
+    assert not_holder.value.reason == "PAUSED_RUN_CLAIMED"
+    resolved = await client.resolve_paused_run("s", "run-1", "c1", b"result")
+    assert resolved.status == "resolved"
+    await client.resolve_paused_run("s", "run-1", "c1", b"result")  # idempotent
+    replay = await client.claim_paused_run("s", "run-1", "c1")
+    assert (replay.state, replay.resolved) == (b"result", True)
+    with pytest.raises(StateServiceError) as done:
+        await client.claim_paused_run("s", "run-1", "c2")
+    assert (done.value.code, done.value.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAUSED_RUN_RESOLVED",
+    )
+    with pytest.raises(StateServiceError) as missing:
+        await client.claim_paused_run("s", "run-2", "c1")
+    assert (missing.value.code, missing.value.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "PAUSED_RUN_NOT_FOUND",
+    )
+    # Tenant-scoped and session-scoped: another session sees none.
+    assert await client.list_paused_runs("other") == []
+
+
+async def test_paused_run_puts_are_etag_guarded_and_bounded(
+    state_server_factory: StateServerFactory,
+) -> None:
+    server = await state_server_factory(max_paused_runs=2, max_paused_run_bytes=2048)
+    async with StateClient(server.address, timeout=5.0) as state:
+        first = await state.append_items("s", [{"role": "user", "content": "hi"}])
+        await state.append_items("s", [{"role": "user", "content": "again"}])
+        with pytest.raises(StateServiceError) as stale:
+            await state.put_paused_run("s", "run-1", b"x", [_approval()], etag=first.etag)
+        assert (stale.value.code, stale.value.reason) == (
+            grpc.StatusCode.ABORTED,
+            "ETAG_MISMATCH",
+        )
+        with pytest.raises(StateServiceError) as big:
+            await state.put_paused_run("s", "run-1", b"x" * 4096, [_approval()])
+        assert (big.value.code, big.value.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "PAUSED_RUN_LIMIT",
+        )
+        await state.put_paused_run("s", "run-1", b"x", [_approval()])
+        await state.put_paused_run("s", "run-2", b"x", [_approval()])
+        with pytest.raises(StateServiceError) as full:
+            await state.put_paused_run("s", "run-3", b"x", [_approval()])
+        assert (full.value.code, full.value.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "PAUSED_RUN_LIMIT",
+        )
+        assert [r.run_id for r in await state.list_paused_runs("s")] == ["run-1", "run-2"]
+        invalid: list[tuple[str, str, bytes, list[PendingApproval]]] = [
+            ("bad id", "run-4", b"x", [_approval()]),
+            ("s", "", b"x", [_approval()]),
+            ("s", "run:4", b"x", [_approval()]),
+            ("s", "run-4", b"", [_approval()]),
+            ("s", "run-4", b"x", []),
+        ]
+        for session, run_id, body, approvals in invalid:
+            with pytest.raises(StateServiceError) as refused:
+                await state.put_paused_run(session, run_id, body, approvals)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, (session, run_id)
+        with pytest.raises(StateServiceError) as no_claim:
+            await state.claim_paused_run("s", "run-1", "")
+        assert no_claim.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # -- two agent replicas as processes ----------------------------------------------
