@@ -7,6 +7,8 @@ so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
     <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<payload>" (log.py)
     <prefix>:{<tenant>:<session>}:r   request ids already applied -> response
     <prefix>:{<tenant>:<session>}:s   the stored summary (text + covered seq range)
+    <prefix>:{<tenant>:<session>}:p   paused agent runs waiting for tool approvals
+                                      (paused_runs.py; a field set per run)
     <prefix>:idx:{<tenant>}           sorted set of the tenant's session ids
 
 The log list only changes at its tail (append, pop) or as a whole (delete,
