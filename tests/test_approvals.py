@@ -25,6 +25,8 @@ from state_service.client import PendingApproval, StateClient, StateServiceError
 from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
+from tests.fake_openai import FakeOpenAI, Step
+from tests.patience import patience
 from tests.processes import agent_service_process, wait_serving
 
 AGENTS = """
@@ -438,3 +440,59 @@ async def test_cli_shows_pending_approvals_and_approves(
     assert len(await client.all_items("s")) == 4
     code, out = await cli("approve", "s", "--reject", "--all")
     assert code != 0 and "FAILED_PRECONDITION" in out, out  # resumed already
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+async def test_a_resumer_killed_mid_run_leaves_the_run_claimed_and_the_tool_run_once(
+    state_server: StateServer, client: StateClient, tmp_path: Path
+) -> None:
+    """The documented crash case: B claims, runs the tool, and dies while the
+    model call after it is in flight. Whether the tool ran cannot be known by
+    others, so no other resume may run it: A is refused until the run expires,
+    and nothing of the turn is stored."""
+    fake = FakeOpenAI(
+        steps=[
+            Step(call=("save_note", {"note": "the door code is 4711"})),
+            Step(text="ok", delay=3),
+        ]
+    )
+    agents_file = write_agents_file(
+        tmp_path,
+        "agents:\n  - name: assistant\n    tools: [save_note]\n    needs_approval: [save_note]\n",
+    )
+    port_a, port_b = free_port(), free_port()
+    with fake.serve() as url:
+        env_a = {**_replica_env(agents_file, port_a), "AGENT_SERVICE_MODEL_BASE_URL": url}
+        env_b = {**_replica_env(agents_file, port_b), "AGENT_SERVICE_MODEL_BASE_URL": url}
+        env_a["AGENT_SERVICE_MODEL_API_KEY"] = env_b["AGENT_SERVICE_MODEL_API_KEY"] = "test-key"
+        with (
+            agent_service_process(state_server.address, env_a) as (a, _),
+            agent_service_process(state_server.address, env_b) as (b, process_b),
+        ):
+            await asyncio.gather(wait_serving(a), wait_serving(b))
+            async with AgentClient(a, timeout=10) as on_a, AgentClient(b, timeout=10) as on_b:
+                paused = await on_a.chat("s", "please save a note", request_id="t1")
+                assert paused.pending_approvals
+                resume = asyncio.create_task(
+                    on_b.resolve_approvals("s", remaining="approve", request_id="go")
+                )
+                deadline = asyncio.get_running_loop().time() + patience(20)
+                while len(fake.requests) < 2:  # the model call after the tool is in flight
+                    assert asyncio.get_running_loop().time() < deadline, fake.requests
+                    await asyncio.sleep(0.02)
+                assert await _tool_runs_at(port_b) == 1
+                process_b.send_signal(signal.SIGKILL)
+                with pytest.raises(AgentServiceError):
+                    await resume
+                for request_id in ("go", "another"):
+                    with pytest.raises(AgentServiceError) as refused:
+                        await on_a.resolve_approvals(
+                            "s", remaining="approve", request_id=request_id
+                        )
+                    assert (refused.value.code, refused.value.reason) == (
+                        grpc.StatusCode.ABORTED,
+                        "RESUME_CONFLICT",
+                    )
+            assert await _tool_runs_at(port_a) == 0
+    assert await client.all_items("s") == []
