@@ -255,6 +255,18 @@ async def test_paused_runs_are_one_hash_per_session_and_claimed_once(
     assert await client.list_paused_runs("other") == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("redis_backend", ["cluster"])
+async def test_paused_runs_on_a_redis_cluster(client: StateClient) -> None:
+    """Every paused-run script touches only the session's slot (meta and :p)."""
+    appended = await client.append_items("s", [{"role": "user", "content": "hi"}])
+    await client.put_paused_run("s", "run-1", b"state", [_approval()], etag=appended.etag)
+    assert [r.status for r in await client.list_paused_runs("s")] == ["paused"]
+    assert (await client.claim_paused_run("s", "run-1", "c1")).state == b"state"
+    await client.resolve_paused_run("s", "run-1", "c1", b"result")
+    assert (await client.claim_paused_run("s", "run-1", "c1")).state == b"result"
+
+
 async def test_paused_run_puts_are_etag_guarded_and_bounded(
     state_server_factory: StateServerFactory,
 ) -> None:
