@@ -14,6 +14,7 @@ BUILD_INFO = register_build_info("statecar_agent")
 
 TURN_OUTCOMES = (
     "ok",
+    "paused",
     "replayed",
     "conflict",
     "model_error",
@@ -26,7 +27,7 @@ TURN_OUTCOMES = (
 
 TURNS = Counter(
     "statecar_agent_turns_total",
-    "Chat turns by outcome: ok, replayed, conflict, model_error, deadline, "
+    "Chat turns by outcome: ok, paused (waiting for tool approvals), replayed, conflict, model_error, deadline, "
     "state_unavailable, invalid, cancelled.",
     ["agent", "outcome"],
 )

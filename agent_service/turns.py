@@ -282,6 +282,8 @@ class TurnRunner:
             async for event in self._turn(entry, request, streamed=streamed):
                 if event.HasField("final"):
                     outcome = "replayed" if event.final.replayed else "ok"
+                    if event.final.pending_approvals:
+                        outcome = "paused"
                 yield event
         except ServiceError as error:
             outcome = _outcome_of(error)

@@ -26,6 +26,7 @@ from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
 from tests.fake_openai import FakeOpenAI, Step
+from tests.helpers import metric
 from tests.patience import patience
 from tests.processes import agent_service_process, wait_serving
 
@@ -69,6 +70,14 @@ async def test_pause_then_approve_stores_the_whole_turn(
     approving: AgentClient, client: StateClient
 ) -> None:
     await approving.chat("s", "Hello there.")
+    before = {
+        "paused": metric("statecar_agent_turns_total", agent="assistant", outcome="paused"),
+        "pauses": metric("statecar_agent_approval_pauses_total", agent="assistant"),
+        "ok": metric("statecar_agent_resumes_total", outcome="ok"),
+        "replayed": metric("statecar_agent_resumes_total", outcome="replayed"),
+        "approve": metric("statecar_agent_approval_decisions_total", decision="approve"),
+        "claims": metric("statecar_state_paused_runs_total", step="claim"),
+    }
     paused = await _pause(approving, "s")
     assert paused.items == [] and paused.reply == ""
     (approval,) = paused.pending_approvals
@@ -98,6 +107,15 @@ async def test_pause_then_approve_stores_the_whole_turn(
         "s", approve=[approval.approval_id], request_id="r1"
     )
     assert again.replayed and again.raw.items == turn.raw.items
+    after = {
+        "paused": metric("statecar_agent_turns_total", agent="assistant", outcome="paused"),
+        "pauses": metric("statecar_agent_approval_pauses_total", agent="assistant"),
+        "ok": metric("statecar_agent_resumes_total", outcome="ok"),
+        "replayed": metric("statecar_agent_resumes_total", outcome="replayed"),
+        "approve": metric("statecar_agent_approval_decisions_total", decision="approve"),
+        "claims": metric("statecar_state_paused_runs_total", step="claim"),
+    }
+    assert {k: after[k] - before[k] for k in before} == dict.fromkeys(before, 1)
     # A retry of the original Chat finds the stored turn.
     retried = await approving.chat("s", "remember the door code is 4711", request_id="t1")
     assert retried.replayed and not retried.pending_approvals
