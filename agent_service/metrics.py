@@ -27,8 +27,8 @@ TURN_OUTCOMES = (
 
 TURNS = Counter(
     "statecar_agent_turns_total",
-    "Chat turns by outcome: ok, paused (waiting for tool approvals), replayed, conflict, model_error, deadline, "
-    "state_unavailable, invalid, cancelled.",
+    "Chat turns by outcome: ok, paused (waiting for tool approvals), replayed, conflict, "
+    "model_error, deadline, state_unavailable, invalid, cancelled.",
     ["agent", "outcome"],
 )
 TURN_SECONDS = Histogram(
