@@ -350,7 +350,10 @@ class Approvals:
                 raise InvalidArgument(
                     "decisions", "is empty: name approvals, or set remaining to approve or reject"
                 )
-            candidates = [r for r in runs if r.status == "paused" or r.claim_id == claim_id]
+            # This request's own run first: a retry, also after it paused again.
+            candidates = [r for r in runs if r.claim_id == claim_id] or [
+                r for r in runs if r.status == "paused"
+            ]
             if not candidates:
                 # Taken by another resume: its claim says which error applies.
                 candidates = runs[-1:]

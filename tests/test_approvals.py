@@ -154,6 +154,48 @@ async def test_a_retried_chat_returns_the_same_pending_approvals(approving: Agen
     assert len(await approving.list_approvals("s")) == 1
 
 
+async def test_a_resumed_run_that_calls_another_gated_tool_pauses_again(
+    agent_server_factory: AgentServerFactory, client: StateClient, tmp_path: Path
+) -> None:
+    fake = FakeOpenAI(
+        steps=[
+            Step(call=("save_note", {"note": "first"})),
+            Step(call=("save_note", {"note": "second"})),
+            Step(text="both saved"),
+        ]
+    )
+    agents_file = write_agents_file(
+        tmp_path,
+        "agents:\n  - name: assistant\n    tools: [save_note]\n    needs_approval: [save_note]\n",
+    )
+    with fake.serve() as url:
+        server = await agent_server_factory(
+            agents_config=agents_file, model_base_url=url, model_api_key="test-key"
+        )
+        async with AgentClient(server.address, timeout=10.0) as agents:
+            first = await agents.chat("s", "save two notes", request_id="t1")
+            (one,) = first.pending_approvals
+            again, decided = await agents.resolve_approvals("s", approve=[one.approval_id])
+            assert decided == {one.approval_id: "approve"}
+            (two,) = again.pending_approvals
+            assert two.arguments == {"note": "second"} and again.items == []
+            assert await client.all_items("s") == []  # the turn is not finished yet
+            done, _ = await agents.resolve_approvals("s", remaining="approve", request_id="r2")
+            assert done.reply == "both saved" and not done.pending_approvals
+            retried, _ = await agents.resolve_approvals("s", remaining="approve", request_id="r2")
+            assert retried.replayed and retried.raw.items == done.raw.items
+    stored = await client.all_items("s")
+    assert [i.data.get("type", "message") for i in stored] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+    assert {i.metadata[REQUEST_ID_KEY] for i in stored} == {"turn:t1"}
+
+
 async def test_streamed_turns_pause_too(approving: AgentClient) -> None:
     final = None
     async for event in approving.stream_chat("s", "remember to water the plants"):
