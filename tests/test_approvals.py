@@ -315,6 +315,24 @@ async def test_paused_runs_are_one_hash_per_session_and_claimed_once(
     assert await client.list_paused_runs("other") == []
 
 
+async def test_paused_runs_are_per_tenant(
+    state_server_factory: StateServerFactory, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alpha:token-alpha\nbeta:token-beta\n")
+    server = await state_server_factory(auth="token", auth_tokens_file=tokens)
+    async with (
+        StateClient(server.address, bearer_token="token-alpha") as alpha,
+        StateClient(server.address, bearer_token="token-beta") as beta,
+    ):
+        await alpha.put_paused_run("s", "run-1", b"state", [_approval()])
+        assert await beta.list_paused_runs("s") == []
+        with pytest.raises(StateServiceError) as hidden:
+            await beta.claim_paused_run("s", "run-1", "c1")
+        assert hidden.value.reason == "PAUSED_RUN_NOT_FOUND"
+        assert (await alpha.claim_paused_run("s", "run-1", "c1")).state == b"state"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("redis_backend", ["cluster"])
 async def test_paused_runs_on_a_redis_cluster(client: StateClient) -> None:
