@@ -7,6 +7,8 @@ makes it call save_note)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
 import signal
@@ -313,6 +315,26 @@ async def test_paused_runs_are_one_hash_per_session_and_claimed_once(
     )
     # Tenant-scoped and session-scoped: another session sees none.
     assert await client.list_paused_runs("other") == []
+
+
+async def test_paused_runs_are_sealed_at_rest_when_encryption_is_on(
+    state_server_factory: StateServerFactory, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("*:k1:" + base64.b64encode(os.urandom(32)).decode() + "\n")
+    server = await state_server_factory(encryption_keys_file=keys)
+    secret = "the door code is 4711"
+    async with StateClient(server.address) as state:
+        approval = PendingApproval("run-1.1", "save_note", json.dumps({"note": secret}), "a", "c")
+        await state.put_paused_run("s", "run-1", secret.encode(), [approval])
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            stored = await raw.hgetall("statecar:{default:s}:p")
+        finally:
+            await raw.aclose()
+        assert stored and all(secret.encode() not in value for value in stored.values())
+        assert (await state.list_paused_runs("s"))[0].approvals == [approval]
+        assert (await state.claim_paused_run("s", "run-1", "c1")).state == secret.encode()
 
 
 async def test_paused_runs_are_per_tenant(
