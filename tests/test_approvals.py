@@ -367,6 +367,17 @@ async def test_paused_runs_on_a_redis_cluster(client: StateClient) -> None:
     assert (await client.claim_paused_run("s", "run-1", "c1")).state == b"result"
 
 
+async def test_a_paused_run_of_a_deleted_session_is_gone(client: StateClient) -> None:
+    appended = await client.append_items("s", [{"role": "user", "content": "hi"}])
+    await client.put_paused_run("s", "run-1", b"state", [_approval()], etag=appended.etag)
+    await client.delete_session("s")
+    await client.append_items("s", [{"role": "user", "content": "a new life"}])
+    assert await client.list_paused_runs("s") == []
+    with pytest.raises(StateServiceError) as gone:
+        await client.claim_paused_run("s", "run-1", "c1")
+    assert gone.value.reason == "PAUSED_RUN_NOT_FOUND"
+
+
 async def test_paused_run_puts_are_etag_guarded_and_bounded(
     state_server_factory: StateServerFactory,
 ) -> None:

@@ -1336,7 +1336,8 @@ class RedisStorage:
         self, tenant: str, session_id: str, *, now_ms: int
     ) -> list[tuple[str, PausedHeader, bytes]]:
         """(run id, header, approvals) of the live runs."""
-        reply = await self._script("paused_list", [self.paused_key(tenant, session_id)], [now_ms])
+        keys = [self.paused_key(tenant, session_id), self.keys(tenant, session_id).meta]
+        reply = await self._script("paused_list", keys, [now_ms])
         return [
             (reply[i].decode(), PausedHeader.parse(reply[i + 1]), bytes(reply[i + 2]))
             for i in range(0, len(reply), 3)
@@ -1347,7 +1348,7 @@ class RedisStorage:
     ) -> PausedClaim:
         reply = await self._script(
             "paused_claim",
-            [self.paused_key(tenant, session_id)],
+            [self.paused_key(tenant, session_id), self.keys(tenant, session_id).meta],
             [run_id, claim_id, now_ms],
             write=True,
         )
