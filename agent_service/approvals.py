@@ -27,9 +27,12 @@ another request_id gets FAILED_PRECONDITION (ALREADY_RESOLVED).
 If the replica dies after its claim, whether the tools ran is unknown, so
 the claim is never released nor taken over: the run stays claimed until it
 expires (STATE_SERVICE_PAUSED_RUN_TTL_SECONDS). Tools run at most once; the
-turn is in the log only if the append happened (a retried Chat with the
-turn's request_id then finds it there). The same holds when the resumed run
-fails (model error) after its claim.
+turn is in the log only if the append happened. A retry with the same
+request_id gets the run back marked held: if the first attempt's turn is in
+the log it finishes the resume from there (resolves it with that turn),
+otherwise it is RESUME_CONFLICT, since the first attempt may still be running
+or may have run the tool. The same holds when the resumed run fails (model
+error) after its claim.
 
 The resumed turn is appended at the end of the log without an etag: turns
 stored while it was paused stay before it (each turn stays contiguous, every
@@ -67,6 +70,7 @@ from agent_service.settings import AgentServiceSettings
 from agent_service.tools import TurnContext
 from agent_service.turns import (
     AGENT_KEY,
+    REPLAY_SCAN_ITEMS,
     REQUEST_ID_KEY,
     Deadline,
     TurnRequest,
@@ -90,6 +94,7 @@ from state_service.client import (
     PendingApproval,
     StateClient,
     StateServiceError,
+    StoredItem,
 )
 from statecar.agent.v1 import agent_service_pb2 as pb
 
@@ -162,27 +167,39 @@ def _arguments(item: ToolApprovalItem) -> str:
 
 
 def _resume_error(error: StateServiceError) -> ServiceError:
-    if error.reason == "PAUSED_RUN_NOT_FOUND":
+    mapped = _resume_error_of(error.reason)
+    if mapped is not None:
+        return mapped
+    if error.reason == "PAUSED_RUN_LIMIT":
+        return ResourceExhausted(error.message, reason="PAUSED_RUN_LIMIT")
+    return state_error(error)
+
+
+def _resume_conflict() -> ServiceError:
+    return Aborted(
+        "another ResolveApprovals is resuming this paused run (or was, on a replica "
+        "that stopped: it stays claimed until it expires); nothing ran now",
+        reason="RESUME_CONFLICT",
+    )
+
+
+def _resume_error_of(reason: str) -> ServiceError | None:
+    """The agent error of a paused-run reason (None: not one of these)."""
+    if reason == "PAUSED_RUN_NOT_FOUND":
         return NotFound(
             "the paused run of these approvals does not exist or has expired "
             "(STATE_SERVICE_PAUSED_RUN_TTL_SECONDS); nothing ran",
             reason="APPROVAL_NOT_FOUND",
         )
-    if error.reason == "PAUSED_RUN_CLAIMED":
-        return Aborted(
-            "another ResolveApprovals is resuming this paused run (or was, on a replica "
-            "that stopped: it stays claimed until it expires); nothing ran now",
-            reason="RESUME_CONFLICT",
-        )
-    if error.reason == "PAUSED_RUN_RESOLVED":
+    if reason == "PAUSED_RUN_CLAIMED":
+        return _resume_conflict()
+    if reason == "PAUSED_RUN_RESOLVED":
         return FailedPrecondition(
             "this paused run was already resumed by another request; its turn is in the "
             "session log",
             reason="ALREADY_RESOLVED",
         )
-    if error.reason == "PAUSED_RUN_LIMIT":
-        return ResourceExhausted(error.message, reason="PAUSED_RUN_LIMIT")
-    return state_error(error)
+    return None
 
 
 _RESUME_OUTCOME = {
@@ -430,6 +447,25 @@ class Approvals:
             replay.turn.usage.Clear()
             return replay
         envelope = _Envelope.decode(claimed.state)
+        by_call = {a.call_id: a.approval_id for a in run.approvals}
+        if claimed.held:
+            # A retry of this request: its first attempt runs, or died. Only
+            # if that attempt stored its turn can this one finish the resume.
+            stored = await self._stored_turn(session_id, envelope.turn_id, deadline)
+            if stored is None:
+                raise _resume_conflict()
+            decided = {by_call.get(call, call): verdict for call, (verdict, _) in decisions.items()}
+            response = pb.ResolveApprovalsResponse(turn=stored, decisions=decided)
+            await self._state_call(
+                deadline,
+                self._state.resolve_paused_run,
+                session_id,
+                run.run_id,
+                claim_id,
+                response.SerializeToString(),
+            )
+            response.turn.replayed = True
+            return response
         entry = self._catalog.get(envelope.agent)
         if entry is None:
             raise NotFound(
@@ -467,7 +503,6 @@ class Approvals:
             raise
         except (AgentsException, openai.APIError) as error:
             raise _model_error(entry.spec.name, error) from error
-        by_call = {a.call_id: a.approval_id for a in run.approvals}
         decided = {by_call.get(call, call): verdict for call, verdict in applied.items()}
         if result.interruptions:
             turn = await self._store_pause(
@@ -492,6 +527,55 @@ class Approvals:
             response.SerializeToString(),
         )
         return response
+
+    async def _stored_turn(
+        self, session_id: str, turn_id: str, deadline: Deadline
+    ) -> pb.ChatResponse | None:
+        """The turn stored under turn_id, from the newest end of the log (a
+        resumed turn is appended at the end); None if not within
+        REPLAY_SCAN_ITEMS."""
+        found: list[StoredItem] = []
+        token = ""
+        scanned = 0
+        while scanned < REPLAY_SCAN_ITEMS:
+            page = await self._state_call(
+                deadline,
+                self._state.list_items,
+                session_id,
+                page_size=200,
+                page_token=token,
+                newest_first=True,
+            )
+            for item in page.items:
+                if item.metadata.get(REQUEST_ID_KEY) == turn_id:
+                    found.append(item)
+                elif found:  # a turn's items are contiguous
+                    break
+            else:
+                scanned += len(page.items)
+                token = page.next_page_token
+                if token:
+                    continue
+            break
+        if not found:
+            return None
+        found.reverse()
+        pairs = [(item.data, item.metadata.get(AGENT_KEY, "")) for item in found]
+        reply, agent = _reply_of(pairs)
+        return pb.ChatResponse(
+            reply=reply,
+            agent=agent,
+            items=[
+                pb.TurnItem(
+                    type=item.data.get("type", "message"),
+                    json=json.dumps(item.data, ensure_ascii=False, separators=(",", ":")),
+                    seq=item.seq,
+                    agent=item.metadata.get(AGENT_KEY, ""),
+                )
+                for item in found
+            ],
+            session_id=session_id,
+        )
 
     async def _store_turn(
         self,

@@ -13,7 +13,9 @@ Its life is paused -> claimed -> resolved, each step one Lua script
   stored meanwhile makes the pause stale: ABORTED, as for an append);
 - ``claim`` hands it to exactly one claim id. This is what makes a resume
   run its tools once: two replicas racing both send a claim, Redis runs the
-  scripts one after the other, and the second sees "claimed";
+  scripts one after the other, and the second sees "claimed". The holder's
+  own retry gets the state back marked ``held``: never to run it again, only
+  to find out whether the first attempt got as far as storing its turn;
 - ``resolve`` replaces the state by the resumer's result, which a retry of
   the same claim id gets back instead of running anything.
 
@@ -71,6 +73,9 @@ class Claimed:
     # The run state when claimed now; the stored result when `resolved`.
     body: bytes
     resolved: bool
+    # This claim id already held it (claimed earlier, not resolved): the
+    # caller may only check whether its first attempt finished.
+    held: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +205,7 @@ class PausedRuns:
             info,
             self._open(tenant, session_id, claim.body),
             resolved=outcome is PausedClaimOutcome.RESOLVED,
+            held=outcome is PausedClaimOutcome.HELD,
         )
 
     async def resolve(

@@ -433,6 +433,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
             run=convert.paused_run_message(claimed.run),
             state=claimed.body,
             resolved=claimed.resolved,
+            held=claimed.held,
         )
 
     @maps_domain_errors

@@ -21,9 +21,10 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from agent_service.approvals import claim_id_of, run_of_approval
 from agent_service.client import AgentClient, AgentServiceError, ChatResult
-from agent_service.turns import REQUEST_ID_KEY
-from state_service.client import PendingApproval, StateClient, StateServiceError
+from agent_service.turns import AGENT_KEY, REQUEST_ID_KEY
+from state_service.client import NewItem, PendingApproval, StateClient, StateServiceError
 from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis, free_port
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
@@ -144,6 +145,44 @@ async def test_reject_does_not_run_the_tool_and_the_model_sees_it(
     assert "not allowed here" in turn.reply  # the offline model repeats tool outputs
     stored = await client.all_items("s")
     assert not any("saved note" in str(i.data) for i in stored)
+
+
+async def test_a_retry_of_a_resume_whose_replica_died_finishes_only_if_the_turn_was_stored(
+    approving: AgentClient, client: StateClient
+) -> None:
+    """The two crash points of a resume, made deterministic by doing the first
+    attempt's steps by hand: claimed and died before storing the turn (the
+    retry is refused: the tool may have run), and died after storing it but
+    before resolving (the retry completes the resume from the log)."""
+    for session, stored in (("died-before", False), ("died-after", True)):
+        paused = await _pause(approving, session, request_id="t1")
+        run_id = run_of_approval(paused.pending_approvals[0].approval_id)
+        await client.claim_paused_run(session, run_id, claim_id_of("go"))
+        if stored:
+            metadata = {REQUEST_ID_KEY: "turn:t1", AGENT_KEY: "assistant"}
+            await client.append_items(
+                session,
+                [
+                    NewItem(
+                        {"role": "user", "content": "remember the door code is 4711"}, metadata
+                    ),
+                    NewItem({"role": "assistant", "content": "saved it"}, metadata),
+                ],
+                request_id="turn:t1",
+            )
+            turn, _ = await approving.resolve_approvals(
+                session, remaining="approve", request_id="go"
+            )
+            assert turn.replayed and turn.reply == "saved it" and len(turn.items) == 2
+            again, _ = await approving.resolve_approvals(
+                session, remaining="approve", request_id="go"
+            )
+            assert again.replayed and again.raw.items == turn.raw.items
+        else:
+            with pytest.raises(AgentServiceError) as refused:
+                await approving.resolve_approvals(session, remaining="approve", request_id="go")
+            assert refused.value.reason == "RESUME_CONFLICT"
+            assert await client.all_items(session) == []
 
 
 async def test_a_retried_chat_returns_the_same_pending_approvals(approving: AgentClient) -> None:
@@ -286,13 +325,11 @@ async def test_paused_runs_are_one_hash_per_session_and_claimed_once(
 
     claimed = await client.claim_paused_run("s", "run-1", "c1")
     assert (claimed.state, claimed.resolved, claimed.run.claim_id) == (b"state", False, "c1")
-    for claim_id in ("c1", "c2"):  # held: its own retry and any other are refused
-        with pytest.raises(StateServiceError) as busy:
-            await client.claim_paused_run("s", "run-1", claim_id)
-        assert (busy.value.code, busy.value.reason) == (
-            grpc.StatusCode.ABORTED,
-            "PAUSED_RUN_CLAIMED",
-        )
+    held = await client.claim_paused_run("s", "run-1", "c1")  # the holder's retry
+    assert (held.held, held.resolved, held.state) == (True, False, b"state")
+    with pytest.raises(StateServiceError) as busy:  # anyone else
+        await client.claim_paused_run("s", "run-1", "c2")
+    assert (busy.value.code, busy.value.reason) == (grpc.StatusCode.ABORTED, "PAUSED_RUN_CLAIMED")
     with pytest.raises(StateServiceError) as not_holder:
         await client.resolve_paused_run("s", "run-1", "c2", b"result")
     assert not_holder.value.reason == "PAUSED_RUN_CLAIMED"

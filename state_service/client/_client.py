@@ -483,7 +483,9 @@ class StateClient:
         """Takes a paused run for resumption (exactly one claim id ever does)."""
         request = pb.ClaimPausedRunRequest(session_id=session_id, run_id=run_id, claim_id=claim_id)
         response = await self._call(self._stub.ClaimPausedRun, request, timeout)
-        return ClaimedRun(PausedRun.from_proto(response.run), response.state, response.resolved)
+        return ClaimedRun(
+            PausedRun.from_proto(response.run), response.state, response.resolved, response.held
+        )
 
     async def resolve_paused_run(
         self,

@@ -334,3 +334,5 @@ class ClaimedRun:
     run: PausedRun
     state: bytes
     resolved: bool
+    # This claim id held it already (not resolved): check, never run again.
+    held: bool = False

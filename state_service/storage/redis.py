@@ -330,7 +330,8 @@ class PausedPut:
 class PausedClaimOutcome(enum.Enum):
     CLAIMED = "claimed"  # taken now by this claim id
     RESOLVED = "resolved"  # this claim id resolved it earlier
-    BUSY = "busy"  # claimed by someone
+    HELD = "held"  # claimed by this claim id, not resolved yet
+    BUSY = "busy"  # claimed by another claim id
     DONE = "done"  # resolved by another claim id
     MISSING = "missing"  # unknown or expired
 

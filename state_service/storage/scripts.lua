@@ -536,7 +536,9 @@ return out
 -- The one step that decides who resumes a run: paused -> claimed by this
 -- claim id, atomically. Returns {'claimed', header, body, approvals} (taken
 -- now), {'resolved', header, result, approvals} (this claim id resolved it
--- before), {'busy', header} (claimed), {'done', header} (resolved by another
+-- before), {'held', header, body, approvals} (this claim id holds it: a retry
+-- while the first attempt runs, or after it died), {'busy', header} (claimed
+-- by another), {'done', header} (resolved by another
 -- claim id) or {'missing'} (unknown or expired).
 local run, claim, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local got = redis.call('HMGET', KEYS[1], run, run .. ':b', run .. ':a', run .. ':i')
@@ -557,6 +559,7 @@ end
 if status == 'resolved' and holder == claim then
   return {'resolved', header, got[2], got[3]}
 end
+if status == 'claimed' and holder == claim then return {'held', header, got[2], got[3]} end
 if status == 'claimed' then return {'busy', header} end
 return {'done', header}
 

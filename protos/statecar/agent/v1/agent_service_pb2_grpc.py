@@ -171,7 +171,8 @@ class AgentServiceServicer:
         FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
         approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
         a resume dies, the run stays claimed until it expires: its tools ran at
-        most once, and the turn is stored only if the append happened.
+        most once, and the turn is stored only if the append happened (then a
+        retry with the same request_id returns it; otherwise RESUME_CONFLICT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

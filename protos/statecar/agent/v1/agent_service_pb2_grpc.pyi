@@ -88,7 +88,8 @@ class AgentServiceStub:
     FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
     approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
     a resume dies, the run stays claimed until it expires: its tools ran at
-    most once, and the turn is stored only if the append happened.
+    most once, and the turn is stored only if the append happened (then a
+    retry with the same request_id returns it; otherwise RESUME_CONFLICT).
     """
     ListApprovals: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListApprovalsRequest, _agent_service_pb2.ListApprovalsResponse]
     """Lists the approvals waiting for a decision in a session, oldest first."""
@@ -153,7 +154,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
     approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
     a resume dies, the run stays claimed until it expires: its tools ran at
-    most once, and the turn is stored only if the append happened.
+    most once, and the turn is stored only if the append happened (then a
+    retry with the same request_id returns it; otherwise RESUME_CONFLICT).
     """
     ListApprovals: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListApprovalsRequest, _agent_service_pb2.ListApprovalsResponse]  # type: ignore[assignment]
     """Lists the approvals waiting for a decision in a session, oldest first."""
@@ -257,7 +259,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
         approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
         a resume dies, the run stays claimed until it expires: its tools ran at
-        most once, and the turn is stored only if the append happened.
+        most once, and the turn is stored only if the append happened (then a
+        retry with the same request_id returns it; otherwise RESUME_CONFLICT).
         """
 
     @_abc_1.abstractmethod

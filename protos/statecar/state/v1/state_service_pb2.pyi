@@ -2033,6 +2033,7 @@ class ClaimPausedRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     RESOLVED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     state: _builtins.bytes
     """The serialized run state (when claimed now), or the result stored by
     ResolvePausedRun (when resolved is true).
@@ -2040,6 +2041,13 @@ class ClaimPausedRunResponse(_message.Message):
     resolved: _builtins.bool
     """True when this claim_id had already resolved the run: state holds its
     result, and nothing must be run again.
+    """
+    held: _builtins.bool
+    """True when this claim_id already held the run (claimed, not resolved: a
+    retry while its first attempt runs, or after that attempt died). state
+    is the run state, returned only so the caller can check whether the
+    first attempt got as far as storing its outcome; it must not be run
+    again.
     """
     @_builtins.property
     def run(self) -> Global___PausedRun:
@@ -2051,10 +2059,11 @@ class ClaimPausedRunResponse(_message.Message):
         run: Global___PausedRun | None = ...,
         state: _builtins.bytes = ...,
         resolved: _builtins.bool = ...,
+        held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resolved", b"resolved", "run", b"run", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "resolved", b"resolved", "run", b"run", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -327,8 +327,9 @@ class StateServiceServicer:
 
     def ClaimPausedRun(self, request, context):
         """Atomically claims a paused run for resumption and returns its state:
-        exactly one claim_id ever gets it. A run claimed by any claim_id is
-        ABORTED (PAUSED_RUN_CLAIMED); a resolved run returns its stored result
+        exactly one claim_id ever gets it. A run claimed by another claim_id is
+        ABORTED (PAUSED_RUN_CLAIMED); by the same one it is returned with held =
+        true (see the field); a resolved run returns its stored result
         to the claim_id that resolved it (resolved = true) and is
         FAILED_PRECONDITION (PAUSED_RUN_RESOLVED) to any other; an unknown or
         expired run is NOT_FOUND (PAUSED_RUN_NOT_FOUND). A claim is never
