@@ -656,3 +656,13 @@ async def test_a_resumer_killed_mid_run_leaves_the_run_claimed_and_the_tool_run_
                     )
             assert await _tool_runs_at(port_a) == 0
     assert await client.all_items("s") == []
+
+
+def test_needs_approval_must_name_the_agents_own_tools(tmp_path: Path) -> None:
+    from agent_service.config import ConfigError, load_config
+
+    path = write_agents_file(
+        tmp_path, "agents:\n  - name: a\n    tools: [calculate]\n    needs_approval: [save_note]\n"
+    )
+    with pytest.raises(ConfigError, match="needs_approval names tools it does not have"):
+        load_config(path)
