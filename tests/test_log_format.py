@@ -119,3 +119,18 @@ async def test_sessions_stored_in_format0_are_served(
         popped = await client.pop_item("legacy")
         assert popped.item is not None and popped.item.data["content"] == "third"
         assert popped.item.metadata == {"n": "2"} and popped.item.create_time == created
+
+
+def test_original_time_and_speaker_round_trip_in_format_2() -> None:
+    item = NewItem(
+        b'{"role":"user","content":"x"}', {"k": "v"}, original_ms=1_600_000_000_001, speaker="Mé"
+    )
+    payload = log.encode(item, CREATED_MS)
+    assert payload.startswith(log.FORMAT_2)
+    decoded = log.decode(b"9:" + payload)
+    assert decoded == Item(9, item.json, {"k": "v"}, CREATED_MS, 1_600_000_000_001, "Mé")
+    only_speaker = log.decode(b"1:" + log.encode(NewItem(b"{}", speaker="S"), 5))
+    assert (only_speaker.json, only_speaker.speaker, only_speaker.original_ms) == (b"{}", "S", 0)
+    # An item with neither stays format 1: older statecars read it.
+    assert log.encode(NewItem(b"{}"), 5).startswith(log.FORMAT_1)
+    assert log.FORMAT_2 not in (log.FORMAT_1, encryption.MARKER)

@@ -13,14 +13,21 @@ from statecar.state.v1 import state_service_pb2 as pb
 
 @dataclass(frozen=True, slots=True)
 class NewItem:
-    """An item to append: an openai-agents input item plus optional metadata."""
+    """An item to append: an openai-agents input item plus optional metadata,
+    when it was originally said (a timezone-aware datetime; naive means UTC)
+    and who said it (see the Item message for their limits)."""
 
     data: Mapping[str, Any]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    original_time: datetime | None = None
+    speaker: str = ""
 
     def to_proto(self) -> pb.Item:
         raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
-        return pb.Item(json=raw, metadata=dict(self.metadata))
+        message = pb.Item(json=raw, metadata=dict(self.metadata), speaker=self.speaker)
+        if self.original_time is not None:
+            message.original_time.FromDatetime(self.original_time)
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,8 @@ class StoredItem:
     data: dict[str, Any]
     metadata: dict[str, str]
     create_time: datetime | None
+    original_time: datetime | None = None
+    speaker: str = ""
 
     @classmethod
     def from_proto(cls, item: pb.Item) -> StoredItem:
@@ -37,6 +46,10 @@ class StoredItem:
             data=json.loads(item.json),
             metadata=dict(item.metadata),
             create_time=item.create_time.ToDatetime() if item.HasField("create_time") else None,
+            original_time=(
+                item.original_time.ToDatetime() if item.HasField("original_time") else None
+            ),
+            speaker=item.speaker,
         )
 
 

@@ -410,6 +410,8 @@ class Item(_message.Message):
     JSON_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ORIGINAL_TIME_FIELD_NUMBER: _builtins.int
+    SPEAKER_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Output only. Position of the item in its session's log: 1 for the first
     item ever appended, increasing by one per appended item. Never reused,
@@ -423,6 +425,13 @@ class Item(_message.Message):
     show the item as text rather than base64; on the wire the two are the
     same, so clients built when this field was `bytes` keep working.
     """
+    speaker: _builtins.str
+    """Optional. Display name of who said the item (e.g. "Caroline"), beside
+    the role in the item's JSON. At most 128 characters, no control
+    characters, not only whitespace; INVALID_ARGUMENT (field
+    "items[i].speaker") otherwise. Returned by every read; retrieval and the
+    summary see it.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form annotations returned unchanged by every read."""
@@ -431,6 +440,20 @@ class Item(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the item was appended."""
 
+    @_builtins.property
+    def original_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. When the item was originally said, for history brought in from
+        elsewhere (an import) or items written after the fact; unset means "at
+        create_time". Millisecond precision (finer parts are dropped). Validated
+        by AppendItems: at most 5 minutes (clock skew) after the
+        service's clock, not before 1970, and non-decreasing from one item to the
+        next within one request (items without it are skipped in that check).
+        Not checked against items appended by earlier requests: the seq order is
+        the log's order, original_time only annotates it. Violations are
+        INVALID_ARGUMENT (field "items[i].original_time"). Returned by every
+        read; retrieval and the summary see its date.
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +461,12 @@ class Item(_message.Message):
         json: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        original_time: _timestamp_pb2.Timestamp | None = ...,
+        speaker: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "original_time", b"original_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "json", b"json", "metadata", b"metadata", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "json", b"json", "metadata", b"metadata", "original_time", b"original_time", "seq", b"seq", "speaker", b"speaker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,7 +645,8 @@ class AppendItemsRequest(_message.Message):
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
-        """The items to append, oldest first. seq and create_time are ignored. An
+        """The items to append, oldest first. seq and create_time are ignored;
+        original_time and speaker are kept (see Item). An
         empty list appends nothing: it only checks etag and refreshes the TTL of
         an existing session.
         """
