@@ -71,6 +71,14 @@ def original_ms(item: pb.Item) -> int:
     return ms if ms > 0 else -1
 
 
+def create_ms(item: pb.Item) -> int:
+    """An imported item's create_time in ms (0: not given, -1: before 1970)."""
+    if not item.HasField("create_time"):
+        return 0
+    ms = item.create_time.ToMilliseconds()
+    return ms if ms > 0 else -1
+
+
 def item_message(item: Item) -> pb.Item:
     """The item's message, built once per item (callers copy it into theirs)."""
     message: pb.Item | None = item.rendered.get(_MESSAGE)

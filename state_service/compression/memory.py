@@ -319,6 +319,10 @@ class MemoryStore:
         self._memories.pop((tenant, session_id), None)
         self._bytes.set(self._memories.currsize)
 
+    def sessions_of(self, tenant: str) -> list[str]:
+        """The sessions of `tenant` this replica holds a memory of (erasure)."""
+        return [session for owner, session in list(self._memories) if owner == tenant]
+
     def clear(self) -> None:
         self._memories.clear()
         self._bytes.set(0)
