@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent_service import cli
 from shared_runtime.errors import error_info
@@ -78,7 +79,7 @@ async def populate(client: StateClient) -> None:
     await client.append_items(
         "alpha",
         [
-            NewItem(message("héllo, \"quoted\" \u2603"), {"k": "v"}, SAID, "Caroline"),
+            NewItem(message('héllo, "quoted" \u2603'), {"k": "v"}, SAID, "Caroline"),
             NewItem(message("plain")),
             NewItem({"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}),
             NewItem({"type": "function_call_output", "call_id": "c1", "output": "42"}),
@@ -157,7 +158,7 @@ async def test_a_target_with_other_items_is_a_conflict_and_gets_nothing(
 ) -> None:
     await client.append_items("s", [NewItem(message("mine")), NewItem(message("also mine"))])
     before = await export_lines(client)
-    incoming = [
+    incoming: list[Record] = [
         SessionHeader("s"),
         ExportedItem("s", ItemRecord(1, json.dumps(message("theirs")))),
         ExportedItem("s", ItemRecord(3, json.dumps(message("theirs too")))),
@@ -185,8 +186,10 @@ async def test_import_items_rpc_refuses_bad_seqs_with_error_info(
         cases = [
             ([pb.Item(seq=9, json=item), pb.Item(seq=9, json=item)], "items[1].seq"),
             ([pb.Item(seq=0, json=item)], "items[0].seq"),
-            ([pb.Item(seq=9, json=item, create_time={"seconds": 4_000_000_000})],
-             "items[0].create_time"),
+            (
+                [pb.Item(seq=9, json=item, create_time=Timestamp(seconds=4_000_000_000))],
+                "items[0].create_time",
+            ),
             ([pb.Item(seq=9, json="[]")], "items[0].json"),
         ]
         for items, field in cases:
