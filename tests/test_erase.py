@@ -195,7 +195,7 @@ async def test_erase_and_import_on_a_cluster(
             await client.append_items(f"s{i}", [NewItem(message(f"x{i}"))], request_id=f"r{i}")
         await client.import_items("imported", [ItemRecord(4, '{"role":"user","content":"i"}')])
         await client.update_workflow("wf", current_stage="a", results={}, agent_sessions={})
-        assert [s.session_id for s in (await client.list_sessions()).sessions][0] == "imported"
+        assert (await client.list_sessions()).sessions[0].session_id == "imported"
         assert (await client.erase_session("s0")).sessions == 1
         assert not [k for k in keys_everywhere() if "{default:s0}" in k]
         erased = await client.erase_tenant("default")
