@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -150,13 +151,17 @@ async def test_erase_rpcs_refuse_bad_input(server: StateServer) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.StateServiceStub(channel)
         metadata = (("authorization", "Bearer token-alpha"),)
-        for call, request, field in (
-            (stub.EraseSession, pb.EraseSessionRequest(session_id="a/b"), "session_id"),
-            (stub.EraseSession, pb.EraseSessionRequest(), "session_id"),
-            (stub.EraseTenant, pb.EraseTenantRequest(), "confirm_tenant"),
-        ):
+        calls: list[tuple[Any, str]] = [
+            (
+                stub.EraseSession(pb.EraseSessionRequest(session_id="a/b"), metadata=metadata),
+                "session_id",
+            ),
+            (stub.EraseSession(pb.EraseSessionRequest(), metadata=metadata), "session_id"),
+            (stub.EraseTenant(pb.EraseTenantRequest(), metadata=metadata), "confirm_tenant"),
+        ]
+        for call, field in calls:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await call(request, metadata=metadata)
+                await call
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             info = error_info(caught.value)
             assert info is not None and info.metadata["field"] == field
