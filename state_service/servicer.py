@@ -114,7 +114,11 @@ class StateServicer(pb_grpc.StateServiceServicer):
             ),
             CompactedViews(storage, keys=keys),
             SessionImports(
-                storage, token_counter=token_counter, keys=keys, compression=compression
+                storage,
+                token_counter=token_counter,
+                keys=keys,
+                compression=compression,
+                heavy=heavy,
             ),
             Erasure(storage, reader, compression=compression, durable=durable),
         )

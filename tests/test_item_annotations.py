@@ -115,3 +115,19 @@ def test_attributed_text_names_the_speaker_and_day() -> None:
     assert attributed_text("hi", "Mel") == "Mel: hi"
     assert attributed_text("hi") == "hi"
     assert attributed_text("", "Mel", ms) == ""
+
+
+def test_retrieval_and_summary_inputs_carry_speaker_and_date() -> None:
+    from state_service import log
+    from state_service.compression.memory import SessionMemory
+
+    ms = int(SAID.timestamp() * 1000)
+    items = [
+        log.Item(1, b'{"role":"user","content":"I adopted a cat."}', {}, 5, ms, "Ana"),
+        log.Item(2, b'{"role":"assistant","content":"Lovely."}', {}, 6),
+    ]
+    memory = SessionMemory("inc", 0, 0)
+    memory.extend([log.describe(item, 5) for item in items])
+    texts = [i.text for i in memory.inputs([0, 1])]
+    assert texts == ["Ana (2023-05-08): I adopted a cat.", "Lovely."]
+    assert memory.speakers[0] == frozenset({"ana"})

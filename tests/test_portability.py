@@ -301,3 +301,11 @@ async def test_cli_export_and_import_files(
     args = cli.parser().parse_args(["import", str(path), *target])
     assert await args.handler(args) == 0
     assert item_lines(await export_lines(client)) == item_lines(exported)
+
+
+async def test_a_large_import_round_trips(client: StateClient) -> None:
+    # Over heavy_work.OFFLOAD_MIN_BYTES per call: encoded off the event loop.
+    big = [ItemRecord(i, json.dumps(message("y" * 2000 + str(i)))) for i in range(1, 81)]
+    await client.import_items("large", big)
+    records, token = await client.list_item_records("large", page_size=100)
+    assert token == "" and [(r.seq, r.json) for r in records] == [(r.seq, r.json) for r in big]
