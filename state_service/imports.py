@@ -48,7 +48,7 @@ def check_order(items: Sequence[ImportedItem], now: int) -> None:
             )
         previous = imported.seq
         if imported.create_ms < 0:
-            raise InvalidArgument(f"items[{i}].create_time", "must not be before 1970-01-01")
+            raise InvalidArgument(f"items[{i}].create_time", "must be after 1970-01-01T00:00:00Z")
         if imported.create_ms > now + MAX_CLOCK_SKEW_MS:
             raise InvalidArgument(f"items[{i}].create_time", "is in the future")
 

@@ -102,7 +102,7 @@ def item_annotations(values: Sequence[NewItem], now: int) -> None:
         if item.original_ms:
             field = f"items[{i}].original_time"
             if item.original_ms < 0:
-                raise InvalidArgument(field, "must not be before 1970-01-01")
+                raise InvalidArgument(field, "must be after 1970-01-01T00:00:00Z")
             if item.original_ms > now + MAX_CLOCK_SKEW_MS:
                 raise InvalidArgument(
                     field,

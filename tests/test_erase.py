@@ -130,11 +130,14 @@ async def test_erase_session_then_tenant_leaves_nothing_and_spares_others(
         assert caught.value.metadata["field"] == "confirm_tenant"
         assert {k: v for k, v in (await every_key(redis)).items() if "beta" in k} == betas
 
+        # Another deployment on the same Redis whose key prefix starts with ours.
+        neighbour = "statecar:v2:{alpha:s2}:m"
+        await redis.hset(neighbour, "inc", "x")
         erased = await alpha.erase_tenant("alpha")
         assert erased.sessions == 2  # s2 and s1-fork (s1 is gone already)
         assert erased.durable_rows == 7 and durable.tenants == ["alpha"]
         keys = await every_key(redis)
-        assert not [k for k in keys if "alpha" in k], keys
+        assert [k for k in keys if "alpha" in k] == [neighbour]
         assert {k: v for k, v in keys.items() if "beta" in k} == betas
         assert server.compression.memories.sessions_of("alpha") == []
         assert server.cache.sessions_of("alpha") == []

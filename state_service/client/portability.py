@@ -88,6 +88,14 @@ def time_text(ms: int) -> str | None:
     )
 
 
+def ms_of(value: datetime) -> int:
+    """A datetime (naive = UTC) in whole milliseconds, without float rounding."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
 def time_ms(text: Any, where: str) -> int:
     if text is None:
         return 0
@@ -97,11 +105,7 @@ def time_ms(text: Any, where: str) -> int:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise FormatError(f"{where}: {text!r} is not an RFC 3339 time") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    # Whole milliseconds, computed without float rounding.
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return ms_of(value)
 
 
 def render(record: Record) -> str:
@@ -246,7 +250,7 @@ def header_of(info: SessionInfo) -> SessionHeader:
         persist=info.persist,
         context_strategy=info.context_strategy,
         tier_shares=info.tier_shares,
-        create_ms=int(info.create_time.replace(tzinfo=UTC).timestamp() * 1000),
+        create_ms=ms_of(info.create_time),
         item_count=info.item_count,
         last_seq=info.last_seq,
     )

@@ -1346,13 +1346,18 @@ class RedisStorage:
         Tenant ids have no glob characters (shared_runtime.auth); a key may
         come twice, as SCAN promises no more."""
         scan = self._redis.scan_iter(match=f"{self._prefix}:*{{{tenant}:*", count=batch)
+        # One SCAN for both kinds; the exact check drops keys of another
+        # deployment whose prefix merely starts with ours.
+        starts = (f"{self._prefix}:{{{tenant}:", f"{self._prefix}:wf:{{{tenant}:")
         found: list[str] = []
         while True:
             try:
                 key = await self._call("tenant_scan", anext(scan))
             except StopAsyncIteration:
                 break
-            found.append(key.decode() if isinstance(key, bytes) else key)
+            name = key.decode() if isinstance(key, bytes) else key
+            if name.startswith(starts):
+                found.append(name)
             if len(found) >= batch:
                 yield found
                 found = []

@@ -462,7 +462,7 @@ class Item(_message.Message):
         elsewhere (an import) or items written after the fact; unset means "at
         create_time". Millisecond precision (finer parts are dropped). Validated
         by AppendItems and ImportItems: at most 5 minutes (clock skew) after the
-        service's clock, not before 1970, and non-decreasing from one item to the
+        service's clock, after the start of 1970, and non-decreasing from one item to the
         next within one request (items without it are skipped in that check).
         Not checked against items appended by earlier requests: the seq order is
         the log's order, original_time only annotates it. Violations are
