@@ -15,6 +15,10 @@
 - ``redis-json``: the design brief's stateless pattern, one JSON array of
   messages per session under ``session:<id>`` (a string key).
 
+These read other applications' stores (read-only, with their own
+clients); statecar's own Redis keys are touched by state_service/storage/
+alone, and an import writes them through the service (ImportItems).
+
 Every source's items get seqs 1, 2, ... in the source's order, so importing
 the same source again skips what is there and adds what is new. Item JSON
 is kept as the source stored it, except the brief's arrays (one document),
