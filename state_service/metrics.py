@@ -113,6 +113,18 @@ COMPACTIONS = Counter(
     "CompactSession calls that stored a compacted view (the log is kept).",
 )
 SESSIONS_DELETED = Counter("statecar_state_sessions_deleted_total", "Sessions deleted.")
+ITEMS_IMPORTED = Counter(
+    "statecar_state_items_imported_total", "Items written by ImportItems (replays not counted)."
+)
+ERASURE_SCOPES = ("session", "tenant")
+ERASURES = Counter(
+    "statecar_state_erasures_total",
+    "EraseSession and EraseTenant calls completed (a repeated erase counts again).",
+    ["scope"],
+)
+ERASED_KEYS = Counter(
+    "statecar_state_erased_keys_total", "Redis keys deleted by erasures.", ["scope"]
+)
 SESSIONS_EXPIRED = Counter(
     "statecar_state_sessions_expired_total",
     "Expired sessions pruned from the session index.",
@@ -176,7 +188,7 @@ WRITE_OPERATIONS = (
     "delete_workflow",
     "compact",
 )
-REPLAYED_OPERATIONS = ("append", "pop", "fork", "compact")
+REPLAYED_OPERATIONS = ("append", "pop", "fork", "compact", "import")
 
 
 def initialize(cache_name: str) -> None:
@@ -198,6 +210,9 @@ def initialize(cache_name: str) -> None:
         IDEMPOTENT_REPLAYS.labels(operation)
     for outcome in COMPRESSION_OUTCOMES:
         COMPRESSION_RUNS.labels(outcome)
+    for scope in ERASURE_SCOPES:
+        ERASURES.labels(scope)
+        ERASED_KEYS.labels(scope)
 
 
 @functools.cache
