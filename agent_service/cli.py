@@ -7,6 +7,9 @@
     statecar history --session S
     statecar sessions
     statecar agents
+    statecar export [--session S ...] [--output FILE]    # JSON Lines
+    statecar import [FILE] [--from sqlite|sqlalchemy|redis-session|redis-json --source X]
+    statecar erase --session S | --tenant T --yes
 
 `up` reads the same STATE_SERVICE_* / AGENT_SERVICE_* environment as the
 services; the other commands talk to running services (--agent-target,
@@ -26,7 +29,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +322,96 @@ async def agents_command(args: argparse.Namespace) -> int:
     return 0
 
 
+async def export_command(args: argparse.Namespace) -> int:
+    from state_service.client.portability import export_sessions
+
+    # A command line's own file: blocking I/O is all this loop does.
+    output = sys.stdout if args.output in (None, "-") else open(args.output, "w")  # noqa: ASYNC230
+    try:
+        async with StateClient(args.state_target, bearer_token=args.token) as state:
+            await _require(state, "state service", args.state_target, "--state-target")
+            stats = await export_sessions(
+                state, output.write, session_ids=args.session or None, page_size=args.page_size
+            )
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    errors.print(f"exported {_count(stats.sessions, 'session')}, {_count(stats.items, 'item')}")
+    return 0
+
+
+async def _file_lines(path: str) -> AsyncIterator[str]:
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: ASYNC230
+    try:
+        for line in stream:
+            yield line
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+async def import_command(args: argparse.Namespace) -> int:
+    from state_service.client import importers
+    from state_service.client.portability import (
+        FormatError,
+        ImportConflict,
+        Record,
+        import_records,
+        parse_lines,
+    )
+
+    ids = args.session or None
+    records: AsyncIterator[Record]
+    if args.source_kind == "jsonl":
+        records = parse_lines(_file_lines(args.file or "-"))
+    elif not args.source:
+        errors.print(f"--from {args.source_kind} needs --source (a path or a URL)")
+        return 2
+    elif args.source_kind == "sqlite":
+        records = importers.sqlite_records(Path(args.source), session_ids=ids)
+    elif args.source_kind == "sqlalchemy":
+        records = importers.sqlalchemy_records(args.source, session_ids=ids)
+    elif args.source_kind == "redis-session":
+        prefix = args.key_prefix or "agents:session"
+        records = importers.redis_session_records(args.source, session_ids=ids, key_prefix=prefix)
+    else:
+        prefix = args.key_prefix or "session"
+        records = importers.redis_json_records(args.source, session_ids=ids, key_prefix=prefix)
+    async with StateClient(args.state_target, bearer_token=args.token) as state:
+        await _require(state, "state service", args.state_target, "--state-target")
+        try:
+            stats = await import_records(state, records)
+        except (FormatError, ImportConflict) as error:
+            errors.print(f"[red]import stopped:[/] {error}", markup=True)
+            return 1
+    errors.print(
+        f"{_count(stats.sessions, 'session')}: {stats.imported} items imported, "
+        f"{stats.skipped} already there"
+    )
+    return 0
+
+
+async def erase_command(args: argparse.Namespace) -> int:
+    if bool(args.session) == bool(args.tenant):
+        errors.print("name exactly one of --session or --tenant")
+        return 2
+    if args.tenant and not args.yes:
+        errors.print(f"this erases everything of tenant {args.tenant!r}; add --yes to confirm")
+        return 2
+    async with StateClient(args.state_target, bearer_token=args.token) as state:
+        await _require(state, "state service", args.state_target, "--state-target")
+        if args.session:
+            result = await state.erase_session(args.session)
+        else:
+            result = await state.erase_tenant(args.tenant)
+    errors.print(
+        f"erased {_count(result.sessions, 'session')} "
+        f"({_count(result.deleted_keys, 'Redis key')}, "
+        f"{_count(result.durable_rows, 'durable row')})"
+    )
+    return 0
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -389,6 +482,38 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--state-target", default=state_target)
     listing.set_defaults(handler=sessions)
+
+    out = commands.add_parser("export", help="sessions as JSON Lines (all, or --session)")
+    out.add_argument("--session", action="append", help="a session to export (repeatable)")
+    out.add_argument("--output", help="file to write (default: stdout)")
+    out.add_argument("--page-size", type=int, default=200, help="items per ListItems page")
+    out.add_argument("--state-target", default=state_target)
+    out.set_defaults(handler=export_command)
+
+    bring = commands.add_parser(
+        "import", help="sessions from a `statecar export` or another store (idempotent)"
+    )
+    bring.add_argument("file", nargs="?", help="JSON Lines from `statecar export` (- : stdin)")
+    bring.add_argument(
+        "--from",
+        dest="source_kind",
+        default="jsonl",
+        choices=("jsonl", "sqlite", "sqlalchemy", "redis-session", "redis-json"),
+        help="the source's kind (openai-agents SQLiteSession / SQLAlchemySession / "
+        "RedisSession, or one JSON document per session:<id> key)",
+    )
+    bring.add_argument("--source", help="the source: a SQLite file, a database or Redis URL")
+    bring.add_argument("--session", action="append", help="import only this session (repeatable)")
+    bring.add_argument("--key-prefix", help="Redis key prefix of the source")
+    bring.add_argument("--state-target", default=state_target)
+    bring.set_defaults(handler=import_command)
+
+    wipe = commands.add_parser("erase", help="erase a session or a whole tenant, everywhere")
+    wipe.add_argument("--session", help="the session to erase")
+    wipe.add_argument("--tenant", help="your tenant id: erase all of it (with --yes)")
+    wipe.add_argument("--yes", action="store_true", help="confirm a tenant erase")
+    wipe.add_argument("--state-target", default=state_target)
+    wipe.set_defaults(handler=erase_command)
 
     agents = commands.add_parser("agents", help="the configured agents")
     agents.add_argument("--agent-target", default=agent_target)

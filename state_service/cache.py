@@ -213,6 +213,10 @@ class SessionCache:
             metrics.CACHE_INVALIDATIONS.labels(CACHE_NAME, Invalidation.DELETED).inc()
             self._observe()
 
+    def sessions_of(self, tenant: str) -> list[str]:
+        """The sessions of `tenant` with a cached tail (erasure)."""
+        return [session for owner, session in list(self._tails) if owner == tenant]
+
     def clear(self) -> None:
         """Forgets everything: Redis is unreachable, so invalidations may be lost."""
         flushed = len(self._tails)

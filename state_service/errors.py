@@ -89,6 +89,20 @@ class PausedRunLimit(StateError):
         self.limit = limit
 
 
+class SeqConflict(StateError):
+    """An import's first seq is not above the session's last seq; nothing
+    was written."""
+
+    def __init__(self, session_id: str, last_seq: int, current_etag: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already has items up to seq {last_seq}; an import "
+            "must start above it (skip the items it has, or import into another session)"
+        )
+        self.session_id = session_id
+        self.last_seq = last_seq
+        self.current_etag = current_etag
+
+
 class WorkflowNotFound(StateError):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(f"workflow {workflow_id!r} does not exist")

@@ -50,7 +50,34 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
 
 def new_items(items: Sequence[pb.Item]) -> list[NewItem]:
     """Items to append (their seq and create_time are the log's to assign)."""
-    return [NewItem(item.json.encode(), dict(item.metadata)) for item in items]
+    return [
+        NewItem(item.json.encode(), dict(item.metadata))
+        if not item.speaker and not item.HasField("original_time")
+        else NewItem(
+            item.json.encode(),
+            dict(item.metadata),
+            original_ms=original_ms(item),
+            speaker=item.speaker,
+        )
+        for item in items
+    ]
+
+
+def original_ms(item: pb.Item) -> int:
+    """The item's original_time in ms (0: not given); -1 for a time before
+    1970, which validation refuses (0 would read as "not given")."""
+    if not item.HasField("original_time"):
+        return 0
+    ms = item.original_time.ToMilliseconds()
+    return ms if ms > 0 else -1
+
+
+def create_ms(item: pb.Item) -> int:
+    """An imported item's create_time in ms (0: not given, -1: before 1970)."""
+    if not item.HasField("create_time"):
+        return 0
+    ms = item.create_time.ToMilliseconds()
+    return ms if ms > 0 else -1
 
 
 def item_message(item: Item) -> pb.Item:
@@ -64,6 +91,12 @@ def item_message(item: Item) -> pb.Item:
             created = message.create_time
             created.seconds, millis = divmod(item.create_ms, 1000)
             created.nanos = millis * 1_000_000
+        if item.original_ms:
+            original = message.original_time
+            original.seconds, millis = divmod(item.original_ms, 1000)
+            original.nanos = millis * 1_000_000
+        if item.speaker:
+            message.speaker = item.speaker
         item.rendered[_MESSAGE] = message
     return message
 

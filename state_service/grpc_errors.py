@@ -38,6 +38,12 @@ def to_service_error(error: errors.StateError) -> rpc.ServiceError:
         return rpc.Aborted(
             message, reason="FORK_SOURCE_CHANGED", metadata={"session_id": error.session_id}
         )
+    if isinstance(error, errors.SeqConflict):
+        return rpc.Aborted(
+            message,
+            reason="SEQ_CONFLICT",
+            metadata={"last_seq": str(error.last_seq), "current_etag": error.current_etag},
+        )
     if isinstance(error, errors.WorkflowNotFound):
         return rpc.NotFound(
             message, reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": error.workflow_id}

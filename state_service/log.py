@@ -8,11 +8,18 @@ without migrating stored data.
 
 Payload formats, told apart by their first bytes:
 
-- ``00 02`` (format 1, what statecar writes): a 12-byte header (create
-  time in ms, u64, then the metadata's length n, u32, both big-endian), n bytes
-  of metadata as a JSON object (nothing when n is 0), then the item's JSON
-  bytes as the client sent them. Decoding is two slices and, with metadata, one
-  small JSON decode: it is on every cache miss.
+- ``00 02`` (format 1, what statecar writes for an item with neither an
+  original time nor a speaker): a 12-byte header (create time in ms, u64, then
+  the metadata's length n, u32, both big-endian), n bytes of metadata as a JSON
+  object (nothing when n is 0), then the item's JSON bytes as the client sent
+  them. Decoding is two slices and, with metadata, one small JSON decode: it
+  is on every cache miss.
+- ``00 03`` (format 2, an item with an original time or a speaker): a 22-byte
+  header (create time in ms, u64; original time in ms, u64, 0 when not given;
+  the metadata's length n, u32; the speaker's UTF-8 length k, u16; all
+  big-endian), n bytes of metadata as in format 1, k bytes of speaker, then the
+  item's JSON bytes. Items without either stay format 1, so the common item
+  costs nothing more and older statecars read it.
 - ``00 01``: encryption's sealed envelope (encryption.MARKER), opened before
   decoding.
 - anything else: format 0, the protobuf bytes of the API's ``Item`` as
@@ -21,7 +28,7 @@ Payload formats, told apart by their first bytes:
   rewritten, and leave through retention like any other.
 
 A protobuf message never starts with a zero byte (field number 0 is invalid),
-so the three can never be confused. An unknown ``00 xx`` (written by a newer
+so the formats can never be confused. An unknown ``00 xx`` (written by a newer
 statecar) is refused, not misread.
 """
 
@@ -36,8 +43,11 @@ from typing import Any
 from state_service.frozen_schema import message_class
 
 FORMAT_1 = b"\x00\x02"
+FORMAT_2 = b"\x00\x03"
 _HEADER = struct.Struct(">QI")
 _BODY = len(FORMAT_1) + _HEADER.size
+_HEADER_2 = struct.Struct(">QQIH")
+_BODY_2 = len(FORMAT_2) + _HEADER_2.size
 _JSON = json.JSONDecoder()
 
 _Format0Item = message_class(
@@ -62,6 +72,8 @@ class NewItem:
 
     json: bytes
     metadata: Mapping[str, str] = field(default_factory=dict)
+    original_ms: int = 0
+    speaker: str = ""
 
 
 @dataclass(slots=True)
@@ -78,6 +90,8 @@ class Item:
     json: bytes
     metadata: Mapping[str, str] = field(default_factory=dict)
     create_ms: int = 0
+    original_ms: int = 0
+    speaker: str = ""
     rendered: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -120,11 +134,16 @@ def describe(item: Item, tokens: int) -> LogEntry:
 
 
 def encode(item: NewItem, create_ms: int) -> bytes:
-    """The stored payload of an item (format 1; the log adds the seq)."""
+    """The stored payload of an item (format 1, or 2 when it has an original
+    time or a speaker; the log adds the seq)."""
     metadata = (
         json.dumps(dict(item.metadata), separators=(",", ":")).encode() if item.metadata else b""
     )
-    return FORMAT_1 + _HEADER.pack(create_ms, len(metadata)) + metadata + item.json
+    if not item.original_ms and not item.speaker:
+        return FORMAT_1 + _HEADER.pack(create_ms, len(metadata)) + metadata + item.json
+    speaker = item.speaker.encode()
+    header = _HEADER_2.pack(create_ms, item.original_ms, len(metadata), len(speaker))
+    return FORMAT_2 + header + metadata + speaker + item.json
 
 
 def decode(raw: bytes, open_payload: Callable[[bytes], bytes] | None = None) -> Item:
@@ -140,6 +159,14 @@ def decode_payload(seq: int, payload: bytes) -> Item:
         # bytes written by encode() never need; it is most of the cost here.
         metadata = _JSON.raw_decode(payload[_BODY : _BODY + length].decode())[0] if length else {}
         return Item(seq, payload[_BODY + length :], metadata, create_ms)
+    if payload[:2] == FORMAT_2:
+        create_ms, original_ms, length, speaker_length = _HEADER_2.unpack_from(
+            payload, len(FORMAT_2)
+        )
+        end = _BODY_2 + length
+        metadata = _JSON.raw_decode(payload[_BODY_2:end].decode())[0] if length else {}
+        speaker = payload[end : end + speaker_length].decode()
+        return Item(seq, payload[end + speaker_length :], metadata, create_ms, original_ms, speaker)
     if payload[:1] == b"\x00":
         raise UnknownFormat(f"log entry {seq} has unknown format {payload[1:2].hex()}")
     stored = _Format0Item.FromString(payload)

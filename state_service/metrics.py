@@ -121,6 +121,18 @@ PAUSED_RUNS = Counter(
     ["step"],
 )
 SESSIONS_DELETED = Counter("statecar_state_sessions_deleted_total", "Sessions deleted.")
+ITEMS_IMPORTED = Counter(
+    "statecar_state_items_imported_total", "Items written by ImportItems (replays not counted)."
+)
+ERASURE_SCOPES = ("session", "tenant")
+ERASURES = Counter(
+    "statecar_state_erasures_total",
+    "EraseSession and EraseTenant calls completed (a repeated erase counts again).",
+    ["scope"],
+)
+ERASED_KEYS = Counter(
+    "statecar_state_erased_keys_total", "Redis keys deleted by erasures.", ["scope"]
+)
 SESSIONS_EXPIRED = Counter(
     "statecar_state_sessions_expired_total",
     "Expired sessions pruned from the session index.",
@@ -184,7 +196,7 @@ WRITE_OPERATIONS = (
     "delete_workflow",
     "compact",
 )
-REPLAYED_OPERATIONS = ("append", "pop", "fork", "compact")
+REPLAYED_OPERATIONS = ("append", "pop", "fork", "compact", "import")
 
 
 def initialize(cache_name: str) -> None:
@@ -208,6 +220,9 @@ def initialize(cache_name: str) -> None:
         COMPRESSION_RUNS.labels(outcome)
     for step in PAUSED_RUN_STEPS:
         PAUSED_RUNS.labels(step)
+    for scope in ERASURE_SCOPES:
+        ERASURES.labels(scope)
+        ERASED_KEYS.labels(scope)
 
 
 @functools.cache

@@ -88,6 +88,10 @@ class LogReader:
         if self._cache is not None:
             self._cache.drop(tenant, session_id)
 
+    def cached_sessions(self, tenant: str) -> list[str]:
+        """The sessions of `tenant` with a cached tail on this replica."""
+        return self._cache.sessions_of(tenant) if self._cache is not None else []
+
     async def current_tail(
         self, tenant: str, session_id: str, window: int, offload: Offload | None = None
     ) -> CachedTail | None:

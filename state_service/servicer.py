@@ -6,7 +6,7 @@ the RPC, convert its result back. Domain errors leave as their status
 AppendItems, PopItem, GetSession, UpdateSession, DeleteSession: sessions.py.
 GetContext: context.py. ListItems, ListSessions: listing.py. Workflows:
 workflows.py. ForkSession: forks.py. CompactSession, GetCompactedView:
-compaction.py.
+compaction.py. ImportItems: imports.py. EraseSession, EraseTenant: erasure.py.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from state_service.compaction import CompactedViews
 from state_service.compression.engine import Compression
 from state_service.context import ContextLimits, ContextPipeline
 from state_service.encryption import KeyRing
+from state_service.erasure import DurableTier, Erasure
 from state_service.forks import SessionForks
 from state_service.grpc_errors import maps_domain_errors
 from state_service.heavy_work import HeavyWork
 from state_service.identity import tenant_of
+from state_service.imports import ImportedItem, SessionImports
 from state_service.listing import Listing
 from state_service.paused_runs import Approval, PausedRunLimits, PausedRuns
 from state_service.reader import LogReader
@@ -53,6 +55,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
         forks: SessionForks,
         views: CompactedViews,
         paused: PausedRuns,
+        imports: SessionImports,
+        erasure: Erasure,
     ) -> None:
         self._store = store
         self._context = context
@@ -62,6 +66,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self._forks = forks
         self._views = views
         self._paused = paused
+        self._imports = imports
+        self._erasure = erasure
 
     @classmethod
     def over(
@@ -74,8 +80,10 @@ class StateServicer(pb_grpc.StateServiceServicer):
         keys: KeyRing | None = None,
         compression: Compression | None = None,
         heavy: HeavyWork | None = None,
+        durable: DurableTier | None = None,
     ) -> StateServicer:
-        """The servicer with its business modules, over one storage and log reader."""
+        """The servicer with its business modules, over one storage and log
+        reader (and the durable tier's erasure, when there is one)."""
         heavy = heavy or HeavyWork.unlimited()
         return cls(
             SessionStore(
@@ -117,6 +125,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 ),
                 keys=keys,
             ),
+            SessionImports(
+                storage,
+                token_counter=token_counter,
+                keys=keys,
+                compression=compression,
+                heavy=heavy,
+            ),
+            Erasure(storage, reader, compression=compression, durable=durable),
         )
 
     @maps_domain_errors
@@ -447,3 +463,60 @@ class StateServicer(pb_grpc.StateServiceServicer):
             tenant_of(context), session_id, run_id, claim_id, request.result
         )
         return pb.ResolvePausedRunResponse(run=convert.paused_run_message(info))
+
+    @maps_domain_errors
+    async def ImportItems(
+        self, request: pb.ImportItemsRequest, context: Context
+    ) -> pb.ImportItemsResponse:
+        session_id = validation.session_id(request.session_id)
+        new_items = convert.new_items(request.items)
+        validation.items(new_items, self._settings)
+        imported = [
+            ImportedItem(
+                message.seq,
+                convert.create_ms(message),
+                item,
+            )
+            for message, item in zip(request.items, new_items, strict=True)
+        ]
+        outcome = await self._imports.import_items(
+            tenant_of(context),
+            session_id,
+            imported,
+            request_id=validation.request_id(request.request_id),
+            etag=validation.etag(request.etag),
+        )
+        return pb.ImportItemsResponse(
+            etag=outcome.etag,
+            first_seq=outcome.first_seq,
+            last_seq=outcome.last_seq,
+            replayed=outcome.replayed,
+        )
+
+    @maps_domain_errors
+    async def EraseSession(
+        self, request: pb.EraseSessionRequest, context: Context
+    ) -> pb.EraseSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        erased = await self._erasure.erase_session(tenant_of(context), session_id)
+        return pb.EraseSessionResponse(
+            existed=erased.existed,
+            deleted_key_count=erased.deleted_keys,
+            durable_row_count=erased.durable_rows,
+        )
+
+    @maps_domain_errors
+    async def EraseTenant(
+        self, request: pb.EraseTenantRequest, context: Context
+    ) -> pb.EraseTenantResponse:
+        tenant = tenant_of(context)
+        if request.confirm_tenant != tenant:
+            raise InvalidArgument(
+                "confirm_tenant", "must be the caller's own tenant id (a confirmation)"
+            )
+        erased = await self._erasure.erase_tenant(tenant)
+        return pb.EraseTenantResponse(
+            session_count=erased.sessions,
+            deleted_key_count=erased.deleted_keys,
+            durable_row_count=erased.durable_rows,
+        )

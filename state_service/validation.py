@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,10 @@ from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
 
 MAX_TTL_SECONDS = 10 * 365 * 86400
+# How far past the service's clock an item's original_time may be: clocks of
+# importing clients drift, a time from the future is a bug.
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+MAX_SPEAKER_CHARS = 128
 
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.=-]{1,128}")
@@ -91,6 +97,52 @@ def items(values: Sequence[NewItem], settings: StateServiceSettings) -> None:
         if check_shape and (problem := input_item_problem(data)) is not None:
             raise InvalidArgument(f"items[{i}].json", problem)
         metadata(item.metadata, f"items[{i}].metadata", settings)
+    item_annotations(values, now_ms())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def item_annotations(values: Sequence[NewItem], now: int) -> None:
+    """Checks the items' original times and speakers (see the Item message).
+
+    Original times are non-decreasing within one request only: across
+    requests the seq order is the log's order and the time just annotates it
+    (checking against the stored newest item would cost a read per append)."""
+    latest = 0
+    latest_index = -1
+    for i, item in enumerate(values):
+        if item.original_ms:
+            field = f"items[{i}].original_time"
+            if item.original_ms < 0:
+                raise InvalidArgument(field, "must be after 1970-01-01T00:00:00Z")
+            if item.original_ms > now + MAX_CLOCK_SKEW_MS:
+                raise InvalidArgument(
+                    field,
+                    f"is in the future (more than {MAX_CLOCK_SKEW_MS // 1000} s after "
+                    "the service's clock)",
+                )
+            if item.original_ms < latest:
+                raise InvalidArgument(
+                    field,
+                    f"is before items[{latest_index}].original_time; original times must "
+                    "not decrease within a request",
+                )
+            latest, latest_index = item.original_ms, i
+        if item.speaker:
+            speaker(item.speaker, f"items[{i}].speaker")
+
+
+def speaker(value: str, field: str) -> None:
+    if len(value) > MAX_SPEAKER_CHARS:
+        raise InvalidArgument(
+            field, f"is {len(value)} characters; the limit is {MAX_SPEAKER_CHARS}"
+        )
+    if not value.strip():
+        raise InvalidArgument(field, "must not be only whitespace")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise InvalidArgument(field, "must not contain control characters")
 
 
 def page_size(value: int, settings: StateServiceSettings) -> int:

@@ -21,6 +21,8 @@ def _instance(kind: type[errors.StateError]) -> errors.StateError:
         return errors.SessionAlreadyExists("n")
     if kind is errors.ForkSourceChanged:
         return errors.ForkSourceChanged("s")
+    if kind is errors.SeqConflict:
+        return errors.SeqConflict("s", 7, "abc.3")
     if kind is errors.InvalidField:
         return errors.InvalidField("page_token", "is not a token this service issued")
     if kind is errors.ReplicationTimeout:
@@ -52,6 +54,11 @@ EXPECTED = {
         grpc.StatusCode.ABORTED,
         "FORK_SOURCE_CHANGED",
         {"session_id": "s"},
+    ),
+    errors.SeqConflict: (
+        grpc.StatusCode.ABORTED,
+        "SEQ_CONFLICT",
+        {"last_seq": "7", "current_etag": "abc.3"},
     ),
     errors.WorkflowNotFound: (
         grpc.StatusCode.NOT_FOUND,

@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
 
 from state_service import encryption, log
-from state_service.client import StateClient
+from state_service.client import ItemRecord, StateClient
+from state_service.client import NewItem as ClientNewItem
 from state_service.encryption import KeyRing
 from state_service.log import Item, NewItem
 from state_service.storage.embedded import EmbeddedRedis
@@ -119,3 +120,37 @@ async def test_sessions_stored_in_format0_are_served(
         popped = await client.pop_item("legacy")
         assert popped.item is not None and popped.item.data["content"] == "third"
         assert popped.item.metadata == {"n": "2"} and popped.item.create_time == created
+        # Format 2 (original time, speaker) and imported items (their own seq
+        # and create time) are served beside format 0, sealed or not.
+        said = datetime(2023, 5, 8, tzinfo=UTC)
+        await client.append_items(
+            "legacy", [ClientNewItem({"role": "user", "content": "annotated"}, {}, said, "Mel")]
+        )
+        await client.import_items(
+            "legacy",
+            [ItemRecord(9, '{"role":"user","content":"imported"}', create_ms=CREATED_MS)],
+        )
+        items = await client.all_items("legacy")
+        assert [(i.seq, i.data["content"]) for i in items] == [
+            (1, "first"),
+            (2, "second"),
+            (5, "annotated"),
+            (9, "imported"),
+        ]
+        assert (items[2].speaker, items[2].original_time) == ("Mel", said.replace(tzinfo=None))
+        assert items[3].create_time == created and items[0].create_time == created
+
+
+def test_original_time_and_speaker_round_trip_in_format_2() -> None:
+    item = NewItem(
+        b'{"role":"user","content":"x"}', {"k": "v"}, original_ms=1_600_000_000_001, speaker="Mé"
+    )
+    payload = log.encode(item, CREATED_MS)
+    assert payload.startswith(log.FORMAT_2)
+    decoded = log.decode(b"9:" + payload)
+    assert decoded == Item(9, item.json, {"k": "v"}, CREATED_MS, 1_600_000_000_001, "Mé")
+    only_speaker = log.decode(b"1:" + log.encode(NewItem(b"{}", speaker="S"), 5))
+    assert (only_speaker.json, only_speaker.speaker, only_speaker.original_ms) == (b"{}", "S", 0)
+    # An item with neither stays format 1: older statecars read it.
+    assert log.encode(NewItem(b"{}"), 5).startswith(log.FORMAT_1)
+    assert log.FORMAT_2 not in (log.FORMAT_1, encryption.MARKER)

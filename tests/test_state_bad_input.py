@@ -214,6 +214,23 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
          update_mask=field_mask_pb2.FieldMask(paths=["tier_shares"]),
      ),
      INVALID, "settings.tier_shares"),
+    ("long speaker", "AppendItems",
+     pb.AppendItemsRequest(session_id="exists", items=[pb.Item(json=GOOD.json, speaker="x" * 200)]),
+     INVALID, "items[0].speaker"),
+    ("import seq zero", "ImportItems",
+     pb.ImportItemsRequest(session_id="new", items=[pb.Item(seq=0, json=GOOD.json)]),
+     INVALID, "items[0].seq"),
+    ("import below last seq", "ImportItems",
+     pb.ImportItemsRequest(session_id="exists", items=[pb.Item(seq=1, json=GOOD.json)]),
+     ABORTED, "SEQ_CONFLICT"),
+    ("import stale etag", "ImportItems",
+     pb.ImportItemsRequest(session_id="exists", etag="0",
+                           items=[pb.Item(seq=5, json=GOOD.json)]),
+     ABORTED, "ETAG_MISMATCH"),
+    ("erase bad id", "EraseSession", pb.EraseSessionRequest(session_id="a/b"),
+     INVALID, "session_id"),
+    ("erase tenant unconfirmed", "EraseTenant", pb.EraseTenantRequest(confirm_tenant="other"),
+     INVALID, "confirm_tenant"),
 ]  # fmt: skip
 
 

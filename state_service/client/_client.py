@@ -23,7 +23,9 @@ from state_service.client.types import (
     CompactedView,
     CompactResult,
     Context,
+    EraseResult,
     ForkResult,
+    ItemRecord,
     ItemsPage,
     NewItem,
     PausedRun,
@@ -571,3 +573,62 @@ class StateClient:
             workflow_id=workflow_id, etag=etag, allow_missing=allow_missing
         )
         await self._call(self._stub.DeleteWorkflow, request, timeout)
+
+    # -- data portability ---------------------------------------------------------
+
+    async def list_item_records(
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[ItemRecord], str]:
+        """One page of a session's items, oldest first, exactly as stored
+        (see ItemRecord), and the next page's token ("" on the last)."""
+        request = pb.ListItemsRequest(
+            session_id=session_id, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._stub.ListItems, request, timeout)
+        return [ItemRecord.from_proto(i) for i in response.items], response.next_page_token
+
+    async def import_items(
+        self,
+        session_id: str,
+        items: Sequence[ItemRecord],
+        *,
+        request_id: str | None = None,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> AppendResult:
+        """Writes items keeping their seqs and create times (ImportItems): the
+        first seq must be above the session's last_seq (EtagMismatchError with
+        reason SEQ_CONFLICT otherwise)."""
+        request = pb.ImportItemsRequest(
+            session_id=session_id,
+            items=[item.to_proto() for item in items],
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            etag=etag,
+        )
+        response = await self._call(self._stub.ImportItems, request, timeout)
+        return AppendResult(
+            response.etag, response.first_seq, response.last_seq, replayed=response.replayed
+        )
+
+    async def erase_session(self, session_id: str, *, timeout: float | None = None) -> EraseResult:
+        """Erases everything kept about one session (see EraseSession)."""
+        request = pb.EraseSessionRequest(session_id=session_id)
+        response = await self._call(self._stub.EraseSession, request, timeout)
+        return EraseResult(
+            1 if response.existed else 0, response.deleted_key_count, response.durable_row_count
+        )
+
+    async def erase_tenant(self, tenant: str, *, timeout: float | None = 120.0) -> EraseResult:
+        """Erases everything kept about the caller's tenant; `tenant` must be
+        that tenant's id (a confirmation). An interrupted erase continues when
+        called again."""
+        request = pb.EraseTenantRequest(confirm_tenant=tenant)
+        response = await self._call(self._stub.EraseTenant, request, timeout)
+        return EraseResult(
+            response.session_count, response.deleted_key_count, response.durable_row_count
+        )

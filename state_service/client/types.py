@@ -13,14 +13,21 @@ from statecar.state.v1 import state_service_pb2 as pb
 
 @dataclass(frozen=True, slots=True)
 class NewItem:
-    """An item to append: an openai-agents input item plus optional metadata."""
+    """An item to append: an openai-agents input item plus optional metadata,
+    when it was originally said (a timezone-aware datetime; naive means UTC)
+    and who said it (see the Item message for their limits)."""
 
     data: Mapping[str, Any]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    original_time: datetime | None = None
+    speaker: str = ""
 
     def to_proto(self) -> pb.Item:
         raw = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
-        return pb.Item(json=raw, metadata=dict(self.metadata))
+        message = pb.Item(json=raw, metadata=dict(self.metadata), speaker=self.speaker)
+        if self.original_time is not None:
+            message.original_time.FromDatetime(self.original_time)
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,8 @@ class StoredItem:
     data: dict[str, Any]
     metadata: dict[str, str]
     create_time: datetime | None
+    original_time: datetime | None = None
+    speaker: str = ""
 
     @classmethod
     def from_proto(cls, item: pb.Item) -> StoredItem:
@@ -37,6 +46,10 @@ class StoredItem:
             data=json.loads(item.json),
             metadata=dict(item.metadata),
             create_time=item.create_time.ToDatetime() if item.HasField("create_time") else None,
+            original_time=(
+                item.original_time.ToDatetime() if item.HasField("original_time") else None
+            ),
+            speaker=item.speaker,
         )
 
 
@@ -336,3 +349,50 @@ class ClaimedRun:
     resolved: bool
     # This claim id held it already (not resolved): check, never run again.
     held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRecord:
+    """An item exactly as stored, for moving it between stores: `json` is
+    its text character for character (never re-encoded), times are
+    milliseconds since the epoch (0: not given)."""
+
+    seq: int
+    json: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    create_ms: int = 0
+    original_ms: int = 0
+    speaker: str = ""
+
+    def to_proto(self) -> pb.Item:
+        message = pb.Item(
+            seq=self.seq, json=self.json, metadata=dict(self.metadata), speaker=self.speaker
+        )
+        if self.create_ms:
+            message.create_time.FromMilliseconds(self.create_ms)
+        if self.original_ms:
+            message.original_time.FromMilliseconds(self.original_ms)
+        return message
+
+    @classmethod
+    def from_proto(cls, item: pb.Item) -> ItemRecord:
+        return cls(
+            seq=item.seq,
+            json=item.json,
+            metadata=dict(item.metadata),
+            create_ms=item.create_time.ToMilliseconds() if item.HasField("create_time") else 0,
+            original_ms=(
+                item.original_time.ToMilliseconds() if item.HasField("original_time") else 0
+            ),
+            speaker=item.speaker,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EraseResult:
+    """What an erase removed: sessions (1 or 0 for one session), Redis keys,
+    durable-tier rows."""
+
+    sessions: int
+    deleted_keys: int
+    durable_rows: int

@@ -17,6 +17,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from shared_runtime.items import attributed_text
 from state_service import metrics
 from state_service.cache import CountingTTLCache
 from state_service.compression import text as textlib
@@ -84,7 +85,9 @@ def _annotations(entry: LogEntry) -> tuple[frozenset[str], list[str]]:
             speaker += textlib.terms(value)
         elif lowered in TIME_KEYS:
             other += textlib.terms(value)
-    return frozenset(speaker), speaker + other
+    # The item's own speaker is in its text already (attributed_text).
+    named = textlib.terms(entry.item.speaker) if entry.item.speaker else []
+    return frozenset(speaker + named), speaker + other
 
 
 def _describe_text(entry: LogEntry) -> tuple[str, str]:
@@ -92,7 +95,9 @@ def _describe_text(entry: LogEntry) -> tuple[str, str]:
         data: Any = json.loads(entry.item.json)
     except ValueError:
         return "other", ""
-    return textlib.item_role(data), textlib.item_text(data)
+    item = entry.item
+    text = textlib.item_text(data)
+    return textlib.item_role(data), attributed_text(text, item.speaker, item.original_ms)
 
 
 def _size_of_entry(entry: LogEntry, text: str) -> int:
@@ -313,6 +318,10 @@ class MemoryStore:
     def drop(self, tenant: str, session_id: str) -> None:
         self._memories.pop((tenant, session_id), None)
         self._bytes.set(self._memories.currsize)
+
+    def sessions_of(self, tenant: str) -> list[str]:
+        """The sessions of `tenant` this replica holds a memory of (erasure)."""
+        return [session for owner, session in list(self._memories) if owner == tenant]
 
     def clear(self) -> None:
         self._memories.clear()

@@ -7,8 +7,9 @@ so one Redis Cluster slot, which keeps the Lua steps atomic on a cluster too)::
     <prefix>:{<tenant>:<session>}:l   the log: a list of "<seq>:<payload>" (log.py)
     <prefix>:{<tenant>:<session>}:r   request ids already applied -> response
     <prefix>:{<tenant>:<session>}:s   the stored summary (text + covered seq range)
-    <prefix>:{<tenant>:<session>}:p   paused agent runs waiting for tool approvals
-                                      (paused_runs.py; a field set per run)
+    <prefix>:{<tenant>:<session>}:p   paused agent runs (approvals)
+    <prefix>:{<tenant>:<session>}:f:<attempt>  a fork's staging list (short TTL)
+    <prefix>:wf:{<tenant>:<workflow>} a workflow's shared state
     <prefix>:idx:{<tenant>}           sorted set of the tenant's session ids
 
 The log list only changes at its tail (append, pop) or as a whole (delete,
@@ -52,6 +53,7 @@ from state_service.errors import (
     EtagMismatch,
     IndexPending,
     ReplicationTimeout,
+    SeqConflict,
     StoreAuthRefused,
     StoreFailover,
     StoreFull,
@@ -1395,3 +1397,123 @@ class RedisStorage:
     async def info_memory(self) -> dict[str, Any]:
         info: dict[str, Any] = await self._call("info", self._redis.info("memory"))
         return info
+
+    # -- import and erasure (data portability) ---------------------------------
+
+    def paused_runs_key(self, tenant: str, session_id: str) -> str:
+        """The hash of a session's paused agent runs (written by the agent
+        approvals feature), in the session's slot."""
+        return f"{self._prefix}:{{{tenant}:{session_id}}}:p"
+
+    async def import_entries(
+        self,
+        tenant: str,
+        session_id: str,
+        entries: Sequence[bytes],
+        *,
+        first_seq: int,
+        last_seq: int,
+        request_id: str,
+        expected_etag: str,
+        new_incarnation: str,
+        now_ms: int,
+        tokens: int,
+    ) -> AppendOutcome:
+        """Appends "<seq>:<payload>" entries that keep their seqs (first_seq..
+        last_seq, increasing) in one step, as ``append`` does; raises
+        SeqConflict when first_seq is not above the session's last seq."""
+        keys = self.keys(tenant, session_id)
+        args: list[bytes | str | int] = [
+            request_id,
+            expected_etag,
+            self.default_ttl_seconds,
+            now_ms,
+            new_incarnation,
+            tokens,
+            session_id,
+            first_seq,
+            last_seq,
+            *entries,
+        ]
+        may_create = bool(entries) and expected_etag in ("", ABSENT_ETAG)
+        index_add = (self.index_key(tenant), session_id) if may_create else None
+        reply = await self._script(
+            "import",
+            keys.as_list(),
+            args,
+            write=True,
+            resend=bool(request_id),
+            index_add=index_add,
+        )
+        status, body = reply[0].decode(), reply[1].decode()
+        if status == "conflict":
+            raise EtagMismatch(body)
+        if status == "behind":
+            etag, last = body.split(" ")
+            raise SeqConflict(session_id, int(last), etag)
+        etag, first, last = body.split(" ")
+        if may_create and self._cluster is not None:
+            await self._index_created(tenant, session_id)  # as in append
+        return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
+
+    async def erase_session_keys(self, tenant: str, session_id: str) -> tuple[bool, int]:
+        """Deletes every key of a session whose name is known (meta, log,
+        request ids, summary and view, paused runs) in one DEL (one slot), then
+        its index entry. (Whether its meta existed, keys deleted.) Fork
+        staging lists have random names: see ``tenant_keys``."""
+        keys = self.keys(tenant, session_id)
+        names = [*keys.as_list(), self.paused_runs_key(tenant, session_id)]
+        existed, deleted = await self._call(
+            "erase_session",
+            self._on_one_connection(keys.meta, [("EXISTS", keys.meta), ("DEL", *names)]),
+        )
+        for reply in (existed, deleted):
+            if isinstance(reply, Exception):
+                await self._call("erase_session", _reraise(reply))
+        removed = await self._call(
+            "erase_index", self._redis.zrem(self.index_key(tenant), session_id)
+        )
+        return bool(existed), int(deleted) + int(removed)
+
+    async def tenant_keys(self, tenant: str, batch: int) -> AsyncIterator[list[str]]:
+        """Every key of a tenant's sessions and workflows (all carry the hash
+        tag ``{<tenant>:...}``), a batch at a time, found with SCAN MATCH
+        COUNT `batch` (each step bounded, on every primary of a cluster).
+        Tenant ids have no glob characters (shared_runtime.auth); a key may
+        come twice, as SCAN promises no more."""
+        scan = self._redis.scan_iter(match=f"{self._prefix}:*{{{tenant}:*", count=batch)
+        # One SCAN for both kinds; the exact check drops keys of another
+        # deployment whose prefix merely starts with ours.
+        starts = (f"{self._prefix}:{{{tenant}:", f"{self._prefix}:wf:{{{tenant}:")
+        found: list[str] = []
+        while True:
+            try:
+                key = await self._call("tenant_scan", anext(scan))
+            except StopAsyncIteration:
+                break
+            name = key.decode() if isinstance(key, bytes) else key
+            if name.startswith(starts):
+                found.append(name)
+            if len(found) >= batch:
+                yield found
+                found = []
+        if found:
+            yield found
+
+    async def delete_keys(self, keys: Sequence[str]) -> int:
+        """Deletes keys (on a cluster split by slot by the client); how many existed."""
+        if not keys:
+            return 0
+        deleted: int = await self._call("erase_keys", self._redis.delete(*keys))
+        return int(deleted)
+
+    async def delete_index(self, tenant: str) -> int:
+        """Deletes a tenant's session index; 1 if it existed."""
+        return await self.delete_keys([self.index_key(tenant)])
+
+    def session_of_key(self, tenant: str, key: str) -> str | None:
+        """The session id of a session's meta key of `tenant`, else None."""
+        start = f"{self._prefix}:{{{tenant}:"
+        if key.startswith(start) and key.endswith("}:m"):
+            return key[len(start) : -3]
+        return None

@@ -577,3 +577,45 @@ if status == 'resolved' then return {'ok', header} end
 header = 'resolved ' .. expire .. ' ' .. created .. ' ' .. claim
 redis.call('HSET', KEYS[1], run, header, run .. ':b', ARGV[4])
 return {'ok', header}
+
+--- import
+-- Appends entries that keep their seqs (ImportItems), atomically like append.
+-- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
+--       tokens of the payloads, session id (index member), first seq, last
+--       seq, entry ("<seq>:<payload>", seqs increasing)...
+-- Returns {'ok'|'replay', "etag first last"}, {'conflict', current etag} or
+-- {'behind', "etag last"} when the first seq is not above the session's last.
+local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local field = 'i:' .. request_id
+if request_id ~= '' then
+  local prior = redis.call('HGET', KEYS[3], field)
+  if prior then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'last', 'n', 'ttl')
+local inc = h[1]
+local current = etag_of(inc, h[2])
+if expected ~= '' and expected ~= current then return {'conflict', current} end
+local count = #ARGV - 9
+if count == 0 then return {'ok', current .. ' 0 0'} end
+local first, newest = tonumber(ARGV[8]), tonumber(ARGV[9])
+local ver, last, n, ttl = 0, 0, 0, 0
+if inc then
+  ver, last, n, ttl = tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
+end
+if first <= last then return {'behind', current .. ' ' .. last} end
+if not inc then
+  inc = ARGV[5]  -- as in append: HSET before DEL, a new incarnation inherits nothing
+  redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  index_created(ARGV[7])
+end
+for i = 10, #ARGV, 500 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+ver = ver + 1
+redis.call('HSET', KEYS[1], 'ver', ver, 'last', newest, 'n', n + count, 'mtime', now)
+redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
+local response = etag_of(inc, ver) .. ' ' .. first .. ' ' .. newest
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+apply_ttl(ttl, default_ttl)
+return {'ok', response}

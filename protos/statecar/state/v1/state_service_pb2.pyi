@@ -265,23 +265,30 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     will likely fail again: give it more time, a smaller token_budget, or
     the token_window strategy.
     """
-    PAUSED_RUN_NOT_FOUND: _ErrorReason.ValueType  # 23
+    SEQ_CONFLICT: _ErrorReason.ValueType  # 23
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: ImportItems sent an item whose seq is not above the session's
+    last_seq (metadata "last_seq", "current_etag"). Nothing was written. The
+    session already has items there: skip the ones it has (after checking
+    they are the same), or import into another session.
+    """
+    PAUSED_RUN_NOT_FOUND: _ErrorReason.ValueType  # 24
     """buf:lint:ignore ENUM_VALUE_PREFIX
     NOT_FOUND: the paused run (ClaimPausedRun, ResolvePausedRun) does not
     exist or has expired (metadata "run_id"). Nothing was done.
     """
-    PAUSED_RUN_CLAIMED: _ErrorReason.ValueType  # 24
+    PAUSED_RUN_CLAIMED: _ErrorReason.ValueType  # 25
     """buf:lint:ignore ENUM_VALUE_PREFIX
     ABORTED: the paused run is claimed by another resume (or one whose
     holder died; it stays claimed until it expires). Nothing was done; do
     not retry with another claim_id expecting the tool to run.
     """
-    PAUSED_RUN_RESOLVED: _ErrorReason.ValueType  # 25
+    PAUSED_RUN_RESOLVED: _ErrorReason.ValueType  # 26
     """buf:lint:ignore ENUM_VALUE_PREFIX
     FAILED_PRECONDITION: the paused run was already resumed by another
     claim_id. Nothing was done.
     """
-    PAUSED_RUN_LIMIT: _ErrorReason.ValueType  # 26
+    PAUSED_RUN_LIMIT: _ErrorReason.ValueType  # 27
     """buf:lint:ignore ENUM_VALUE_PREFIX
     RESOURCE_EXHAUSTED: the session already has
     STATE_SERVICE_MAX_PAUSED_RUNS live paused runs, or the run (or result)
@@ -429,23 +436,30 @@ abandoned. Nothing was written. The same call with the same deadline
 will likely fail again: give it more time, a smaller token_budget, or
 the token_window strategy.
 """
-PAUSED_RUN_NOT_FOUND: ErrorReason.ValueType  # 23
+SEQ_CONFLICT: ErrorReason.ValueType  # 23
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: ImportItems sent an item whose seq is not above the session's
+last_seq (metadata "last_seq", "current_etag"). Nothing was written. The
+session already has items there: skip the ones it has (after checking
+they are the same), or import into another session.
+"""
+PAUSED_RUN_NOT_FOUND: ErrorReason.ValueType  # 24
 """buf:lint:ignore ENUM_VALUE_PREFIX
 NOT_FOUND: the paused run (ClaimPausedRun, ResolvePausedRun) does not
 exist or has expired (metadata "run_id"). Nothing was done.
 """
-PAUSED_RUN_CLAIMED: ErrorReason.ValueType  # 24
+PAUSED_RUN_CLAIMED: ErrorReason.ValueType  # 25
 """buf:lint:ignore ENUM_VALUE_PREFIX
 ABORTED: the paused run is claimed by another resume (or one whose
 holder died; it stays claimed until it expires). Nothing was done; do
 not retry with another claim_id expecting the tool to run.
 """
-PAUSED_RUN_RESOLVED: ErrorReason.ValueType  # 25
+PAUSED_RUN_RESOLVED: ErrorReason.ValueType  # 26
 """buf:lint:ignore ENUM_VALUE_PREFIX
 FAILED_PRECONDITION: the paused run was already resumed by another
 claim_id. Nothing was done.
 """
-PAUSED_RUN_LIMIT: ErrorReason.ValueType  # 26
+PAUSED_RUN_LIMIT: ErrorReason.ValueType  # 27
 """buf:lint:ignore ENUM_VALUE_PREFIX
 RESOURCE_EXHAUSTED: the session already has
 STATE_SERVICE_MAX_PAUSED_RUNS live paused runs, or the run (or result)
@@ -484,6 +498,8 @@ class Item(_message.Message):
     JSON_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ORIGINAL_TIME_FIELD_NUMBER: _builtins.int
+    SPEAKER_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Output only. Position of the item in its session's log: 1 for the first
     item ever appended, increasing by one per appended item. Never reused,
@@ -497,13 +513,36 @@ class Item(_message.Message):
     show the item as text rather than base64; on the wire the two are the
     same, so clients built when this field was `bytes` keep working.
     """
+    speaker: _builtins.str
+    """Optional. Display name of who said the item (e.g. "Caroline"), beside
+    the role in the item's JSON. At most 128 characters, no control
+    characters, not only whitespace; INVALID_ARGUMENT (field
+    "items[i].speaker") otherwise. Returned by every read; retrieval and the
+    summary see it.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form annotations returned unchanged by every read."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the item was appended."""
+        """Output only. When the item was appended (ImportItems alone sets it from
+        the request, to keep an exported item's time).
+        """
+
+    @_builtins.property
+    def original_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional. When the item was originally said, for history brought in from
+        elsewhere (an import) or items written after the fact; unset means "at
+        create_time". Millisecond precision (finer parts are dropped). Validated
+        by AppendItems and ImportItems: at most 5 minutes (clock skew) after the
+        service's clock, after the start of 1970, and non-decreasing from one item to the
+        next within one request (items without it are skipped in that check).
+        Not checked against items appended by earlier requests: the seq order is
+        the log's order, original_time only annotates it. Violations are
+        INVALID_ARGUMENT (field "items[i].original_time"). Returned by every
+        read; retrieval and the summary see its date.
+        """
 
     def __init__(
         self,
@@ -512,10 +551,12 @@ class Item(_message.Message):
         json: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        original_time: _timestamp_pb2.Timestamp | None = ...,
+        speaker: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "original_time", b"original_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "json", b"json", "metadata", b"metadata", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "json", b"json", "metadata", b"metadata", "original_time", b"original_time", "seq", b"seq", "speaker", b"speaker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -694,7 +735,8 @@ class AppendItemsRequest(_message.Message):
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
-        """The items to append, oldest first. seq and create_time are ignored. An
+        """The items to append, oldest first. seq and create_time are ignored;
+        original_time and speaker are kept (see Item). An
         empty list appends nothing: it only checks etag and refreshes the TTL of
         an existing session.
         """
@@ -2128,3 +2170,195 @@ class ResolvePausedRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolvePausedRunResponse: _TypeAlias = ResolvePausedRunResponse  # noqa: Y015
+
+@_typing.final
+class ImportItemsRequest(_message.Message):
+    """Request for ImportItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to import into."""
+    request_id: _builtins.str
+    """Optional idempotency key, as for AppendItems. `statecar import` derives
+    it from the session id and a digest of the items, so a retried call
+    replays.
+    """
+    etag: _builtins.str
+    """Optional. Import only if the session's etag is still this value; "0"
+    means "only if the session does not exist yet". Mismatch: ABORTED
+    (ETAG_MISMATCH), nothing written.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The items, oldest first, each with its seq (required, > 0, increasing,
+        the first above the session's last_seq), create_time (unset: now; at
+        most 5 minutes after the service's clock) and, as for AppendItems,
+        json, metadata, original_time and speaker. At most
+        STATE_SERVICE_MAX_ITEMS_PER_APPEND items. An empty list imports nothing.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        request_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "items", b"items", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportItemsRequest: _TypeAlias = ImportItemsRequest  # noqa: Y015
+
+@_typing.final
+class ImportItemsResponse(_message.Message):
+    """Response for ImportItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ETAG_FIELD_NUMBER: _builtins.int
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The session's etag after the import."""
+    first_seq: _builtins.int
+    """The seq of the first imported item (0 if none)."""
+    last_seq: _builtins.int
+    """The seq of the last imported item (0 if none); the session's last_seq."""
+    replayed: _builtins.bool
+    """True when request_id had been applied before: nothing was imported now
+    and the fields above are those of the first application.
+    """
+    def __init__(
+        self,
+        *,
+        etag: _builtins.str = ...,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "first_seq", b"first_seq", "last_seq", b"last_seq", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportItemsResponse: _TypeAlias = ImportItemsResponse  # noqa: Y015
+
+@_typing.final
+class EraseSessionRequest(_message.Message):
+    """Request for EraseSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session to erase (of the caller's tenant)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSessionRequest: _TypeAlias = EraseSessionRequest  # noqa: Y015
+
+@_typing.final
+class EraseSessionResponse(_message.Message):
+    """Response for EraseSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXISTED_FIELD_NUMBER: _builtins.int
+    DELETED_KEY_COUNT_FIELD_NUMBER: _builtins.int
+    DURABLE_ROW_COUNT_FIELD_NUMBER: _builtins.int
+    existed: _builtins.bool
+    """Whether the session existed (had a log or metadata) before the erase."""
+    deleted_key_count: _builtins.int
+    """Redis keys deleted (log, metadata, summary, request ids, staging lists,
+    paused runs, ...).
+    """
+    durable_row_count: _builtins.int
+    """Rows deleted from the durable tier (0 without one)."""
+    def __init__(
+        self,
+        *,
+        existed: _builtins.bool = ...,
+        deleted_key_count: _builtins.int = ...,
+        durable_row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_key_count", b"deleted_key_count", "durable_row_count", b"durable_row_count", "existed", b"existed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSessionResponse: _TypeAlias = EraseSessionResponse  # noqa: Y015
+
+@_typing.final
+class EraseTenantRequest(_message.Message):
+    """Request for EraseTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIRM_TENANT_FIELD_NUMBER: _builtins.int
+    confirm_tenant: _builtins.str
+    """Required: the caller's own tenant id, as a confirmation that the whole
+    tenant is meant. Anything else is INVALID_ARGUMENT (field
+    "confirm_tenant") and nothing is erased.
+    """
+    def __init__(
+        self,
+        *,
+        confirm_tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_tenant", b"confirm_tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseTenantRequest: _TypeAlias = EraseTenantRequest  # noqa: Y015
+
+@_typing.final
+class EraseTenantResponse(_message.Message):
+    """Response for EraseTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_KEY_COUNT_FIELD_NUMBER: _builtins.int
+    DURABLE_ROW_COUNT_FIELD_NUMBER: _builtins.int
+    session_count: _builtins.int
+    """Sessions erased (those in the tenant's session index)."""
+    deleted_key_count: _builtins.int
+    """Redis keys deleted, sessions', workflows' and the index included."""
+    durable_row_count: _builtins.int
+    """Rows deleted from the durable tier (0 without one)."""
+    def __init__(
+        self,
+        *,
+        session_count: _builtins.int = ...,
+        deleted_key_count: _builtins.int = ...,
+        durable_row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_key_count", b"deleted_key_count", "durable_row_count", b"durable_row_count", "session_count", b"session_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseTenantResponse: _TypeAlias = EraseTenantResponse  # noqa: Y015

@@ -143,6 +143,21 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.FromString,
                 _registered_method=True)
+        self.ImportItems = channel.unary_unary(
+                '/statecar.state.v1.StateService/ImportItems',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsResponse.FromString,
+                _registered_method=True)
+        self.EraseSession = channel.unary_unary(
+                '/statecar.state.v1.StateService/EraseSession',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionResponse.FromString,
+                _registered_method=True)
+        self.EraseTenant = channel.unary_unary(
+                '/statecar.state.v1.StateService/EraseTenant',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -351,6 +366,50 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportItems(self, request, context):
+        """Appends items that keep the seq and create_time they had elsewhere (an
+        export of this or another statecar, or history converted from another
+        store), in one atomic step like AppendItems: creates the session if
+        needed, bumps the etag, records request_id, refreshes the TTL. The items'
+        seqs must increase and the first must be above the session's last_seq;
+        otherwise ABORTED (reason SEQ_CONFLICT, metadata "last_seq" and
+        "current_etag") and nothing is written, so an import never interleaves
+        with or overwrites what a session already has. An importer that resumes
+        or repeats an import skips the items the session already has (same seq)
+        after checking they are the same; `statecar import` does. Cost is
+        proportional to the items imported (at most
+        STATE_SERVICE_MAX_ITEMS_PER_APPEND per call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseSession(self, request, context):
+        """Erases everything the service keeps about one of the caller's sessions:
+        its log, metadata, summary, compacted view, request ids, fork staging
+        lists, paused runs, its index entry, its retrieval memory and cache
+        entries on this replica (other replicas' caches are invalidated by Redis
+        as the keys go), and its rows in the durable tier when one is configured.
+        Unconditional and idempotent: erasing a session that does not exist
+        succeeds and erases nothing. See docs/data-portability.md for what
+        erasure cannot reach (Redis persistence files until rewritten, backups).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseTenant(self, request, context):
+        """Erases everything the service keeps about the caller's tenant: every
+        session as EraseSession does, every workflow, the session index, and the
+        tenant's rows in the durable tier. Every Redis step is bounded (keys are
+        found with SCAN, a bounded COUNT at a time); the call as a whole is an
+        administrative operation whose cost grows with the tenant's data: if its
+        deadline passes, call it again and it continues (it is idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -443,6 +502,21 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.ResolvePausedRun,
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.SerializeToString,
+            ),
+            'ImportItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportItems,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsResponse.SerializeToString,
+            ),
+            'EraseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseSession,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionResponse.SerializeToString,
+            ),
+            'EraseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseTenant,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -950,6 +1024,87 @@ class StateService:
             '/statecar.state.v1.StateService/ResolvePausedRun',
             statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ImportItems',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/EraseSession',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.EraseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/EraseTenant',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.EraseTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -157,6 +157,38 @@ class StateServiceStub:
     NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
     claim_id is a no-op.
     """
+    ImportItems: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ImportItemsRequest, _state_service_pb2.ImportItemsResponse]
+    """Appends items that keep the seq and create_time they had elsewhere (an
+    export of this or another statecar, or history converted from another
+    store), in one atomic step like AppendItems: creates the session if
+    needed, bumps the etag, records request_id, refreshes the TTL. The items'
+    seqs must increase and the first must be above the session's last_seq;
+    otherwise ABORTED (reason SEQ_CONFLICT, metadata "last_seq" and
+    "current_etag") and nothing is written, so an import never interleaves
+    with or overwrites what a session already has. An importer that resumes
+    or repeats an import skips the items the session already has (same seq)
+    after checking they are the same; `statecar import` does. Cost is
+    proportional to the items imported (at most
+    STATE_SERVICE_MAX_ITEMS_PER_APPEND per call).
+    """
+    EraseSession: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.EraseSessionRequest, _state_service_pb2.EraseSessionResponse]
+    """Erases everything the service keeps about one of the caller's sessions:
+    its log, metadata, summary, compacted view, request ids, fork staging
+    lists, paused runs, its index entry, its retrieval memory and cache
+    entries on this replica (other replicas' caches are invalidated by Redis
+    as the keys go), and its rows in the durable tier when one is configured.
+    Unconditional and idempotent: erasing a session that does not exist
+    succeeds and erases nothing. See docs/data-portability.md for what
+    erasure cannot reach (Redis persistence files until rewritten, backups).
+    """
+    EraseTenant: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.EraseTenantRequest, _state_service_pb2.EraseTenantResponse]
+    """Erases everything the service keeps about the caller's tenant: every
+    session as EraseSession does, every workflow, the session index, and the
+    tenant's rows in the durable tier. Every Redis step is bounded (keys are
+    found with SCAN, a bounded COUNT at a time); the call as a whole is an
+    administrative operation whose cost grows with the tenant's data: if its
+    deadline passes, call it again and it continues (it is idempotent).
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -286,6 +318,38 @@ class StateServiceAsyncStub(StateServiceStub):
     A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
     NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
     claim_id is a no-op.
+    """
+    ImportItems: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ImportItemsRequest, _state_service_pb2.ImportItemsResponse]  # type: ignore[assignment]
+    """Appends items that keep the seq and create_time they had elsewhere (an
+    export of this or another statecar, or history converted from another
+    store), in one atomic step like AppendItems: creates the session if
+    needed, bumps the etag, records request_id, refreshes the TTL. The items'
+    seqs must increase and the first must be above the session's last_seq;
+    otherwise ABORTED (reason SEQ_CONFLICT, metadata "last_seq" and
+    "current_etag") and nothing is written, so an import never interleaves
+    with or overwrites what a session already has. An importer that resumes
+    or repeats an import skips the items the session already has (same seq)
+    after checking they are the same; `statecar import` does. Cost is
+    proportional to the items imported (at most
+    STATE_SERVICE_MAX_ITEMS_PER_APPEND per call).
+    """
+    EraseSession: _aio.UnaryUnaryMultiCallable[_state_service_pb2.EraseSessionRequest, _state_service_pb2.EraseSessionResponse]  # type: ignore[assignment]
+    """Erases everything the service keeps about one of the caller's sessions:
+    its log, metadata, summary, compacted view, request ids, fork staging
+    lists, paused runs, its index entry, its retrieval memory and cache
+    entries on this replica (other replicas' caches are invalidated by Redis
+    as the keys go), and its rows in the durable tier when one is configured.
+    Unconditional and idempotent: erasing a session that does not exist
+    succeeds and erases nothing. See docs/data-portability.md for what
+    erasure cannot reach (Redis persistence files until rewritten, backups).
+    """
+    EraseTenant: _aio.UnaryUnaryMultiCallable[_state_service_pb2.EraseTenantRequest, _state_service_pb2.EraseTenantResponse]  # type: ignore[assignment]
+    """Erases everything the service keeps about the caller's tenant: every
+    session as EraseSession does, every workflow, the session index, and the
+    tenant's rows in the durable tier. Every Redis step is bounded (keys are
+    found with SCAN, a bounded COUNT at a time); the call as a whole is an
+    administrative operation whose cost grows with the tenant's data: if its
+    deadline passes, call it again and it continues (it is idempotent).
     """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -521,6 +585,56 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
         NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
         claim_id is a no-op.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportItems(
+        self,
+        request: _state_service_pb2.ImportItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ImportItemsResponse, _abc.Awaitable[_state_service_pb2.ImportItemsResponse]]:
+        """Appends items that keep the seq and create_time they had elsewhere (an
+        export of this or another statecar, or history converted from another
+        store), in one atomic step like AppendItems: creates the session if
+        needed, bumps the etag, records request_id, refreshes the TTL. The items'
+        seqs must increase and the first must be above the session's last_seq;
+        otherwise ABORTED (reason SEQ_CONFLICT, metadata "last_seq" and
+        "current_etag") and nothing is written, so an import never interleaves
+        with or overwrites what a session already has. An importer that resumes
+        or repeats an import skips the items the session already has (same seq)
+        after checking they are the same; `statecar import` does. Cost is
+        proportional to the items imported (at most
+        STATE_SERVICE_MAX_ITEMS_PER_APPEND per call).
+        """
+
+    @_abc_1.abstractmethod
+    def EraseSession(
+        self,
+        request: _state_service_pb2.EraseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.EraseSessionResponse, _abc.Awaitable[_state_service_pb2.EraseSessionResponse]]:
+        """Erases everything the service keeps about one of the caller's sessions:
+        its log, metadata, summary, compacted view, request ids, fork staging
+        lists, paused runs, its index entry, its retrieval memory and cache
+        entries on this replica (other replicas' caches are invalidated by Redis
+        as the keys go), and its rows in the durable tier when one is configured.
+        Unconditional and idempotent: erasing a session that does not exist
+        succeeds and erases nothing. See docs/data-portability.md for what
+        erasure cannot reach (Redis persistence files until rewritten, backups).
+        """
+
+    @_abc_1.abstractmethod
+    def EraseTenant(
+        self,
+        request: _state_service_pb2.EraseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.EraseTenantResponse, _abc.Awaitable[_state_service_pb2.EraseTenantResponse]]:
+        """Erases everything the service keeps about the caller's tenant: every
+        session as EraseSession does, every workflow, the session index, and the
+        tenant's rows in the durable tier. Every Redis step is bounded (keys are
+        found with SCAN, a bounded COUNT at a time); the call as a whole is an
+        administrative operation whose cost grows with the tenant's data: if its
+        deadline passes, call it again and it continues (it is idempotent).
         """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
