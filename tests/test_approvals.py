@@ -415,6 +415,15 @@ async def test_a_paused_run_of_a_deleted_session_is_gone(client: StateClient) ->
     assert gone.value.reason == "PAUSED_RUN_NOT_FOUND"
 
 
+async def test_erasing_a_session_erases_its_paused_runs(client: StateClient) -> None:
+    await client.put_paused_run("s", "run-1", b"state", [_approval()])
+    await client.erase_session("s")
+    assert await client.list_paused_runs("s") == []
+    with pytest.raises(StateServiceError) as gone:
+        await client.claim_paused_run("s", "run-1", "c1")
+    assert gone.value.reason == "PAUSED_RUN_NOT_FOUND"
+
+
 async def test_paused_run_puts_are_etag_guarded_and_bounded(
     state_server_factory: StateServerFactory,
 ) -> None:
