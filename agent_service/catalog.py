@@ -15,7 +15,7 @@ from agents.models.interface import Model
 from agent_service import metrics
 from agent_service.config import AgentsConfig, AgentSpec
 from agent_service.models import ModelFactory
-from agent_service.tools import BUILTIN_TOOLS, TurnContext
+from agent_service.tools import BUILTIN_TOOLS, TurnContext, approval_gated
 
 
 class TimedModel(Model):
@@ -67,7 +67,12 @@ class AgentCatalog:
                 handoff_description=spec.description or None,
                 instructions=spec.instructions,
                 model=TimedModel(models.model_for(spec), model_name),
-                tools=[BUILTIN_TOOLS[t] for t in spec.tools],
+                tools=[
+                    approval_gated(BUILTIN_TOOLS[t])
+                    if t in spec.needs_approval
+                    else BUILTIN_TOOLS[t]
+                    for t in spec.tools
+                ],
             )
             self._entries[spec.name] = CatalogEntry(spec, agent, model_name)
         # Handoffs point at Agent objects, so wire them once all exist.
@@ -79,6 +84,7 @@ class AgentCatalog:
             [e.spec.name for e in self._entries.values()],
             sorted({e.model_name for e in self._entries.values()}),
             sorted({tool for e in self._entries.values() for tool in e.spec.tools}),
+            sorted({tool for e in self._entries.values() for tool in e.spec.needs_approval}),
         )
 
     @property

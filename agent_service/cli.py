@@ -3,6 +3,7 @@
     statecar up                                # embedded Redis + state + agent service
     statecar chat --session S [--agent A] "message"   # "-" (or nothing): read stdin
     statecar fork --session S --before-seq N --new-session T ["message"]
+    statecar approve S [--reject] [--all | APPROVAL_ID ...]   # no ids: list pending
     statecar history --session S
     statecar sessions
     statecar agents
@@ -157,6 +158,7 @@ async def chat(args: argparse.Namespace) -> int:
                 final = event
     if final is not None:
         console.print()
+        _print_pending(final)
         replayed = " · replayed (stored earlier)" if final.replayed else ""
         console.print(
             Text(
@@ -166,6 +168,64 @@ async def chat(args: argparse.Namespace) -> int:
                 style="dim",
             )
         )
+    return 0
+
+
+def _print_pending(result: ChatResult) -> None:
+    if not result.pending_approvals:
+        return
+    console.print(
+        Text(
+            f"⏸ paused: {_count(len(result.pending_approvals), 'tool call')} waiting for "
+            f"approval (`statecar approve {result.session_id} [--reject] --all | ID ...`)",
+            style="yellow",
+        )
+    )
+    for approval in result.pending_approvals:
+        arguments = json.dumps(approval.arguments, ensure_ascii=False)
+        console.print(Text(f"  {approval.approval_id}  {approval.tool_name}({arguments})"))
+
+
+async def approve(args: argparse.Namespace) -> int:
+    """Lists a session's pending approvals, or approves (--reject: rejects)
+    the named ones / all of them and prints the resumed turn."""
+    async with AgentClient(
+        args.agent_target, timeout=args.timeout, bearer_token=args.token
+    ) as agents:
+        await _require(agents, "agent service", args.agent_target, "--agent-target")
+        if not args.approval_ids and not args.all:
+            pending = await agents.list_approvals(args.session)
+            if not pending:
+                console.print(Text(f"no approvals pending in session {args.session}", "dim"))
+            for approval in pending:
+                arguments = json.dumps(approval.arguments, ensure_ascii=False)
+                console.print(
+                    Text(f"{approval.approval_id}  {approval.tool_name}({arguments})  ")
+                    + Text(
+                        f"[{approval.agent} · expires {approval.expire_time:%Y-%m-%d %H:%M}Z]",
+                        "dim",
+                    )
+                )
+            return 0
+        decision = "reject" if args.reject else "approve"
+        named = list(args.approval_ids)
+        turn, decided = await agents.resolve_approvals(
+            args.session,
+            approve=[] if args.reject else named,
+            reject=named if args.reject else [],
+            remaining=decision if args.all else None,
+            rejection_message=args.message or "",
+            request_id=args.request_id,
+        )
+    for approval_id, verdict in decided.items():
+        console.print(Text(f"{verdict}d {approval_id}", style="dim"))
+    for item in turn.items[1:]:
+        if item.type == "function_call_output":
+            console.print(Text(f"  → {item.data.get('output', '')}", style="dim"))
+    console.print(turn.reply, markup=False)
+    _print_pending(turn)
+    replayed = " · replayed (resumed earlier)" if turn.replayed else ""
+    console.print(Text(f"[{turn.agent} · session {turn.session_id}{replayed}]", style="dim"))
     return 0
 
 
@@ -398,6 +458,19 @@ def parser() -> argparse.ArgumentParser:
     branch.add_argument("--timeout", type=float, default=120.0)
     branch.add_argument("--agent-target", default=agent_target)
     branch.set_defaults(handler=fork)
+
+    decide = commands.add_parser(
+        "approve", help="approve or reject a paused turn's tool calls (no ids: list them)"
+    )
+    decide.add_argument("session", help="the session of the paused turn")
+    decide.add_argument("approval_ids", nargs="*", help="approval ids (`statecar approve S`)")
+    decide.add_argument("--all", action="store_true", help="decide every pending approval")
+    decide.add_argument("--reject", action="store_true", help="reject instead of approve")
+    decide.add_argument("--message", help="with --reject: what the model is told")
+    decide.add_argument("--request-id", help="retry-safe id of this decision")
+    decide.add_argument("--timeout", type=float, default=120.0)
+    decide.add_argument("--agent-target", default=agent_target)
+    decide.set_defaults(handler=approve)
 
     show = commands.add_parser("history", help="a session's whole log")
     show.add_argument("--session", required=True)

@@ -100,6 +100,31 @@ class Workflow:
 
 
 @dataclass(frozen=True, slots=True)
+class Approval:
+    """A tool call waiting for a human decision."""
+
+    approval_id: str
+    tool_name: str
+    arguments: dict[str, Any] | str  # the parsed JSON, or the raw text if it is not JSON
+    agent: str
+    expire_time: datetime
+
+    @classmethod
+    def from_proto(cls, message: pb.PendingApproval) -> Approval:
+        try:
+            arguments: dict[str, Any] | str = json.loads(message.arguments_json)
+        except ValueError:
+            arguments = message.arguments_json
+        return cls(
+            message.approval_id,
+            message.tool_name,
+            arguments,
+            message.agent,
+            message.expire_time.ToDatetime(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ChatResult:
     reply: str
     agent: str
@@ -116,6 +141,9 @@ class ChatResult:
     replayed: bool
     workflow: Workflow | None = None
     raw: pb.ChatResponse = field(default_factory=pb.ChatResponse, repr=False)
+    # Non-empty when the turn paused on tools needing approval (nothing stored
+    # yet): decide them with resolve_approvals.
+    pending_approvals: list[Approval] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, response: pb.ChatResponse) -> ChatResult:
@@ -137,6 +165,7 @@ class ChatResult:
             if response.HasField("workflow")
             else None,
             raw=response,
+            pending_approvals=[Approval.from_proto(a) for a in response.pending_approvals],
         )
 
 
@@ -383,3 +412,43 @@ class AgentClient:
             response.etag,
             response.replayed,
         )
+
+    async def resolve_approvals(
+        self,
+        session_id: str,
+        *,
+        approve: Sequence[str] = (),
+        reject: Sequence[str] = (),
+        remaining: str | None = None,
+        rejection_message: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[ChatResult, dict[str, str]]:
+        """Approves and rejects the pending approvals of a paused turn and
+        resumes it (on any replica, once). `remaining` ("approve" or "reject")
+        decides the approvals not named. Returns the resumed turn as stored
+        and the decision applied to each approval id. Retrying with the same
+        request_id is safe: it returns the first response."""
+        decisions = [pb.ApprovalDecision(approval_id=a, approve=True) for a in approve]
+        decisions += [pb.ApprovalDecision(approval_id=a, approve=False) for a in reject]
+        request = pb.ResolveApprovalsRequest(
+            session_id=session_id,
+            decisions=decisions,
+            remaining={
+                None: pb.REMAINING_DECISION_UNSPECIFIED,
+                "approve": pb.REMAINING_DECISION_APPROVE,
+                "reject": pb.REMAINING_DECISION_REJECT,
+            }[remaining],
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            rejection_message=rejection_message,
+        )
+        response = await self._call(self._stub.ResolveApprovals, request, timeout)
+        return ChatResult.from_proto(response.turn), dict(response.decisions)
+
+    async def list_approvals(
+        self, session_id: str, *, timeout: float | None = None
+    ) -> list[Approval]:
+        """The approvals waiting for a decision in a session, oldest first."""
+        request = pb.ListApprovalsRequest(session_id=session_id)
+        response = await self._call(self._stub.ListApprovals, request, timeout)
+        return [Approval.from_proto(a) for a in response.approvals]

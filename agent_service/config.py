@@ -12,6 +12,7 @@ model, token budget, tools and handoffs.
         # api_key_env: LLM_API_KEY           # the env var holding its key
         # api: chat_completions              # or responses
         tools: [current_time, calculate, save_note, list_notes]
+        needs_approval: [save_note]        # paused until a human approves
         handoffs: [billing]
       - name: billing
         ...
@@ -53,6 +54,9 @@ class AgentSpec(BaseModel):
     model: str | None = None
     token_budget: int = Field(default=4000, ge=100, le=1_000_000)
     tools: list[str] = Field(default_factory=list)
+    # Tools (of `tools`) whose calls pause the turn until a human approves or
+    # rejects them (ResolveApprovals, `statecar approve`).
+    needs_approval: list[str] = Field(default_factory=list)
     handoffs: list[str] = Field(default_factory=list)
     # This agent's own OpenAI-compatible endpoint, instead of the service's
     # AGENT_SERVICE_MODEL_* one: base URL, the environment variable holding its
@@ -68,6 +72,11 @@ class AgentSpec(BaseModel):
             raise ValueError(
                 f"agent {self.name!r}: unknown tools {unknown}; built-in tools are "
                 f"{sorted(BUILTIN_TOOLS)}"
+            )
+        ungated = [t for t in self.needs_approval if t not in self.tools]
+        if ungated:
+            raise ValueError(
+                f"agent {self.name!r}: needs_approval names tools it does not have: {ungated}"
             )
         if self.model is not None and not re.fullmatch(r"offline|openai(:[\w.:/-]+)?", self.model):
             raise ValueError(

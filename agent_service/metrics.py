@@ -4,6 +4,8 @@ session ids or message content."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Histogram
 
 from shared_runtime.build_info import register_build_info
@@ -12,6 +14,7 @@ BUILD_INFO = register_build_info("statecar_agent")
 
 TURN_OUTCOMES = (
     "ok",
+    "paused",
     "replayed",
     "conflict",
     "model_error",
@@ -24,8 +27,8 @@ TURN_OUTCOMES = (
 
 TURNS = Counter(
     "statecar_agent_turns_total",
-    "Chat turns by outcome: ok, replayed, conflict, model_error, deadline, "
-    "state_unavailable, invalid, cancelled.",
+    "Chat turns by outcome: ok, paused (waiting for tool approvals), replayed, conflict, "
+    "model_error, deadline, state_unavailable, invalid, cancelled.",
     ["agent", "outcome"],
 )
 TURN_SECONDS = Histogram(
@@ -53,12 +56,37 @@ FORKS = Counter(
     "statecar_agent_forks_total",
     "ForkSession calls that created a session (a rewind or branch of a conversation).",
 )
+APPROVAL_PAUSES = Counter(
+    "statecar_agent_approval_pauses_total",
+    "Turns that paused on tools needing approval (stored for ResolveApprovals).",
+    ["agent"],
+)
+APPROVAL_DECISIONS = Counter(
+    "statecar_agent_approval_decisions_total",
+    "Tool calls decided by a resume that ran, by decision: approve or reject.",
+    ["decision"],
+)
+RESUME_OUTCOMES = ("ok", "paused_again", "replayed", "conflict", "resolved", "not_found", "error")
+RESUMES = Counter(
+    "statecar_agent_resumes_total",
+    "ResolveApprovals calls by outcome: ok (resumed and stored), paused_again, replayed "
+    "(a retry got the first response), conflict (another resume holds the run), resolved "
+    "(another resume finished it), not_found (unknown or expired), error.",
+    ["outcome"],
+)
+APPROVED_TOOL_RUNS = Counter(
+    "statecar_agent_approved_tool_runs_total",
+    "Executions of tools that need approval (each approved call should run once).",
+    ["tool"],
+)
 HANDOFFS = Counter(
     "statecar_agent_handoffs_total", "Handoffs between agents.", ["from_agent", "to_agent"]
 )
 
 
-def initialize(agents: list[str], models: list[str], tools: list[str]) -> None:
+def initialize(
+    agents: list[str], models: list[str], tools: list[str], gated_tools: Sequence[str] = ()
+) -> None:
     """Creates every series at zero, so rate() sees a turn's first increase."""
     for agent in agents:
         for outcome in TURN_OUTCOMES:
@@ -71,3 +99,11 @@ def initialize(agents: list[str], models: list[str], tools: list[str]) -> None:
         TOKENS.labels(kind)
     for tool in tools:
         TOOL_CALLS.labels(tool)
+    for agent in agents:
+        APPROVAL_PAUSES.labels(agent)
+    for decision in ("approve", "reject"):
+        APPROVAL_DECISIONS.labels(decision)
+    for outcome in RESUME_OUTCOMES:
+        RESUMES.labels(outcome)
+    for tool in gated_tools:
+        APPROVED_TOOL_RUNS.labels(tool)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from agents import set_tracing_disabled
 
+from agent_service.approvals import Approvals
 from agent_service.catalog import AgentCatalog
 from agent_service.config import load_config
 from agent_service.forks import SessionForker
@@ -118,6 +119,8 @@ class AgentServer:
         catalog = AgentCatalog(config, models)
         state = state_client(settings)
         turns = TurnRunner(catalog, state, settings)
+        approvals = Approvals(catalog, state, settings)
+        turns.pauser = approvals
         workflows = WorkflowRunner(catalog, turns, state, settings.state_timeout_seconds)
         readiness = Readiness(
             [SERVICE_NAME],
@@ -142,6 +145,7 @@ class AgentServer:
                 workflows,
                 settings,
                 SessionForker(state, settings.state_timeout_seconds),
+                approvals,
             ),
             server,
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from agent_service.approvals import Approvals
 from agent_service.catalog import AgentCatalog
 from agent_service.forks import SessionForker
 from agent_service.settings import AgentServiceSettings
@@ -29,12 +30,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         workflows: WorkflowRunner,
         settings: AgentServiceSettings,
         forks: SessionForker,
+        approvals: Approvals,
     ) -> None:
         self._catalog = catalog
         self._turns = turns
         self._workflows = workflows
         self._settings = settings
         self._forks = forks
+        self._approvals = approvals
 
     def _turn_request(
         self, request: pb.ChatRequest | pb.StreamChatRequest, context: Context
@@ -135,3 +138,25 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             request_id=identifiers.request_id(request.request_id),
             deadline=Deadline(context.time_remaining()),
         )
+
+    async def ResolveApprovals(
+        self, request: pb.ResolveApprovalsRequest, context: Context
+    ) -> pb.ResolveApprovalsResponse:
+        identifiers.session_id(request.session_id)
+        for decision in request.decisions:
+            if not decision.approval_id:
+                raise InvalidArgument("decisions.approval_id", "is required")
+        if request.remaining not in pb.RemainingDecision.values():
+            raise InvalidArgument("remaining", "is not a RemainingDecision value")
+        return await self._approvals.resolve(
+            request,
+            identifiers.request_id(request.request_id),
+            Deadline(context.time_remaining()),
+        )
+
+    async def ListApprovals(
+        self, request: pb.ListApprovalsRequest, context: Context
+    ) -> pb.ListApprovalsResponse:
+        session_id = identifiers.session_id(request.session_id)
+        approvals = await self._approvals.pending(session_id, Deadline(context.time_remaining()))
+        return pb.ListApprovalsResponse(approvals=approvals)

@@ -7,6 +7,7 @@ openai-agents' RunContextWrapper; they keep nothing in the process.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import operator
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agents import FunctionTool, RunContextWrapper, function_tool
+from agents.tool_context import ToolContext
 
+from agent_service import metrics
 from state_service.client import StateClient
 
 SAVE_NOTE = "save_note"
@@ -141,3 +144,16 @@ async def list_notes(context: RunContextWrapper[TurnContext]) -> str:
 BUILTIN_TOOLS: dict[str, FunctionTool] = {
     tool.name: tool for tool in (current_time, calculate, save_note, list_notes)
 }
+
+
+def approval_gated(tool: FunctionTool) -> FunctionTool:
+    """`tool` pausing the run until its call is approved (openai-agents'
+    needs_approval), and counting the calls it actually runs: the count a
+    resume across replicas must keep at one per approved call."""
+    invoke = tool.on_invoke_tool
+
+    async def counted(context: ToolContext[Any], arguments: str) -> Any:
+        metrics.APPROVED_TOOL_RUNS.labels(tool.name).inc()
+        return await invoke(context, arguments)
+
+    return dataclasses.replace(tool, needs_approval=True, on_invoke_tool=counted)

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import openai
@@ -228,6 +228,22 @@ class _Produced:
     agent: str
     usage: pb.TokenUsage
     run_items: list[RunItem] = field(default_factory=list)
+    # Set when the run stopped at tools needing approval (see approvals.py).
+    paused: RunResult | RunResultStreaming | None = None
+
+
+class TurnPauser(Protocol):
+    """Stores a run paused on tool approvals and answers the turn with them."""
+
+    async def pause(
+        self,
+        entry: CatalogEntry,
+        request: TurnRequest,
+        turn_id: str,
+        context: Context,
+        result: RunResult | RunResultStreaming,
+        stats: pb.ContextStats,
+    ) -> pb.ChatResponse: ...
 
 
 class TurnRunner:
@@ -240,6 +256,8 @@ class TurnRunner:
         self._run_config = RunConfig(
             tracing_disabled=not settings.tracing, workflow_name="statecar turn"
         )
+        # Set by the server when approvals are wired (approvals.Approvals).
+        self.pauser: TurnPauser | None = None
 
     def entry(self, agent: str) -> CatalogEntry:
         entry = self._catalog.get(agent or self._catalog.default)
@@ -264,6 +282,8 @@ class TurnRunner:
             async for event in self._turn(entry, request, streamed=streamed):
                 if event.HasField("final"):
                     outcome = "replayed" if event.final.replayed else "ok"
+                    if event.final.pending_approvals:
+                        outcome = "paused"
                 yield event
         except ServiceError as error:
             outcome = _outcome_of(error)
@@ -298,6 +318,14 @@ class TurnRunner:
             produced = _Produced([], "", entry.spec.name, pb.TokenUsage())
             async for event in self._run_agent(entry, request, context, produced, streamed):
                 yield event
+            if produced.paused is not None and self.pauser is not None:
+                stats = _context_stats(context)
+                yield _final(
+                    await self.pauser.pause(
+                        entry, request, turn_id, context, produced.paused, stats
+                    )
+                )
+                return
             try:
                 appended = await self._call_state(
                     self._state.append_items,
@@ -387,6 +415,9 @@ class TurnRunner:
             raise
         except (AgentsException, openai.APIError) as error:
             raise _model_error(entry.spec.name, error) from error
+        if result.interruptions:
+            produced.paused = result
+            return
         items: list[tuple[dict[str, Any], str]] = [(dict(user_item), entry.spec.name)]
         items.extend(
             (dict(run_item.to_input_item()), run_item.agent.name) for run_item in result.new_items

@@ -116,6 +116,12 @@ class WorkflowRunner:
             else:
                 yield event
         assert response is not None
+        if response.pending_approvals:
+            # Paused on tool approvals: nothing was stored, so the workflow
+            # stays where it is (ResolveApprovals resumes the turn in the
+            # stage agent's session; the workflow is not advanced by it).
+            yield pb.StreamChatResponse(final=response)
+            return
         if response.agent != stage:
             sessions.setdefault(response.agent, agent_session_id(workflow_id, response.agent))
             await self._seed(sessions[response.agent], request_id, request, response)

@@ -53,6 +53,42 @@ class ForkSourceChanged(StateError):
         self.session_id = session_id
 
 
+class PausedRunNotFound(StateError):
+    """A paused run that does not exist or has expired."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"paused run {run_id!r} does not exist or has expired")
+        self.run_id = run_id
+
+
+class PausedRunClaimed(StateError):
+    """Another resume holds the paused run (or held it and died); nothing was done."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"paused run {run_id!r} is being resumed by another request (or was, by a "
+            "replica that died: it stays claimed until it expires, so its tools run at most "
+            "once); nothing was done"
+        )
+        self.run_id = run_id
+
+
+class PausedRunResolved(StateError):
+    """The paused run was resumed by another claim; nothing was done."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"paused run {run_id!r} was already resumed by another request")
+        self.run_id = run_id
+
+
+class PausedRunLimit(StateError):
+    """A session's paused runs would exceed a limit; nothing was written."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class SeqConflict(StateError):
     """An import's first seq is not above the session's last seq; nothing
     was written."""

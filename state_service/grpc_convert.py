@@ -21,8 +21,9 @@ from state_service.compression.strategies import Shares, Strategy
 from state_service.context import ContextResult
 from state_service.listing import ItemsPage, SessionsPage
 from state_service.log import Item, NewItem
+from state_service.paused_runs import PausedRunInfo
 from state_service.sessions import Popped, SessionInfo
-from state_service.storage.redis import AppendOutcome
+from state_service.storage.redis import AppendOutcome, PausedStatus
 from state_service.workflows import Workflow
 from statecar.state.v1 import state_service_pb2 as pb
 
@@ -230,3 +231,30 @@ def workflow_message(workflow: Workflow) -> pb.Workflow:
     if workflow.expire_ms is not None:
         message.expire_time.CopyFrom(timestamp(workflow.expire_ms))
     return message
+
+
+_PAUSED_STATUS = {
+    PausedStatus.PAUSED: pb.PAUSED_RUN_STATUS_PAUSED,
+    PausedStatus.CLAIMED: pb.PAUSED_RUN_STATUS_CLAIMED,
+    PausedStatus.RESOLVED: pb.PAUSED_RUN_STATUS_RESOLVED,
+}
+
+
+def paused_run_message(info: PausedRunInfo) -> pb.PausedRun:
+    return pb.PausedRun(
+        run_id=info.run_id,
+        status=_PAUSED_STATUS[info.status],
+        approvals=[
+            pb.PendingApproval(
+                approval_id=a.approval_id,
+                tool_name=a.tool_name,
+                arguments_json=a.arguments_json,
+                agent=a.agent,
+                call_id=a.call_id,
+            )
+            for a in info.approvals
+        ],
+        create_time=timestamp(info.create_ms),
+        expire_time=timestamp(info.expire_ms),
+        claim_id=info.claim_id,
+    )

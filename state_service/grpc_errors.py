@@ -48,6 +48,20 @@ def to_service_error(error: errors.StateError) -> rpc.ServiceError:
         return rpc.NotFound(
             message, reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": error.workflow_id}
         )
+    if isinstance(error, errors.PausedRunNotFound):
+        return rpc.NotFound(
+            message, reason="PAUSED_RUN_NOT_FOUND", metadata={"run_id": error.run_id}
+        )
+    if isinstance(error, errors.PausedRunClaimed):
+        return rpc.Aborted(message, reason="PAUSED_RUN_CLAIMED", metadata={"run_id": error.run_id})
+    if isinstance(error, errors.PausedRunResolved):
+        return rpc.FailedPrecondition(
+            message, reason="PAUSED_RUN_RESOLVED", metadata={"run_id": error.run_id}
+        )
+    if isinstance(error, errors.PausedRunLimit):
+        return rpc.ResourceExhausted(
+            message, reason="PAUSED_RUN_LIMIT", metadata={"limit": str(error.limit)}
+        )
     if isinstance(error, errors.InvalidField):
         return rpc.InvalidArgument(error.field, error.problem)
     if isinstance(error, errors.ReplicationTimeout):

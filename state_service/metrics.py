@@ -112,6 +112,14 @@ COMPACTIONS = Counter(
     "statecar_state_compactions_total",
     "CompactSession calls that stored a compacted view (the log is kept).",
 )
+PAUSED_RUN_STEPS = ("put", "claim", "claim_conflict", "resolve")
+PAUSED_RUNS = Counter(
+    "statecar_state_paused_runs_total",
+    "Steps of paused agent runs (tool approvals): put (a run paused), claim (a resume "
+    "took it), claim_conflict (a resume found it claimed or resolved by another), resolve "
+    "(a resume finished).",
+    ["step"],
+)
 SESSIONS_DELETED = Counter("statecar_state_sessions_deleted_total", "Sessions deleted.")
 ITEMS_IMPORTED = Counter(
     "statecar_state_items_imported_total", "Items written by ImportItems (replays not counted)."
@@ -210,6 +218,8 @@ def initialize(cache_name: str) -> None:
         IDEMPOTENT_REPLAYS.labels(operation)
     for outcome in COMPRESSION_OUTCOMES:
         COMPRESSION_RUNS.labels(outcome)
+    for step in PAUSED_RUN_STEPS:
+        PAUSED_RUNS.labels(step)
     for scope in ERASURE_SCOPES:
         ERASURES.labels(scope)
         ERASED_KEYS.labels(scope)

@@ -29,6 +29,7 @@ from state_service.heavy_work import HeavyWork
 from state_service.identity import tenant_of
 from state_service.imports import ImportedItem, SessionImports
 from state_service.listing import Listing
+from state_service.paused_runs import Approval, PausedRunLimits, PausedRuns
 from state_service.reader import LogReader
 from state_service.sessions import SessionStore, SettingsUpdate
 from state_service.settings import StateServiceSettings
@@ -53,6 +54,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         settings: StateServiceSettings,
         forks: SessionForks,
         views: CompactedViews,
+        paused: PausedRuns,
         imports: SessionImports,
         erasure: Erasure,
     ) -> None:
@@ -63,6 +65,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self._settings = settings
         self._forks = forks
         self._views = views
+        self._paused = paused
         self._imports = imports
         self._erasure = erasure
 
@@ -113,6 +116,15 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 compression=compression,
             ),
             CompactedViews(storage, keys=keys),
+            PausedRuns(
+                storage,
+                PausedRunLimits(
+                    settings.paused_run_ttl_seconds,
+                    settings.max_paused_runs,
+                    settings.max_paused_run_bytes,
+                ),
+                keys=keys,
+            ),
             SessionImports(
                 storage,
                 token_counter=token_counter,
@@ -388,6 +400,69 @@ class StateServicer(pb_grpc.StateServiceServicer):
             compacted_up_to_seq=view.up_to_seq,
             etag=view.etag,
         )
+
+    # -- paused runs (tool approvals; see paused_runs.py) ----------------------
+
+    @maps_domain_errors
+    async def PutPausedRun(
+        self, request: pb.PutPausedRunRequest, context: Context
+    ) -> pb.PutPausedRunResponse:
+        session_id = validation.session_id(request.session_id)
+        run_id = validation.run_id(request.run_id, "run_id")
+        if not request.state:
+            raise InvalidArgument("state", "is required")
+        if not request.approvals:
+            raise InvalidArgument("approvals", "needs at least one pending approval")
+        approvals = [
+            Approval(a.approval_id, a.tool_name, a.arguments_json, a.agent, a.call_id)
+            for a in request.approvals
+        ]
+        if any(not a.approval_id for a in approvals):
+            raise InvalidArgument("approvals", "every approval needs an approval_id")
+        info, replayed = await self._paused.put(
+            tenant_of(context),
+            session_id,
+            run_id,
+            etag=validation.etag(request.etag),
+            state=request.state,
+            approvals=approvals,
+        )
+        return pb.PutPausedRunResponse(run=convert.paused_run_message(info), replayed=replayed)
+
+    @maps_domain_errors
+    async def ListPausedRuns(
+        self, request: pb.ListPausedRunsRequest, context: Context
+    ) -> pb.ListPausedRunsResponse:
+        session_id = validation.session_id(request.session_id)
+        runs = await self._paused.list(tenant_of(context), session_id)
+        return pb.ListPausedRunsResponse(runs=[convert.paused_run_message(r) for r in runs])
+
+    @maps_domain_errors
+    async def ClaimPausedRun(
+        self, request: pb.ClaimPausedRunRequest, context: Context
+    ) -> pb.ClaimPausedRunResponse:
+        session_id = validation.session_id(request.session_id)
+        run_id = validation.run_id(request.run_id, "run_id")
+        claim_id = validation.run_id(request.claim_id, "claim_id")
+        claimed = await self._paused.claim(tenant_of(context), session_id, run_id, claim_id)
+        return pb.ClaimPausedRunResponse(
+            run=convert.paused_run_message(claimed.run),
+            state=claimed.body,
+            resolved=claimed.resolved,
+            held=claimed.held,
+        )
+
+    @maps_domain_errors
+    async def ResolvePausedRun(
+        self, request: pb.ResolvePausedRunRequest, context: Context
+    ) -> pb.ResolvePausedRunResponse:
+        session_id = validation.session_id(request.session_id)
+        run_id = validation.run_id(request.run_id, "run_id")
+        claim_id = validation.run_id(request.claim_id, "claim_id")
+        info = await self._paused.resolve(
+            tenant_of(context), session_id, run_id, claim_id, request.result
+        )
+        return pb.ResolvePausedRunResponse(run=convert.paused_run_message(info))
 
     @maps_domain_errors
     async def ImportItems(

@@ -153,6 +153,19 @@ class StateServiceSettings(BaseSettings):
         ge=1,
         description="most items one ForkSession copies (a longer prefix is INVALID_ARGUMENT)",
     )
+    paused_run_ttl_seconds: int = Field(
+        24 * 3600,
+        ge=1,
+        description="how long a paused agent run (waiting for tool approvals) is kept",
+    )
+    max_paused_runs: int = Field(
+        16, ge=1, description="live paused runs one session may hold (more: RESOURCE_EXHAUSTED)"
+    )
+    max_paused_run_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="largest paused run state (or resumed result) kept (more: RESOURCE_EXHAUSTED)",
+    )
     default_page_size: int = Field(100, ge=1, description="page size when 0 is requested")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC message limit")
 

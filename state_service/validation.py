@@ -7,6 +7,7 @@ shared_runtime.identifiers, which the agent service applies too."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,19 @@ MAX_TTL_SECONDS = 10 * 365 * 86400
 # importing clients drift, a time from the future is a bug.
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 MAX_SPEAKER_CHARS = 128
+
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.=-]{1,128}")
+
+
+def run_id(value: str, field: str) -> str:
+    """A paused run's id or claim id: request-id characters without ':' or '@'
+    (they separate a run's fields in storage)."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not RUN_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, "must be 1 to 128 characters from A-Z a-z 0-9 and _ . = -")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

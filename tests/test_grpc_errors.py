@@ -31,6 +31,10 @@ def _instance(kind: type[errors.StateError]) -> errors.StateError:
         return errors.TenantBusy(0.5)
     if kind is errors.WorkDeadline:
         return errors.WorkDeadline()
+    if kind in (errors.PausedRunNotFound, errors.PausedRunClaimed, errors.PausedRunResolved):
+        return kind("run-1")
+    if kind is errors.PausedRunLimit:
+        return errors.PausedRunLimit("too many paused runs", 16)
     return kind("something happened")
 
 
@@ -83,6 +87,22 @@ EXPECTED = {
         {"retry_after_seconds": "0.5"},
     ),
     errors.WorkDeadline: (grpc.StatusCode.DEADLINE_EXCEEDED, "COMPUTE_TIMEOUT", {}),
+    errors.PausedRunNotFound: (
+        grpc.StatusCode.NOT_FOUND,
+        "PAUSED_RUN_NOT_FOUND",
+        {"run_id": "run-1"},
+    ),
+    errors.PausedRunClaimed: (grpc.StatusCode.ABORTED, "PAUSED_RUN_CLAIMED", {"run_id": "run-1"}),
+    errors.PausedRunResolved: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PAUSED_RUN_RESOLVED",
+        {"run_id": "run-1"},
+    ),
+    errors.PausedRunLimit: (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PAUSED_RUN_LIMIT",
+        {"limit": "16"},
+    ),
     errors.EncryptionKeyUnavailable: (
         grpc.StatusCode.FAILED_PRECONDITION,
         "ENCRYPTION_KEY_UNAVAILABLE",

@@ -18,6 +18,7 @@ from state_service.client.errors import (
 )
 from state_service.client.types import (
     AppendResult,
+    ClaimedRun,
     CompactedView,
     CompactResult,
     Context,
@@ -27,6 +28,8 @@ from state_service.client.types import (
     ItemRecord,
     ItemsPage,
     NewItem,
+    PausedRun,
+    PendingApproval,
     PopResult,
     RetrievedItem,
     SessionInfo,
@@ -53,6 +56,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AppendResult",
     "BudgetedSessionSettings",
+    "ClaimedRun",
     "CompactResult",
     "CompactedView",
     "Context",
@@ -64,6 +68,8 @@ __all__ = [
     "ItemRecord",
     "ItemsPage",
     "NewItem",
+    "PausedRun",
+    "PendingApproval",
     "PopResult",
     "RetrievedItem",
     "SessionAlreadyExistsError",

@@ -19,6 +19,7 @@ from shared_runtime.channels import reachable as channel_reachable
 from state_service.client.errors import StateServiceError, StateUnavailableError, from_rpc_error
 from state_service.client.types import (
     AppendResult,
+    ClaimedRun,
     CompactedView,
     CompactResult,
     Context,
@@ -27,6 +28,8 @@ from state_service.client.types import (
     ItemRecord,
     ItemsPage,
     NewItem,
+    PausedRun,
+    PendingApproval,
     PopResult,
     SessionInfo,
     SessionsPage,
@@ -436,6 +439,71 @@ class StateClient:
             response.compacted_up_to_seq,
             replayed=response.replayed,
         )
+
+    async def put_paused_run(
+        self,
+        session_id: str,
+        run_id: str,
+        state: bytes,
+        approvals: Sequence[PendingApproval],
+        *,
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> tuple[PausedRun, bool]:
+        """Stores a paused run if the session is still at `etag` ("" = any);
+        returns it and whether `run_id` had been stored before."""
+        request = pb.PutPausedRunRequest(
+            session_id=session_id,
+            etag=etag,
+            run_id=run_id,
+            state=state,
+            approvals=[
+                pb.PendingApproval(
+                    approval_id=a.approval_id,
+                    tool_name=a.tool_name,
+                    arguments_json=a.arguments_json,
+                    agent=a.agent,
+                    call_id=a.call_id,
+                )
+                for a in approvals
+            ],
+        )
+        response = await self._call(self._stub.PutPausedRun, request, timeout)
+        return PausedRun.from_proto(response.run), response.replayed
+
+    async def list_paused_runs(
+        self, session_id: str, *, timeout: float | None = None
+    ) -> list[PausedRun]:
+        """The session's live paused runs, oldest first."""
+        request = pb.ListPausedRunsRequest(session_id=session_id)
+        response = await self._call(self._stub.ListPausedRuns, request, timeout)
+        return [PausedRun.from_proto(run) for run in response.runs]
+
+    async def claim_paused_run(
+        self, session_id: str, run_id: str, claim_id: str, *, timeout: float | None = None
+    ) -> ClaimedRun:
+        """Takes a paused run for resumption (exactly one claim id ever does)."""
+        request = pb.ClaimPausedRunRequest(session_id=session_id, run_id=run_id, claim_id=claim_id)
+        response = await self._call(self._stub.ClaimPausedRun, request, timeout)
+        return ClaimedRun(
+            PausedRun.from_proto(response.run), response.state, response.resolved, response.held
+        )
+
+    async def resolve_paused_run(
+        self,
+        session_id: str,
+        run_id: str,
+        claim_id: str,
+        result: bytes,
+        *,
+        timeout: float | None = None,
+    ) -> PausedRun:
+        """Marks a run claimed by `claim_id` resolved, keeping `result` for its retries."""
+        request = pb.ResolvePausedRunRequest(
+            session_id=session_id, run_id=run_id, claim_id=claim_id, result=result
+        )
+        response = await self._call(self._stub.ResolvePausedRun, request, timeout)
+        return PausedRun.from_proto(response.run)
 
     async def get_compacted_view(
         self, session_id: str, *, max_items: int = 0, timeout: float | None = None

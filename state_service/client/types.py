@@ -300,6 +300,57 @@ class WorkflowInfo:
         )
 
 
+@dataclass(frozen=True)
+class PendingApproval:
+    """A tool call of a paused run waiting for a human decision."""
+
+    approval_id: str
+    tool_name: str
+    arguments_json: str
+    agent: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class PausedRun:
+    """A paused agent run (without its state): status is "paused", "claimed"
+    or "resolved"."""
+
+    run_id: str
+    status: str
+    approvals: list[PendingApproval]
+    create_time: datetime
+    expire_time: datetime
+    # Who claimed it; empty while paused.
+    claim_id: str = ""
+
+    @classmethod
+    def from_proto(cls, run: pb.PausedRun) -> PausedRun:
+        return cls(
+            run_id=run.run_id,
+            status=pb.PausedRunStatus.Name(run.status).removeprefix("PAUSED_RUN_STATUS_").lower(),
+            approvals=[
+                PendingApproval(a.approval_id, a.tool_name, a.arguments_json, a.agent, a.call_id)
+                for a in run.approvals
+            ],
+            create_time=run.create_time.ToDatetime(),
+            expire_time=run.expire_time.ToDatetime(),
+            claim_id=run.claim_id,
+        )
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    """A claimed paused run: its state, or (resolved) the result stored by
+    the same claim id's earlier resolve."""
+
+    run: PausedRun
+    state: bytes
+    resolved: bool
+    # This claim id held it already (not resolved): check, never run again.
+    held: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ItemRecord:
     """An item exactly as stored, for moving it between stores: `json` is

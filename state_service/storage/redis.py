@@ -299,6 +299,53 @@ class ViewCommit:
     replayed: bool
 
 
+class PausedStatus(enum.Enum):
+    PAUSED = "paused"
+    CLAIMED = "claimed"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class PausedHeader:
+    """A paused run's header field: status, expiry, creation, claim holder."""
+
+    status: PausedStatus
+    expire_ms: int
+    create_ms: int
+    claim_id: str
+
+    @classmethod
+    def parse(cls, raw: bytes) -> PausedHeader:
+        status, expire, create, claim = raw.decode().split(" ")
+        return cls(PausedStatus(status), int(expire), int(create), "" if claim == "-" else claim)
+
+
+@dataclass(frozen=True, slots=True)
+class PausedPut:
+    """None header: the session is at its live-run limit (live_runs)."""
+
+    header: PausedHeader | None
+    replayed: bool
+    live_runs: int = 0
+
+
+class PausedClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"  # taken now by this claim id
+    RESOLVED = "resolved"  # this claim id resolved it earlier
+    HELD = "held"  # claimed by this claim id, not resolved yet
+    BUSY = "busy"  # claimed by another claim id
+    DONE = "done"  # resolved by another claim id
+    MISSING = "missing"  # unknown or expired
+
+
+@dataclass(frozen=True, slots=True)
+class PausedClaim:
+    outcome: PausedClaimOutcome
+    header: PausedHeader | None
+    body: bytes = b""
+    approvals: bytes = b""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
     meta: str
@@ -1249,6 +1296,95 @@ class RedisStorage:
             return None
         etag, stored, upto = reply[1].decode().split(" ")
         return ViewCommit(etag, int(stored), int(upto), replayed=status == "replay")
+
+    # -- paused runs -------------------------------------------------------------
+    # Agent runs paused on tools needing approval, in one hash per session in
+    # the session's slot (see paused_put in scripts.lua for its fields).
+
+    def paused_key(self, tenant: str, session_id: str) -> str:
+        return f"{self._prefix}:{{{tenant}:{session_id}}}:p"
+
+    async def paused_put(
+        self,
+        tenant: str,
+        session_id: str,
+        run_id: str,
+        *,
+        expected_etag: str,
+        now_ms: int,
+        ttl_ms: int,
+        max_runs: int,
+        body: bytes,
+        approvals: bytes,
+    ) -> PausedPut:
+        keys = [self.keys(tenant, session_id).meta, self.paused_key(tenant, session_id)]
+        args: list[bytes | str | int] = [
+            expected_etag,
+            run_id,
+            now_ms,
+            ttl_ms,
+            max_runs,
+            body,
+            approvals,
+        ]
+        reply = await self._script("paused_put", keys, args, write=True)
+        status = reply[0].decode()
+        if status == "conflict":
+            raise EtagMismatch(reply[1].decode())
+        if status == "full":
+            return PausedPut(None, replayed=False, live_runs=int(reply[1]))
+        return PausedPut(PausedHeader.parse(reply[1]), replayed=status == "replay")
+
+    async def paused_list(
+        self, tenant: str, session_id: str, *, now_ms: int
+    ) -> list[tuple[str, PausedHeader, bytes]]:
+        """(run id, header, approvals) of the live runs."""
+        keys = [self.paused_key(tenant, session_id), self.keys(tenant, session_id).meta]
+        reply = await self._script("paused_list", keys, [now_ms])
+        return [
+            (reply[i].decode(), PausedHeader.parse(reply[i + 1]), bytes(reply[i + 2]))
+            for i in range(0, len(reply), 3)
+        ]
+
+    async def paused_claim(
+        self, tenant: str, session_id: str, run_id: str, *, claim_id: str, now_ms: int
+    ) -> PausedClaim:
+        reply = await self._script(
+            "paused_claim",
+            [self.paused_key(tenant, session_id), self.keys(tenant, session_id).meta],
+            [run_id, claim_id, now_ms],
+            write=True,
+        )
+        outcome = PausedClaimOutcome(reply[0].decode())
+        if outcome is PausedClaimOutcome.MISSING:
+            return PausedClaim(outcome, None)
+        header = PausedHeader.parse(reply[1])
+        if len(reply) < 4:
+            return PausedClaim(outcome, header)
+        return PausedClaim(outcome, header, bytes(reply[2] or b""), bytes(reply[3] or b""))
+
+    async def paused_resolve(
+        self,
+        tenant: str,
+        session_id: str,
+        run_id: str,
+        *,
+        claim_id: str,
+        now_ms: int,
+        result: bytes,
+    ) -> tuple[bool, PausedHeader | None]:
+        """Whether this claim id now holds the run resolved, and its header."""
+        reply = await self._script(
+            "paused_resolve",
+            [self.paused_key(tenant, session_id)],
+            [run_id, claim_id, now_ms, result],
+            write=True,
+            resend=True,  # idempotent for the same claim id
+        )
+        status = reply[0].decode()
+        if status == "missing":
+            return False, None
+        return status == "ok", PausedHeader.parse(reply[1])
 
     async def ping(self) -> None:
         """Readiness: every primary answers (a cluster with a primary down is

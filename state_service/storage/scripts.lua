@@ -463,6 +463,121 @@ return {'ok', response}
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 
+--- paused_put
+-- KEYS[1] the session's meta hash, KEYS[2] its paused-runs hash
+-- (<prefix>:{<tenant>:<session>}:p). A paused run is three fields: <id> the
+-- header "status expire_ms create_ms claim" (status paused|claimed|resolved,
+-- claim "-" when none), <id>:b its body (the run state, or the result once
+-- resolved), <id>:a its approvals and <id>:i the session's incarnation when
+-- it paused ('' if the session did not exist). Expiry is per run (the header); the key
+-- itself expires with the newest run.
+-- ARGV: expected etag ('' = any), run id, now (ms), ttl (ms), max live runs,
+-- body, approvals.
+-- Drops expired runs first, so the scan is bounded by the live-run limit.
+-- Returns {'ok'|'replay', header} or {'conflict', etag} or {'full', count}.
+local run, now, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local prior = redis.call('HGET', KEYS[2], run)
+if prior then
+  local expire = tonumber(string.match(prior, '^%a+ (%d+)'))
+  if expire > now then return {'replay', prior} end
+end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
+if ARGV[1] ~= '' then
+  local current = etag_of(h[1], h[2])
+  if ARGV[1] ~= current then return {'conflict', current} end
+end
+local live = 0
+for _, name in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if not string.find(name, ':', 1, true) then
+    local header = redis.call('HGET', KEYS[2], name)
+    local expire = tonumber(string.match(header, '^%a+ (%d+)'))
+    if expire <= now then
+      redis.call('HDEL', KEYS[2], name, name .. ':b', name .. ':a', name .. ':i')
+    else
+      live = live + 1
+    end
+  end
+end
+if live >= tonumber(ARGV[5]) then return {'full', tostring(live)} end
+local header = 'paused ' .. (now + ttl) .. ' ' .. now .. ' -'
+redis.call('HSET', KEYS[2], run, header, run .. ':b', ARGV[6], run .. ':a', ARGV[7],
+  run .. ':i', h[1] or '')
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {'ok', header}
+
+--- paused_list
+-- KEYS[1] a paused-runs hash (see paused_put), KEYS[2] its session's meta
+-- hash. ARGV: now (ms).
+-- Returns {id, header, approvals, ...} of the live runs (bounded by the
+-- live-run limit paused_put enforces), leaving out paused runs of an earlier
+-- incarnation of the session (see paused_claim).
+local now = tonumber(ARGV[1])
+local inc = redis.call('HGET', KEYS[2], 'inc') or ''
+local out = {}
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if not string.find(name, ':', 1, true) then
+    local got = redis.call('HMGET', KEYS[1], name, name .. ':a', name .. ':i')
+    local stale = string.sub(got[1] or '', 1, 7) == 'paused ' and (got[3] or '') ~= ''
+      and got[3] ~= inc
+    if got[1] and not stale and tonumber(string.match(got[1], '^%a+ (%d+)')) > now then
+      out[#out + 1] = name
+      out[#out + 1] = got[1]
+      out[#out + 1] = got[2] or ''
+    end
+  end
+end
+return out
+
+--- paused_claim
+-- KEYS[1] a paused-runs hash, KEYS[2] its session's meta hash. ARGV: run id,
+-- claim id, now (ms). A run whose session was deleted (or deleted and
+-- created again) since it paused is gone: resuming it would revive a
+-- conversation its owner deleted.
+-- The one step that decides who resumes a run: paused -> claimed by this
+-- claim id, atomically. Returns {'claimed', header, body, approvals} (taken
+-- now), {'resolved', header, result, approvals} (this claim id resolved it
+-- before), {'held', header, body, approvals} (this claim id holds it: a retry
+-- while the first attempt runs, or after it died), {'busy', header} (claimed
+-- by another), {'done', header} (resolved by another
+-- claim id) or {'missing'} (unknown or expired).
+local run, claim, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local got = redis.call('HMGET', KEYS[1], run, run .. ':b', run .. ':a', run .. ':i')
+local header = got[1]
+if not header then return {'missing'} end
+local status, expire, created, holder = string.match(header, '^(%a+) (%d+) (%d+) (%S+)$')
+local paused_inc = got[4] or ''
+local inc = redis.call('HGET', KEYS[2], 'inc') or ''
+if tonumber(expire) <= now or (status == 'paused' and paused_inc ~= '' and inc ~= paused_inc) then
+  redis.call('HDEL', KEYS[1], run, run .. ':b', run .. ':a', run .. ':i')
+  return {'missing'}
+end
+if status == 'paused' then
+  header = 'claimed ' .. expire .. ' ' .. created .. ' ' .. claim
+  redis.call('HSET', KEYS[1], run, header)
+  return {'claimed', header, got[2], got[3]}
+end
+if status == 'resolved' and holder == claim then
+  return {'resolved', header, got[2], got[3]}
+end
+if status == 'claimed' and holder == claim then return {'held', header, got[2], got[3]} end
+if status == 'claimed' then return {'busy', header} end
+return {'done', header}
+
+--- paused_resolve
+-- KEYS[1] a paused-runs hash. ARGV: run id, claim id, now (ms), result.
+-- claimed by this claim id -> resolved, the state replaced by the result.
+-- Returns {'ok', header} (also when already resolved by this claim id),
+-- {'busy', header} (another claim id holds or resolved it) or {'missing'}.
+local run, claim, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local header = redis.call('HGET', KEYS[1], run)
+if not header then return {'missing'} end
+local status, expire, created, holder = string.match(header, '^(%a+) (%d+) (%d+) (%S+)$')
+if holder ~= claim then return {'busy', header} end
+if status == 'resolved' then return {'ok', header} end
+header = 'resolved ' .. expire .. ' ' .. created .. ' ' .. claim
+redis.call('HSET', KEYS[1], run, header, run .. ':b', ARGV[4])
+return {'ok', header}
+
 --- import
 -- Appends entries that keep their seqs (ImportItems), atomically like append.
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,

@@ -62,6 +62,30 @@ relevant to the message.
 """
 Global___ContextStrategy: _TypeAlias = ContextStrategy  # noqa: Y015
 
+class _RemainingDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RemainingDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RemainingDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REMAINING_DECISION_UNSPECIFIED: _RemainingDecision.ValueType  # 0
+    """Every approval of the paused run must be named in decisions."""
+    REMAINING_DECISION_APPROVE: _RemainingDecision.ValueType  # 1
+    """Approve every approval not named."""
+    REMAINING_DECISION_REJECT: _RemainingDecision.ValueType  # 2
+    """Reject every approval not named."""
+
+class RemainingDecision(_RemainingDecision, metaclass=_RemainingDecisionEnumTypeWrapper):
+    """How ResolveApprovals decides the approvals its decisions do not name."""
+
+REMAINING_DECISION_UNSPECIFIED: RemainingDecision.ValueType  # 0
+"""Every approval of the paused run must be named in decisions."""
+REMAINING_DECISION_APPROVE: RemainingDecision.ValueType  # 1
+"""Approve every approval not named."""
+REMAINING_DECISION_REJECT: RemainingDecision.ValueType  # 2
+"""Reject every approval not named."""
+Global___RemainingDecision: _TypeAlias = RemainingDecision  # noqa: Y015
+
 class _ErrorReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -199,6 +223,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     tenant has its share of heavy state requests (long contexts, retrieval)
     in flight. Nothing was stored; retry after the google.rpc.RetryInfo delay
     (also metadata "retry_after_seconds").
+    """
+    APPROVAL_NOT_FOUND: _ErrorReason.ValueType  # 24
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: ResolveApprovals named an approval id that does not exist or
+    whose paused run expired (metadata "approval_id"). Nothing ran.
+    """
+    RESUME_CONFLICT: _ErrorReason.ValueType  # 25
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: another ResolveApprovals (another request_id, or this one on a
+    replica that died) holds the paused run. Nothing ran now; the tools run
+    at most once.
+    """
+    ALREADY_RESOLVED: _ErrorReason.ValueType  # 26
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    FAILED_PRECONDITION: the paused run was already resumed by another
+    request. Nothing ran; the session log has its turn.
+    """
+    PAUSED_RUN_LIMIT: _ErrorReason.ValueType  # 27
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the session has too many paused runs, or the paused
+    run is too large to keep (the state service's limits). Nothing was
+    stored.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -340,6 +386,28 @@ RESOURCE_EXHAUSTED: passed on from the state service: the caller's
 tenant has its share of heavy state requests (long contexts, retrieval)
 in flight. Nothing was stored; retry after the google.rpc.RetryInfo delay
 (also metadata "retry_after_seconds").
+"""
+APPROVAL_NOT_FOUND: ErrorReason.ValueType  # 24
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: ResolveApprovals named an approval id that does not exist or
+whose paused run expired (metadata "approval_id"). Nothing ran.
+"""
+RESUME_CONFLICT: ErrorReason.ValueType  # 25
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: another ResolveApprovals (another request_id, or this one on a
+replica that died) holds the paused run. Nothing ran now; the tools run
+at most once.
+"""
+ALREADY_RESOLVED: ErrorReason.ValueType  # 26
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+FAILED_PRECONDITION: the paused run was already resumed by another
+request. Nothing ran; the session log has its turn.
+"""
+PAUSED_RUN_LIMIT: ErrorReason.ValueType  # 27
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the session has too many paused runs, or the paused
+run is too large to keep (the state service's limits). Nothing was
+stored.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -584,6 +652,7 @@ class ChatResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    PENDING_APPROVALS_FIELD_NUMBER: _builtins.int
     reply: _builtins.str
     """The final answer (the last assistant message's text)."""
     agent: _builtins.str
@@ -620,6 +689,14 @@ class ChatResponse(_message.Message):
     def workflow(self) -> Global___Workflow:
         """Set when the turn ran in a workflow: the workflow after the turn."""
 
+    @_builtins.property
+    def pending_approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """Non-empty when the turn paused on tools that need approval (the agents
+        file's needs_approval): nothing was stored in the log yet (items is
+        empty, reply too); the paused run is kept by the state service until
+        ResolveApprovals resumes it or it expires.
+        """
+
     def __init__(
         self,
         *,
@@ -632,14 +709,234 @@ class ChatResponse(_message.Message):
         session_id: _builtins.str = ...,
         replayed: _builtins.bool = ...,
         workflow: Global___Workflow | None = ...,
+        pending_approvals: _abc.Iterable[Global___PendingApproval] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "usage", b"usage", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "etag", b"etag", "items", b"items", "replayed", b"replayed", "reply", b"reply", "session_id", b"session_id", "usage", b"usage", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "etag", b"etag", "items", b"items", "pending_approvals", b"pending_approvals", "replayed", b"replayed", "reply", b"reply", "session_id", b"session_id", "usage", b"usage", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """A tool call waiting for a human decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Names the call in ResolveApprovals; unique within the session."""
+    tool_name: _builtins.str
+    """The tool the model called."""
+    arguments_json: _builtins.str
+    """Its arguments, a JSON document as the model wrote it."""
+    agent: _builtins.str
+    """The agent that called it."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the paused run expires (ResolveApprovals answers NOT_FOUND after)."""
+
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approval_id", b"approval_id", "arguments_json", b"arguments_json", "expire_time", b"expire_time", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015
+
+@_typing.final
+class ApprovalDecision(_message.Message):
+    """One decision of ResolveApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REJECTION_MESSAGE_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Required. A PendingApproval's approval_id."""
+    approve: _builtins.bool
+    """True: the tool runs. False: it does not, and the model is told it was
+    rejected.
+    """
+    rejection_message: _builtins.str
+    """Optional, for a rejection: the text the model sees as the tool's
+    output instead of the default rejection message (at most 2000
+    characters).
+    """
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        rejection_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approve", b"approve", "rejection_message", b"rejection_message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
+
+@_typing.final
+class ResolveApprovalsRequest(_message.Message):
+    """Request for ResolveApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REJECTION_MESSAGE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session of the paused turn."""
+    remaining: Global___RemainingDecision.ValueType
+    """How approvals not named in decisions are decided."""
+    request_id: _builtins.str
+    """Optional idempotency key: a retry with the same request_id returns the
+    first response (replayed = true) and runs nothing again.
+    """
+    rejection_message: _builtins.str
+    """Optional: what the model sees for rejections whose decision gives no
+    rejection_message (at most 2000 characters); empty = the default text.
+    """
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalDecision]:
+        """The decisions, all for approvals of one paused run. May be empty when
+        remaining is set and the session has exactly one paused run.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___ApprovalDecision] | None = ...,
+        remaining: Global___RemainingDecision.ValueType = ...,
+        request_id: _builtins.str = ...,
+        rejection_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "rejection_message", b"rejection_message", "remaining", b"remaining", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveApprovalsRequest: _TypeAlias = ResolveApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class ResolveApprovalsResponse(_message.Message):
+    """Response for ResolveApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DecisionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TURN_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def turn(self) -> Global___ChatResponse:
+        """The resumed turn as stored (its items start with the paused turn's user
+        message). It has pending_approvals when the resumed run paused again.
+        """
+
+    @_builtins.property
+    def decisions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The decisions applied, by approval_id: "approve" or "reject"."""
+
+    def __init__(
+        self,
+        *,
+        turn: Global___ChatResponse | None = ...,
+        decisions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["turn", b"turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveApprovalsResponse: _TypeAlias = ResolveApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class ListApprovalsRequest(_message.Message):
+    """Request for ListApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session whose pending approvals to list."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsRequest: _TypeAlias = ListApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class ListApprovalsResponse(_message.Message):
+    """Response for ListApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """Approvals waiting for a decision (of paused runs nobody is resuming)."""
+
+    def __init__(
+        self,
+        *,
+        approvals: _abc.Iterable[Global___PendingApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsResponse: _TypeAlias = ListApprovalsResponse  # noqa: Y015
 
 @_typing.final
 class StreamChatResponse(_message.Message):

@@ -76,6 +76,16 @@ class AgentServiceStub:
                 request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
+        self.ResolveApprovals = channel.unary_unary(
+                '/statecar.agent.v1.AgentService/ResolveApprovals',
+                request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsRequest.SerializeToString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsResponse.FromString,
+                _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/statecar.agent.v1.AgentService/ListApprovals',
+                request_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -148,6 +158,33 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveApprovals(self, request, context):
+        """Approves or rejects the pending approvals of a paused turn (a Chat or
+        StreamChat whose response had pending_approvals) and resumes it, on any
+        replica: approved tools run, rejected ones return a rejection the model
+        sees, and the whole turn (the user message, the tool calls and outputs,
+        the reply) is appended to the session log as one turn. Every approval of
+        the paused run must be decided by this call (INVALID_ARGUMENT, field
+        "decisions", otherwise). A paused run resumes exactly once: a retry with
+        the same request_id returns the first response (replayed = true); any
+        other resume of it is ABORTED (RESUME_CONFLICT) while one runs and
+        FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
+        approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
+        a resume dies, the run stays claimed until it expires: its tools ran at
+        most once, and the turn is stored only if the append happened (then a
+        retry with the same request_id returns it; otherwise RESUME_CONFLICT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovals(self, request, context):
+        """Lists the approvals waiting for a decision in a session, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +217,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ForkSession,
                     request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.FromString,
                     response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'ResolveApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveApprovals,
+                    request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsRequest.FromString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsResponse.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +403,60 @@ class AgentService:
             '/statecar.agent.v1.AgentService/ForkSession',
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionRequest.SerializeToString,
             statecar_dot_agent_dot_v1_dot_agent__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.agent.v1.AgentService/ResolveApprovals',
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsRequest.SerializeToString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ResolveApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.agent.v1.AgentService/ListApprovals',
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsRequest.SerializeToString,
+            statecar_dot_agent_dot_v1_dot_agent__service__pb2.ListApprovalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

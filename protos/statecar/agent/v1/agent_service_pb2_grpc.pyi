@@ -75,6 +75,24 @@ class AgentServiceStub:
     The cut must not separate a tool call from its output (INVALID_ARGUMENT,
     field "before_seq"; the seq of a user message is always a safe cut).
     """
+    ResolveApprovals: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ResolveApprovalsRequest, _agent_service_pb2.ResolveApprovalsResponse]
+    """Approves or rejects the pending approvals of a paused turn (a Chat or
+    StreamChat whose response had pending_approvals) and resumes it, on any
+    replica: approved tools run, rejected ones return a rejection the model
+    sees, and the whole turn (the user message, the tool calls and outputs,
+    the reply) is appended to the session log as one turn. Every approval of
+    the paused run must be decided by this call (INVALID_ARGUMENT, field
+    "decisions", otherwise). A paused run resumes exactly once: a retry with
+    the same request_id returns the first response (replayed = true); any
+    other resume of it is ABORTED (RESUME_CONFLICT) while one runs and
+    FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
+    approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
+    a resume dies, the run stays claimed until it expires: its tools ran at
+    most once, and the turn is stored only if the append happened (then a
+    retry with the same request_id returns it; otherwise RESUME_CONFLICT).
+    """
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListApprovalsRequest, _agent_service_pb2.ListApprovalsResponse]
+    """Lists the approvals waiting for a decision in a session, oldest first."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -123,6 +141,24 @@ class AgentServiceAsyncStub(AgentServiceStub):
     The cut must not separate a tool call from its output (INVALID_ARGUMENT,
     field "before_seq"; the seq of a user message is always a safe cut).
     """
+    ResolveApprovals: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ResolveApprovalsRequest, _agent_service_pb2.ResolveApprovalsResponse]  # type: ignore[assignment]
+    """Approves or rejects the pending approvals of a paused turn (a Chat or
+    StreamChat whose response had pending_approvals) and resumes it, on any
+    replica: approved tools run, rejected ones return a rejection the model
+    sees, and the whole turn (the user message, the tool calls and outputs,
+    the reply) is appended to the session log as one turn. Every approval of
+    the paused run must be decided by this call (INVALID_ARGUMENT, field
+    "decisions", otherwise). A paused run resumes exactly once: a retry with
+    the same request_id returns the first response (replayed = true); any
+    other resume of it is ABORTED (RESUME_CONFLICT) while one runs and
+    FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
+    approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
+    a resume dies, the run stays claimed until it expires: its tools ran at
+    most once, and the turn is stored only if the append happened (then a
+    retry with the same request_id returns it; otherwise RESUME_CONFLICT).
+    """
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListApprovalsRequest, _agent_service_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """Lists the approvals waiting for a decision in a session, oldest first."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService runs openai-agents agents, one turn per call, keeping no
@@ -204,5 +240,35 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         The cut must not separate a tool call from its output (INVALID_ARGUMENT,
         field "before_seq"; the seq of a user message is always a safe cut).
         """
+
+    @_abc_1.abstractmethod
+    def ResolveApprovals(
+        self,
+        request: _agent_service_pb2.ResolveApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ResolveApprovalsResponse, _abc.Awaitable[_agent_service_pb2.ResolveApprovalsResponse]]:
+        """Approves or rejects the pending approvals of a paused turn (a Chat or
+        StreamChat whose response had pending_approvals) and resumes it, on any
+        replica: approved tools run, rejected ones return a rejection the model
+        sees, and the whole turn (the user message, the tool calls and outputs,
+        the reply) is appended to the session log as one turn. Every approval of
+        the paused run must be decided by this call (INVALID_ARGUMENT, field
+        "decisions", otherwise). A paused run resumes exactly once: a retry with
+        the same request_id returns the first response (replayed = true); any
+        other resume of it is ABORTED (RESUME_CONFLICT) while one runs and
+        FAILED_PRECONDITION (ALREADY_RESOLVED) after. Unknown or expired
+        approval ids are NOT_FOUND (APPROVAL_NOT_FOUND). If the replica running
+        a resume dies, the run stays claimed until it expires: its tools ran at
+        most once, and the turn is stored only if the append happened (then a
+        retry with the same request_id returns it; otherwise RESUME_CONFLICT).
+        """
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _agent_service_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.ListApprovalsResponse, _abc.Awaitable[_agent_service_pb2.ListApprovalsResponse]]:
+        """Lists the approvals waiting for a decision in a session, oldest first."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -99,6 +99,34 @@ ITEM_ORDER_NEWEST_FIRST: ItemOrder.ValueType  # 2
 """Newest first."""
 Global___ItemOrder: _TypeAlias = ItemOrder  # noqa: Y015
 
+class _PausedRunStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PausedRunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PausedRunStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAUSED_RUN_STATUS_UNSPECIFIED: _PausedRunStatus.ValueType  # 0
+    """Never sent."""
+    PAUSED_RUN_STATUS_PAUSED: _PausedRunStatus.ValueType  # 1
+    """Waiting for decisions; ClaimPausedRun may take it."""
+    PAUSED_RUN_STATUS_CLAIMED: _PausedRunStatus.ValueType  # 2
+    """Taken by one resumer, which is running it."""
+    PAUSED_RUN_STATUS_RESOLVED: _PausedRunStatus.ValueType  # 3
+    """Resumed and finished; only the resolver's retries can read its result."""
+
+class PausedRunStatus(_PausedRunStatus, metaclass=_PausedRunStatusEnumTypeWrapper):
+    """Where a paused run is in its life."""
+
+PAUSED_RUN_STATUS_UNSPECIFIED: PausedRunStatus.ValueType  # 0
+"""Never sent."""
+PAUSED_RUN_STATUS_PAUSED: PausedRunStatus.ValueType  # 1
+"""Waiting for decisions; ClaimPausedRun may take it."""
+PAUSED_RUN_STATUS_CLAIMED: PausedRunStatus.ValueType  # 2
+"""Taken by one resumer, which is running it."""
+PAUSED_RUN_STATUS_RESOLVED: PausedRunStatus.ValueType  # 3
+"""Resumed and finished; only the resolver's retries can read its result."""
+Global___PausedRunStatus: _TypeAlias = PausedRunStatus  # noqa: Y015
+
 class _ErrorReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -243,6 +271,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     last_seq (metadata "last_seq", "current_etag"). Nothing was written. The
     session already has items there: skip the ones it has (after checking
     they are the same), or import into another session.
+    """
+    PAUSED_RUN_NOT_FOUND: _ErrorReason.ValueType  # 24
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    NOT_FOUND: the paused run (ClaimPausedRun, ResolvePausedRun) does not
+    exist or has expired (metadata "run_id"). Nothing was done.
+    """
+    PAUSED_RUN_CLAIMED: _ErrorReason.ValueType  # 25
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    ABORTED: the paused run is claimed by another resume (or one whose
+    holder died; it stays claimed until it expires). Nothing was done; do
+    not retry with another claim_id expecting the tool to run.
+    """
+    PAUSED_RUN_RESOLVED: _ErrorReason.ValueType  # 26
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    FAILED_PRECONDITION: the paused run was already resumed by another
+    claim_id. Nothing was done.
+    """
+    PAUSED_RUN_LIMIT: _ErrorReason.ValueType  # 27
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: the session already has
+    STATE_SERVICE_MAX_PAUSED_RUNS live paused runs, or the run (or result)
+    is larger than STATE_SERVICE_MAX_PAUSED_RUN_BYTES (metadata "limit").
+    Nothing was written.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -391,6 +442,29 @@ ABORTED: ImportItems sent an item whose seq is not above the session's
 last_seq (metadata "last_seq", "current_etag"). Nothing was written. The
 session already has items there: skip the ones it has (after checking
 they are the same), or import into another session.
+"""
+PAUSED_RUN_NOT_FOUND: ErrorReason.ValueType  # 24
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+NOT_FOUND: the paused run (ClaimPausedRun, ResolvePausedRun) does not
+exist or has expired (metadata "run_id"). Nothing was done.
+"""
+PAUSED_RUN_CLAIMED: ErrorReason.ValueType  # 25
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+ABORTED: the paused run is claimed by another resume (or one whose
+holder died; it stays claimed until it expires). Nothing was done; do
+not retry with another claim_id expecting the tool to run.
+"""
+PAUSED_RUN_RESOLVED: ErrorReason.ValueType  # 26
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+FAILED_PRECONDITION: the paused run was already resumed by another
+claim_id. Nothing was done.
+"""
+PAUSED_RUN_LIMIT: ErrorReason.ValueType  # 27
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: the session already has
+STATE_SERVICE_MAX_PAUSED_RUNS live paused runs, or the run (or result)
+is larger than STATE_SERVICE_MAX_PAUSED_RUN_BYTES (metadata "limit").
+Nothing was written.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
@@ -1749,6 +1823,353 @@ class GetCompactedViewResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCompactedViewResponse: _TypeAlias = GetCompactedViewResponse  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """A tool call of a paused run waiting for a human decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Unique within the session; names the call in the agent service's
+    ResolveApprovals.
+    """
+    tool_name: _builtins.str
+    """The tool the model called."""
+    arguments_json: _builtins.str
+    """The call's arguments, a JSON document as the model wrote it."""
+    agent: _builtins.str
+    """The agent that called the tool."""
+    call_id: _builtins.str
+    """The model's call id of the tool call."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approval_id", b"approval_id", "arguments_json", b"arguments_json", "call_id", b"call_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015
+
+@_typing.final
+class PausedRun(_message.Message):
+    """A paused run as listed (its state is only returned by ClaimPausedRun)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CLAIM_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id (the caller's, from PutPausedRun)."""
+    status: Global___PausedRunStatus.ValueType
+    """Its status."""
+    claim_id: _builtins.str
+    """Who claimed it (ClaimPausedRun's claim_id); empty while paused."""
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """The tool calls waiting for decisions."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it is dropped (the run is NOT_FOUND from then on)."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        status: Global___PausedRunStatus.ValueType = ...,
+        approvals: _abc.Iterable[Global___PendingApproval] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        claim_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "claim_id", b"claim_id", "create_time", b"create_time", "expire_time", b"expire_time", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PausedRun: _TypeAlias = PausedRun  # noqa: Y015
+
+@_typing.final
+class PutPausedRunRequest(_message.Message):
+    """Request for PutPausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session the run belongs to (it need not exist yet: a
+    first turn may pause).
+    """
+    etag: _builtins.str
+    """Required. The session etag the run was computed from ("0" for a
+    session that does not exist). Mismatch: ABORTED (ETAG_MISMATCH).
+    """
+    run_id: _builtins.str
+    """Required. The run's id, same charset as request ids; also the
+    idempotency key of this call.
+    """
+    state: _builtins.bytes
+    """Required. The serialized run (opaque to the service; sealed at rest
+    when encryption is on).
+    """
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]:
+        """Required, at least one. The tool calls waiting for decisions."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        state: _builtins.bytes = ...,
+        approvals: _abc.Iterable[Global___PendingApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "etag", b"etag", "run_id", b"run_id", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutPausedRunRequest: _TypeAlias = PutPausedRunRequest  # noqa: Y015
+
+@_typing.final
+class PutPausedRunResponse(_message.Message):
+    """Response for PutPausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when run_id was already stored: nothing was written now."""
+    @_builtins.property
+    def run(self) -> Global___PausedRun:
+        """The stored run (without its state)."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___PausedRun | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutPausedRunResponse: _TypeAlias = PutPausedRunResponse  # noqa: Y015
+
+@_typing.final
+class ListPausedRunsRequest(_message.Message):
+    """Request for ListPausedRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session whose paused runs to list."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPausedRunsRequest: _TypeAlias = ListPausedRunsRequest  # noqa: Y015
+
+@_typing.final
+class ListPausedRunsResponse(_message.Message):
+    """Response for ListPausedRuns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PausedRun]:
+        """The live paused runs, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[Global___PausedRun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPausedRunsResponse: _TypeAlias = ListPausedRunsResponse  # noqa: Y015
+
+@_typing.final
+class ClaimPausedRunRequest(_message.Message):
+    """Request for ClaimPausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CLAIM_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session of the run."""
+    run_id: _builtins.str
+    """Required. The run to claim."""
+    claim_id: _builtins.str
+    """Required. Who claims it, same charset as request ids (a resumer uses
+    its caller's request id, so a retried resume is recognised).
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        claim_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_id", b"claim_id", "run_id", b"run_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimPausedRunRequest: _TypeAlias = ClaimPausedRunRequest  # noqa: Y015
+
+@_typing.final
+class ClaimPausedRunResponse(_message.Message):
+    """Response for ClaimPausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    state: _builtins.bytes
+    """The serialized run state (when claimed now), or the result stored by
+    ResolvePausedRun (when resolved is true).
+    """
+    resolved: _builtins.bool
+    """True when this claim_id had already resolved the run: state holds its
+    result, and nothing must be run again.
+    """
+    held: _builtins.bool
+    """True when this claim_id already held the run (claimed, not resolved: a
+    retry while its first attempt runs, or after that attempt died). state
+    is the run state, returned only so the caller can check whether the
+    first attempt got as far as storing its outcome; it must not be run
+    again.
+    """
+    @_builtins.property
+    def run(self) -> Global___PausedRun:
+        """The run (status CLAIMED, or RESOLVED when resolved is true)."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___PausedRun | None = ...,
+        state: _builtins.bytes = ...,
+        resolved: _builtins.bool = ...,
+        held: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "resolved", b"resolved", "run", b"run", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimPausedRunResponse: _TypeAlias = ClaimPausedRunResponse  # noqa: Y015
+
+@_typing.final
+class ResolvePausedRunRequest(_message.Message):
+    """Request for ResolvePausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CLAIM_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Required. The session of the run."""
+    run_id: _builtins.str
+    """Required. The run to resolve."""
+    claim_id: _builtins.str
+    """Required. The claim_id that claimed it."""
+    result: _builtins.bytes
+    """What the resumed run gave, returned to retries of the same claim_id
+    (at most STATE_SERVICE_MAX_PAUSED_RUN_BYTES).
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        claim_id: _builtins.str = ...,
+        result: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_id", b"claim_id", "result", b"result", "run_id", b"run_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvePausedRunRequest: _TypeAlias = ResolvePausedRunRequest  # noqa: Y015
+
+@_typing.final
+class ResolvePausedRunResponse(_message.Message):
+    """Response for ResolvePausedRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___PausedRun:
+        """The run, status RESOLVED."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___PausedRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvePausedRunResponse: _TypeAlias = ResolvePausedRunResponse  # noqa: Y015
 
 @_typing.final
 class ImportItemsRequest(_message.Message):

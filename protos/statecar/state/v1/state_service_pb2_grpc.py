@@ -123,6 +123,26 @@ class StateServiceStub:
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
                 response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
                 _registered_method=True)
+        self.PutPausedRun = channel.unary_unary(
+                '/statecar.state.v1.StateService/PutPausedRun',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunResponse.FromString,
+                _registered_method=True)
+        self.ListPausedRuns = channel.unary_unary(
+                '/statecar.state.v1.StateService/ListPausedRuns',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsResponse.FromString,
+                _registered_method=True)
+        self.ClaimPausedRun = channel.unary_unary(
+                '/statecar.state.v1.StateService/ClaimPausedRun',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunResponse.FromString,
+                _registered_method=True)
+        self.ResolvePausedRun = channel.unary_unary(
+                '/statecar.state.v1.StateService/ResolvePausedRun',
+                request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.SerializeToString,
+                response_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.FromString,
+                _registered_method=True)
         self.ImportItems = channel.unary_unary(
                 '/statecar.state.v1.StateService/ImportItems',
                 request_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ImportItemsRequest.SerializeToString,
@@ -295,6 +315,57 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutPausedRun(self, request, context):
+        """Stores a paused agent run (a turn that reached tools needing human
+        approval) beside the session, conditional on the session's etag: the
+        paused run was computed from that version of the log (ABORTED,
+        ETAG_MISMATCH, if another turn was stored since). run_id is the
+        idempotency key: a Put of a run_id already stored stores nothing and
+        returns the stored run (replayed = true). Kept
+        STATE_SERVICE_PAUSED_RUN_TTL_SECONDS, then gone (NOT_FOUND). At most
+        STATE_SERVICE_MAX_PAUSED_RUNS live runs per session and
+        STATE_SERVICE_MAX_PAUSED_RUN_BYTES per run (RESOURCE_EXHAUSTED,
+        PAUSED_RUN_LIMIT, nothing written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPausedRuns(self, request, context):
+        """Lists a session's live paused runs (paused, claimed or resolved and not
+        yet expired) with their pending approvals, without their state. At most
+        STATE_SERVICE_MAX_PAUSED_RUNS entries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimPausedRun(self, request, context):
+        """Atomically claims a paused run for resumption and returns its state:
+        exactly one claim_id ever gets it. A run claimed by another claim_id is
+        ABORTED (PAUSED_RUN_CLAIMED); by the same one it is returned with held =
+        true (see the field); a resolved run returns its stored result
+        to the claim_id that resolved it (resolved = true) and is
+        FAILED_PRECONDITION (PAUSED_RUN_RESOLVED) to any other; an unknown or
+        expired run is NOT_FOUND (PAUSED_RUN_NOT_FOUND). A claim is never
+        released: if its holder dies, the run stays claimed until it expires, so
+        a resumed tool runs at most once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolvePausedRun(self, request, context):
+        """Marks a run claimed by claim_id as resolved and stores result in place
+        of its state (returned to that claim_id's retries by ClaimPausedRun).
+        A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
+        NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
+        claim_id is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportItems(self, request, context):
         """Appends items that keep the seq and create_time they had elsewhere (an
         export of this or another statecar, or history converted from another
@@ -411,6 +482,26 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.GetCompactedView,
                     request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.FromString,
                     response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.SerializeToString,
+            ),
+            'PutPausedRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutPausedRun,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunResponse.SerializeToString,
+            ),
+            'ListPausedRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPausedRuns,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsResponse.SerializeToString,
+            ),
+            'ClaimPausedRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimPausedRun,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunResponse.SerializeToString,
+            ),
+            'ResolvePausedRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolvePausedRun,
+                    request_deserializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.FromString,
+                    response_serializer=statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.SerializeToString,
             ),
             'ImportItems': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportItems,
@@ -825,6 +916,114 @@ class StateService:
             '/statecar.state.v1.StateService/GetCompactedView',
             statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewRequest.SerializeToString,
             statecar_dot_state_dot_v1_dot_state__service__pb2.GetCompactedViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutPausedRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/PutPausedRun',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.PutPausedRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPausedRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ListPausedRuns',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ListPausedRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimPausedRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ClaimPausedRun',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ClaimPausedRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolvePausedRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statecar.state.v1.StateService/ResolvePausedRun',
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunRequest.SerializeToString,
+            statecar_dot_state_dot_v1_dot_state__service__pb2.ResolvePausedRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

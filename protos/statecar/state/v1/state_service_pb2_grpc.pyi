@@ -122,6 +122,41 @@ class StateServiceStub:
     """Returns a session's compacted view (see CompactSession): its stored items
     (seq 0), then the log items appended after it (their own seq).
     """
+    PutPausedRun: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.PutPausedRunRequest, _state_service_pb2.PutPausedRunResponse]
+    """Stores a paused agent run (a turn that reached tools needing human
+    approval) beside the session, conditional on the session's etag: the
+    paused run was computed from that version of the log (ABORTED,
+    ETAG_MISMATCH, if another turn was stored since). run_id is the
+    idempotency key: a Put of a run_id already stored stores nothing and
+    returns the stored run (replayed = true). Kept
+    STATE_SERVICE_PAUSED_RUN_TTL_SECONDS, then gone (NOT_FOUND). At most
+    STATE_SERVICE_MAX_PAUSED_RUNS live runs per session and
+    STATE_SERVICE_MAX_PAUSED_RUN_BYTES per run (RESOURCE_EXHAUSTED,
+    PAUSED_RUN_LIMIT, nothing written).
+    """
+    ListPausedRuns: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ListPausedRunsRequest, _state_service_pb2.ListPausedRunsResponse]
+    """Lists a session's live paused runs (paused, claimed or resolved and not
+    yet expired) with their pending approvals, without their state. At most
+    STATE_SERVICE_MAX_PAUSED_RUNS entries.
+    """
+    ClaimPausedRun: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ClaimPausedRunRequest, _state_service_pb2.ClaimPausedRunResponse]
+    """Atomically claims a paused run for resumption and returns its state:
+    exactly one claim_id ever gets it. A run claimed by another claim_id is
+    ABORTED (PAUSED_RUN_CLAIMED); by the same one it is returned with held =
+    true (see the field); a resolved run returns its stored result
+    to the claim_id that resolved it (resolved = true) and is
+    FAILED_PRECONDITION (PAUSED_RUN_RESOLVED) to any other; an unknown or
+    expired run is NOT_FOUND (PAUSED_RUN_NOT_FOUND). A claim is never
+    released: if its holder dies, the run stays claimed until it expires, so
+    a resumed tool runs at most once.
+    """
+    ResolvePausedRun: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ResolvePausedRunRequest, _state_service_pb2.ResolvePausedRunResponse]
+    """Marks a run claimed by claim_id as resolved and stores result in place
+    of its state (returned to that claim_id's retries by ClaimPausedRun).
+    A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
+    NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
+    claim_id is a no-op.
+    """
     ImportItems: _grpc.UnaryUnaryMultiCallable[_state_service_pb2.ImportItemsRequest, _state_service_pb2.ImportItemsResponse]
     """Appends items that keep the seq and create_time they had elsewhere (an
     export of this or another statecar, or history converted from another
@@ -248,6 +283,41 @@ class StateServiceAsyncStub(StateServiceStub):
     GetCompactedView: _aio.UnaryUnaryMultiCallable[_state_service_pb2.GetCompactedViewRequest, _state_service_pb2.GetCompactedViewResponse]  # type: ignore[assignment]
     """Returns a session's compacted view (see CompactSession): its stored items
     (seq 0), then the log items appended after it (their own seq).
+    """
+    PutPausedRun: _aio.UnaryUnaryMultiCallable[_state_service_pb2.PutPausedRunRequest, _state_service_pb2.PutPausedRunResponse]  # type: ignore[assignment]
+    """Stores a paused agent run (a turn that reached tools needing human
+    approval) beside the session, conditional on the session's etag: the
+    paused run was computed from that version of the log (ABORTED,
+    ETAG_MISMATCH, if another turn was stored since). run_id is the
+    idempotency key: a Put of a run_id already stored stores nothing and
+    returns the stored run (replayed = true). Kept
+    STATE_SERVICE_PAUSED_RUN_TTL_SECONDS, then gone (NOT_FOUND). At most
+    STATE_SERVICE_MAX_PAUSED_RUNS live runs per session and
+    STATE_SERVICE_MAX_PAUSED_RUN_BYTES per run (RESOURCE_EXHAUSTED,
+    PAUSED_RUN_LIMIT, nothing written).
+    """
+    ListPausedRuns: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ListPausedRunsRequest, _state_service_pb2.ListPausedRunsResponse]  # type: ignore[assignment]
+    """Lists a session's live paused runs (paused, claimed or resolved and not
+    yet expired) with their pending approvals, without their state. At most
+    STATE_SERVICE_MAX_PAUSED_RUNS entries.
+    """
+    ClaimPausedRun: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ClaimPausedRunRequest, _state_service_pb2.ClaimPausedRunResponse]  # type: ignore[assignment]
+    """Atomically claims a paused run for resumption and returns its state:
+    exactly one claim_id ever gets it. A run claimed by another claim_id is
+    ABORTED (PAUSED_RUN_CLAIMED); by the same one it is returned with held =
+    true (see the field); a resolved run returns its stored result
+    to the claim_id that resolved it (resolved = true) and is
+    FAILED_PRECONDITION (PAUSED_RUN_RESOLVED) to any other; an unknown or
+    expired run is NOT_FOUND (PAUSED_RUN_NOT_FOUND). A claim is never
+    released: if its holder dies, the run stays claimed until it expires, so
+    a resumed tool runs at most once.
+    """
+    ResolvePausedRun: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ResolvePausedRunRequest, _state_service_pb2.ResolvePausedRunResponse]  # type: ignore[assignment]
+    """Marks a run claimed by claim_id as resolved and stores result in place
+    of its state (returned to that claim_id's retries by ClaimPausedRun).
+    A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
+    NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
+    claim_id is a no-op.
     """
     ImportItems: _aio.UnaryUnaryMultiCallable[_state_service_pb2.ImportItemsRequest, _state_service_pb2.ImportItemsResponse]  # type: ignore[assignment]
     """Appends items that keep the seq and create_time they had elsewhere (an
@@ -456,6 +526,65 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_state_service_pb2.GetCompactedViewResponse, _abc.Awaitable[_state_service_pb2.GetCompactedViewResponse]]:
         """Returns a session's compacted view (see CompactSession): its stored items
         (seq 0), then the log items appended after it (their own seq).
+        """
+
+    @_abc_1.abstractmethod
+    def PutPausedRun(
+        self,
+        request: _state_service_pb2.PutPausedRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.PutPausedRunResponse, _abc.Awaitable[_state_service_pb2.PutPausedRunResponse]]:
+        """Stores a paused agent run (a turn that reached tools needing human
+        approval) beside the session, conditional on the session's etag: the
+        paused run was computed from that version of the log (ABORTED,
+        ETAG_MISMATCH, if another turn was stored since). run_id is the
+        idempotency key: a Put of a run_id already stored stores nothing and
+        returns the stored run (replayed = true). Kept
+        STATE_SERVICE_PAUSED_RUN_TTL_SECONDS, then gone (NOT_FOUND). At most
+        STATE_SERVICE_MAX_PAUSED_RUNS live runs per session and
+        STATE_SERVICE_MAX_PAUSED_RUN_BYTES per run (RESOURCE_EXHAUSTED,
+        PAUSED_RUN_LIMIT, nothing written).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPausedRuns(
+        self,
+        request: _state_service_pb2.ListPausedRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ListPausedRunsResponse, _abc.Awaitable[_state_service_pb2.ListPausedRunsResponse]]:
+        """Lists a session's live paused runs (paused, claimed or resolved and not
+        yet expired) with their pending approvals, without their state. At most
+        STATE_SERVICE_MAX_PAUSED_RUNS entries.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimPausedRun(
+        self,
+        request: _state_service_pb2.ClaimPausedRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ClaimPausedRunResponse, _abc.Awaitable[_state_service_pb2.ClaimPausedRunResponse]]:
+        """Atomically claims a paused run for resumption and returns its state:
+        exactly one claim_id ever gets it. A run claimed by another claim_id is
+        ABORTED (PAUSED_RUN_CLAIMED); by the same one it is returned with held =
+        true (see the field); a resolved run returns its stored result
+        to the claim_id that resolved it (resolved = true) and is
+        FAILED_PRECONDITION (PAUSED_RUN_RESOLVED) to any other; an unknown or
+        expired run is NOT_FOUND (PAUSED_RUN_NOT_FOUND). A claim is never
+        released: if its holder dies, the run stays claimed until it expires, so
+        a resumed tool runs at most once.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolvePausedRun(
+        self,
+        request: _state_service_pb2.ResolvePausedRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_service_pb2.ResolvePausedRunResponse, _abc.Awaitable[_state_service_pb2.ResolvePausedRunResponse]]:
+        """Marks a run claimed by claim_id as resolved and stores result in place
+        of its state (returned to that claim_id's retries by ClaimPausedRun).
+        A run not claimed by claim_id is ABORTED (PAUSED_RUN_CLAIMED) or
+        NOT_FOUND (PAUSED_RUN_NOT_FOUND); resolving twice with the same
+        claim_id is a no-op.
         """
 
     @_abc_1.abstractmethod
