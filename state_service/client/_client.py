@@ -97,8 +97,13 @@ def channel_target(target: str | Sequence[str]) -> str:
     return f"ipv{families.pop()}:{','.join(addresses)}"
 
 
-def _items(items: Sequence[Mapping[str, Any] | NewItem]) -> list[pb.Item]:
-    return [(item if isinstance(item, NewItem) else NewItem(item)).to_proto() for item in items]
+def _items(items: Sequence[Mapping[str, Any] | NewItem | pb.Item]) -> list[pb.Item]:
+    return [
+        item
+        if isinstance(item, pb.Item)
+        else (item if isinstance(item, NewItem) else NewItem(item)).to_proto()
+        for item in items
+    ]
 
 
 class StateClient:
@@ -233,12 +238,13 @@ class StateClient:
     async def append_items(
         self,
         session_id: str,
-        items: Sequence[Mapping[str, Any] | NewItem],
+        items: Sequence[Mapping[str, Any] | NewItem | pb.Item],
         *,
         request_id: str | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> AppendResult:
+        """Appends items (dicts, NewItems, or pb.Items already encoded)."""
         request = pb.AppendItemsRequest(
             session_id=session_id,
             items=_items(items),

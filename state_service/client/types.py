@@ -29,14 +29,18 @@ class StoredItem:
     data: dict[str, Any]
     metadata: dict[str, str]
     create_time: datetime | None
+    # The item's JSON as the service sent it ("" when built by hand).
+    raw_json: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, item: pb.Item) -> StoredItem:
+        raw = item.json
         return cls(
-            seq=item.seq,
-            data=json.loads(item.json),
-            metadata=dict(item.metadata),
-            create_time=item.create_time.ToDatetime() if item.HasField("create_time") else None,
+            item.seq,
+            json.loads(raw),
+            dict(item.metadata) if item.metadata else {},
+            item.create_time.ToDatetime() if item.HasField("create_time") else None,
+            raw,
         )
 
 
