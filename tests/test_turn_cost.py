@@ -9,6 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from shared_runtime.process import reachable_address
 from state_service.client import StateClient, StateServiceSession
 from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis
@@ -107,3 +108,10 @@ async def test_session_serves_its_copy_of_the_log_only_while_unchanged(
         assert (await mine.get_items())[0] == _message(0)
         await other.clear_session()
         assert await mine.get_items() == []
+
+
+def test_a_unix_socket_listen_address_is_reported_as_given() -> None:
+    # The sidecar deployment (agent and state service in one pod) can use a
+    # Unix domain socket; grpcio reports port 1 for it.
+    assert reachable_address("unix:/run/statecar/state.sock", 1) == "unix:/run/statecar/state.sock"
+    assert reachable_address("0.0.0.0:50051", 50051) == "127.0.0.1:50051"
