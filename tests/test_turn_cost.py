@@ -5,14 +5,18 @@ with the log. (Timings are bench/turn_cost.py's; these check the behaviour.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from shared_runtime.process import reachable_address
 from state_service.client import StateClient, StateServiceSession
+from state_service.client.types import StoredItem
 from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis
+from statecar.state.v1 import state_service_pb2 as pb
 from tests.conftest import StateServerFactory
 
 
@@ -115,3 +119,15 @@ def test_a_unix_socket_listen_address_is_reported_as_given() -> None:
     # Unix domain socket; grpcio reports port 1 for it.
     assert reachable_address("unix:/run/statecar/state.sock", 1) == "unix:/run/statecar/state.sock"
     assert reachable_address("0.0.0.0:50051", 50051) == "127.0.0.1:50051"
+
+
+def test_items_decoded_in_one_pass_equal_those_decoded_one_by_one() -> None:
+    items = [pb.Item(seq=n, json=json.dumps(_message(n)), metadata={"k": str(n)}) for n in range(5)]
+    items[2].create_time.GetCurrentTime()
+    assert StoredItem.all_from_proto(items) == [StoredItem.from_proto(i) for i in items]
+    assert StoredItem.all_from_proto([]) == []
+    # JSON the service would have refused is not split across items: each
+    # item is decoded on its own, and fails as it did.
+    odd = [pb.Item(seq=1, json='{"a": 1}'), pb.Item(seq=2, json='{"b": 2}, {"c": 3}')]
+    with pytest.raises(json.JSONDecodeError):
+        StoredItem.all_from_proto(odd)

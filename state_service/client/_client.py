@@ -298,7 +298,7 @@ class StateClient:
         )
         response = await self._call(self._stub.ListItems, request, timeout)
         return ItemsPage(
-            items=[StoredItem.from_proto(i) for i in response.items],
+            items=StoredItem.all_from_proto(response.items),
             next_page_token=response.next_page_token,
             etag=response.etag,
             total_item_count=response.total_item_count,
@@ -450,7 +450,7 @@ class StateClient:
         response = await self._call(self._stub.GetCompactedView, request, timeout)
         return CompactedView(
             compacted=response.compacted,
-            items=[StoredItem.from_proto(i) for i in response.items],
+            items=StoredItem.all_from_proto(response.items),
             total_item_count=response.total_item_count,
             compacted_up_to_seq=response.compacted_up_to_seq,
             etag=response.etag,
