@@ -142,11 +142,13 @@ def state_service(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real `state-service` process; yields its address."""
     port = port or free_port()
+    # A STATE_SERVICE_LISTEN in `env` (a unix: socket, say) is the address.
+    address = env.get("STATE_SERVICE_LISTEN", f"127.0.0.1:{port}")
     process = subprocess.Popen(
         [sys.executable, "-m", "state_service"],
         env={
             **os.environ,
-            "STATE_SERVICE_LISTEN": f"127.0.0.1:{port}",
+            "STATE_SERVICE_LISTEN": address,
             "STATE_SERVICE_REDIS_URL": redis_url,
             "STATE_SERVICE_METRICS_PORT": "0",
             "STATE_SERVICE_LOG_LEVEL": "WARNING",
@@ -156,8 +158,8 @@ def state_service(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ready(f"127.0.0.1:{port}")
-        yield f"127.0.0.1:{port}", process
+        wait_ready(address)
+        yield address, process
     finally:
         if process.poll() is None:
             process.terminate()

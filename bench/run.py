@@ -10,7 +10,16 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from bench import brief, cache_zipf, ceiling, cli_startup, context_quality, history, sidecar
+from bench import (
+    brief,
+    cache_zipf,
+    ceiling,
+    cli_startup,
+    context_quality,
+    history,
+    sidecar,
+    turn_cost,
+)
 from bench.report import Report
 
 BENCHMARKS: dict[str, Callable[[Report], Awaitable[None]]] = {
@@ -21,6 +30,7 @@ BENCHMARKS: dict[str, Callable[[Report], Awaitable[None]]] = {
     "ceiling": ceiling.run,
     "cli": cli_startup.run,
     "quality": context_quality.run,
+    "turns": turn_cost.run,
 }
 
 

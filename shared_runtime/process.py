@@ -120,6 +120,8 @@ def _add_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
 
 def reachable_address(listen: str, port: int) -> str:
     """Where a local client reaches a server bound to `listen` on `port`."""
+    if listen.startswith("unix:"):
+        return listen  # a socket path: grpcio reports port 1 for it
     host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
     if host in ("::", "0.0.0.0"):
         host = "127.0.0.1"

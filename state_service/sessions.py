@@ -143,7 +143,9 @@ class SessionStore:
             compression = self._compression
             if compression is not None and compression.compressor is not None:
                 # Summaries and embeddings follow in the background, never here.
-                compression.compressor.notify(tenant, session_id)
+                compression.compressor.appended(
+                    tenant, session_id, last_seq=outcome.last_seq, log_tokens=outcome.log_tokens
+                )
         return outcome
 
     async def pop(self, tenant: str, session_id: str, *, request_id: str, etag: str) -> Popped:

@@ -248,6 +248,13 @@ class StateServiceSettings(BaseSettings):
     summary_min_batch_items: int = Field(
         8, ge=1, description="uncovered items that trigger a summarizer run"
     )
+    summary_min_log_tokens: int = Field(
+        2000,
+        ge=0,
+        description="appends schedule no background summarizer run until the session's log "
+        "holds this many tokens (it fits a budget whole, so a summary would go unread; a read "
+        "that finds the summary lacking schedules one anyway); 0 looks after every append",
+    )
     summary_max_batch_items: int = Field(
         200, ge=1, description="items folded into the summary by one run"
     )

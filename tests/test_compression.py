@@ -21,6 +21,20 @@ from tests.conftest import StateServerFactory
 from tests.fake_openai_compression import FakeOpenAI
 
 
+@pytest.fixture
+def state_server_factory(
+    state_server_factory: StateServerFactory,
+) -> StateServerFactory:
+    """These tests watch the summarizer work on small logs: appends schedule
+    it from the first item (the default waits for a log no budget holds whole,
+    see test_short_sessions_get_no_background_run)."""
+
+    async def start(**overrides: Any) -> StateServer:
+        return await state_server_factory(**{"summary_min_log_tokens": 0, **overrides})
+
+    return start
+
+
 def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 

@@ -87,7 +87,10 @@ async def test_summaries_are_encrypted_at_rest_too(
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"*:k1:{key()}\n")
     server = await state_server_factory(
-        encryption_keys_file=keys_file, summary_keep_recent_items=0, summary_min_batch_items=1
+        encryption_keys_file=keys_file,
+        summary_keep_recent_items=0,
+        summary_min_batch_items=1,
+        summary_min_log_tokens=0,
     )
     async with StateClient(server.address) as client:
         await client.append_items("s", [{"role": "user", "content": f"Remember: {SECRET}."}])

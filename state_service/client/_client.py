@@ -102,8 +102,13 @@ def channel_target(target: str | Sequence[str]) -> str:
     return f"ipv{families.pop()}:{','.join(addresses)}"
 
 
-def _items(items: Sequence[Mapping[str, Any] | NewItem]) -> list[pb.Item]:
-    return [(item if isinstance(item, NewItem) else NewItem(item)).to_proto() for item in items]
+def _items(items: Sequence[Mapping[str, Any] | NewItem | pb.Item]) -> list[pb.Item]:
+    return [
+        item
+        if isinstance(item, pb.Item)
+        else (item if isinstance(item, NewItem) else NewItem(item)).to_proto()
+        for item in items
+    ]
 
 
 class StateClient:
@@ -238,12 +243,13 @@ class StateClient:
     async def append_items(
         self,
         session_id: str,
-        items: Sequence[Mapping[str, Any] | NewItem],
+        items: Sequence[Mapping[str, Any] | NewItem | pb.Item],
         *,
         request_id: str | None = None,
         etag: str = "",
         timeout: float | None = None,
     ) -> AppendResult:
+        """Appends items (dicts, NewItems, or pb.Items already encoded)."""
         request = pb.AppendItemsRequest(
             session_id=session_id,
             items=_items(items),
@@ -297,7 +303,7 @@ class StateClient:
         )
         response = await self._call(self._stub.ListItems, request, timeout)
         return ItemsPage(
-            items=[StoredItem.from_proto(i) for i in response.items],
+            items=StoredItem.all_from_proto(response.items),
             next_page_token=response.next_page_token,
             etag=response.etag,
             total_item_count=response.total_item_count,
@@ -514,7 +520,7 @@ class StateClient:
         response = await self._call(self._stub.GetCompactedView, request, timeout)
         return CompactedView(
             compacted=response.compacted,
-            items=[StoredItem.from_proto(i) for i in response.items],
+            items=StoredItem.all_from_proto(response.items),
             total_item_count=response.total_item_count,
             compacted_up_to_seq=response.compacted_up_to_seq,
             etag=response.etag,

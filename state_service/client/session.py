@@ -43,8 +43,10 @@ the session has one: its stored items, then the items appended since.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass as plain_dataclass
+from dataclasses import field, fields, replace
 from typing import Any, Literal, cast
 
 from agents.items import TResponseInputItem
@@ -55,7 +57,7 @@ from pydantic.dataclasses import dataclass
 from state_service.client._client import StateClient
 from state_service.client.errors import EtagMismatchError
 from state_service.client.rendering import MarkerRole, budgeted_input_items, marker_reserve
-from state_service.client.types import Context, TierShares
+from state_service.client.types import Context, NewItem, TierShares
 
 StrategyName = Literal["sliding_window", "token_window", "summary", "retrieval", "tiered"]
 
@@ -66,6 +68,31 @@ _MAX_VIEW_ITEMS = 2**31 - 1
 # The strategies whose view is the newest items only: no marker, so nothing to
 # reserve for one.
 _WINDOW_STRATEGIES = ("sliding_window", "token_window")
+
+# The most item JSON bytes a session keeps of its log between calls.
+_CACHE_MAX_BYTES = 16 * 1024 * 1024
+
+
+@plain_dataclass(slots=True)
+class _LogCache:
+    """The session's whole log (no compacted view) as of `etag`, as JSON.
+
+    Why: the Runner reads the whole history every turn; without this, every
+    turn moved the whole log through gRPC and decoded it twice. With it a turn
+    sends one small read (the newest item, for the etag) and moves only what
+    changed. It is only ever served after that read shows the etag unchanged;
+    this session's own appends extend it when their result shows nothing else
+    was written in between (the version moved by exactly one)."""
+
+    etag: str
+    last_seq: int
+    items: list[str] = field(default_factory=list)
+    size: int = 0
+
+    def follows(self, etag: str, first_seq: int) -> bool:
+        """Whether a write answered with `etag` and `first_seq` came right after this state."""
+        incarnation, _, version = self.etag.partition(".")
+        return first_seq == self.last_seq + 1 and etag == f"{incarnation}.{int(version or 0) + 1}"
 
 
 @dataclass
@@ -157,6 +184,7 @@ class StateServiceSession:
         self._owns_client = client is None
         # The etag of the newest raw read for a compaction (see the hooks below).
         self._compaction_etag = ""
+        self._cache: _LogCache | None = None
         self._client = client if client is not None else StateClient(cast(str, target))
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
@@ -174,14 +202,33 @@ class StateServiceSession:
         limit = resolve_session_limit(limit, settings)
         if limit is not None and limit <= 0:
             return []
-        items, _, _ = await self._raw_items(limit)
+        cached = await self._cached_items(limit)
+        if cached is not None:
+            return cached
+        items, _, _ = await self._raw_items(limit, remember=True)
         return items
 
-    async def _raw_items(self, limit: int | None) -> tuple[list[TResponseInputItem], int, str]:
+    async def _cached_items(self, limit: int | None) -> list[TResponseInputItem] | None:
+        """The newest `limit` items from the local copy of the log, if one
+        small read shows the session unchanged since it; else None."""
+        cache = self._cache
+        if cache is None:
+            return None
+        newest = await self._client.list_items(self.session_id, page_size=1, newest_first=True)
+        if newest.etag != cache.etag or self._cache is not cache:
+            self._cache = None
+            return None
+        kept = cache.items if limit is None else cache.items[-limit:]
+        return [cast(TResponseInputItem, json.loads(raw)) for raw in kept]
+
+    async def _raw_items(
+        self, limit: int | None, *, remember: bool = False
+    ) -> tuple[list[TResponseInputItem], int, str]:
         """The newest `limit` items (all when None) of the session's history:
         its compacted view when it has one, else its log; with the history's
         total length and the etag they were read at ("" when the log's pages
-        were read at different etags)."""
+        were read at different etags). `remember` keeps a whole log read as
+        the local copy get_items serves from."""
         max_items = min(limit, _MAX_VIEW_ITEMS) if limit is not None else 0
         view = await self._client.get_compacted_view(self.session_id, max_items=max_items)
         if view.compacted:
@@ -189,18 +236,27 @@ class StateServiceSession:
             return items, view.total_item_count, view.etag
         if limit is None:
             page_items: list[dict[str, Any]] = []
+            raw: list[str] = []
             etags = set()
             token = ""
+            last_seq = 0
             while True:
                 page = await self._client.list_items(
                     self.session_id, page_size=1000, page_token=token
                 )
                 page_items.extend(item.data for item in page.items)
+                if remember:
+                    raw.extend(item.raw_json for item in page.items)
+                if page.items:
+                    last_seq = page.items[-1].seq
                 etags.add(page.etag)
                 token = page.next_page_token
                 if not token:
                     break
             etag = etags.pop() if len(etags) == 1 else ""
+            size = sum(len(r) for r in raw)
+            if remember and etag and size <= _CACHE_MAX_BYTES:
+                self._cache = _LogCache(etag, last_seq, raw, size)
             return [cast(TResponseInputItem, i) for i in page_items], len(page_items), etag
         collected: list[dict[str, Any]] = []
         etags = set()
@@ -307,16 +363,26 @@ class StateServiceSession:
         return [cast(TResponseInputItem, item) for item in items]
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
-        if items:
-            await self._client.append_items(
-                self.session_id, [cast(dict[str, Any], item) for item in items]
-            )
+        if not items:
+            return
+        cache, self._cache = self._cache, None
+        protos = [NewItem(cast(dict[str, Any], item)).to_proto() for item in items]
+        result = await self._client.append_items(self.session_id, protos)
+        if cache is not None and cache.follows(result.etag, result.first_seq):
+            added = [p.json for p in protos]
+            cache.size += sum(len(a) for a in added)
+            if cache.size <= _CACHE_MAX_BYTES:
+                cache.items.extend(added)
+                cache.etag, cache.last_seq = result.etag, result.last_seq
+                self._cache = cache
 
     async def pop_item(self) -> TResponseInputItem | None:
+        self._cache = None
         result = await self._client.pop_item(self.session_id)
         return cast(TResponseInputItem, result.item.data) if result.item is not None else None
 
     async def clear_session(self) -> None:
+        self._cache = None
         await self._client.delete_session(self.session_id, allow_missing=True)
 
     async def close(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -38,19 +38,43 @@ class StoredItem:
     create_time: datetime | None
     original_time: datetime | None = None
     speaker: str = ""
+    # The item's JSON as the service sent it ("" when built by hand).
+    raw_json: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, item: pb.Item) -> StoredItem:
+        return cls._of(item, json.loads(item.json))
+
+    @classmethod
+    def _of(cls, item: pb.Item, data: dict[str, Any]) -> StoredItem:
         return cls(
             seq=item.seq,
-            data=json.loads(item.json),
-            metadata=dict(item.metadata),
+            data=data,
+            metadata=dict(item.metadata) if item.metadata else {},
             create_time=item.create_time.ToDatetime() if item.HasField("create_time") else None,
             original_time=(
                 item.original_time.ToDatetime() if item.HasField("original_time") else None
             ),
             speaker=item.speaker,
+            raw_json=item.json,
         )
+
+    @classmethod
+    def all_from_proto(cls, items: Sequence[pb.Item]) -> list[StoredItem]:
+        """The items of a response, their JSON decoded in one json.loads (a
+        third of the conversion's cost for a 20-item context: per-call
+        overhead, not parsing)."""
+        if not items:
+            return []
+        raws = [item.json for item in items]
+        try:
+            decoded = json.loads("[" + ",".join(raws) + "]")
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, list) or len(decoded) != len(raws):
+            # Only items the service did not validate could get here.
+            return [cls.from_proto(item) for item in items]
+        return [cls._of(item, data) for item, data in zip(items, decoded, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +163,7 @@ class Context:
             s = response.summary
             summary = ContextSummary(s.text, s.first_seq, s.last_seq, s.token_count)
         return cls(
-            items=[StoredItem.from_proto(i) for i in response.items],
+            items=StoredItem.all_from_proto(response.items),
             etag=response.etag,
             token_count=response.token_count,
             token_budget=response.token_budget,

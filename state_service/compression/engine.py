@@ -206,6 +206,7 @@ def build_compression(
                 min_batch_items=settings.summary_min_batch_items,
                 max_batch_items=settings.summary_max_batch_items,
                 max_batch_bytes=settings.summary_max_batch_bytes,
+                min_log_tokens=settings.summary_min_log_tokens,
             ),
             wants_summary=lambda head: compression.strategy_of(head).uses_summary,
             wants_embeddings=lambda head: compression.strategy_of(head).uses_retrieval,

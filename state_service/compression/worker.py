@@ -13,6 +13,7 @@ failure only means the summary lags: appends and reads never wait for it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import logging
 import time
@@ -26,6 +27,7 @@ from state_service.compression.embeddings import Embedder, EmbeddingError
 from state_service.compression.memory import MemoryStore, SessionMemory, StaleMemory
 from state_service.compression.strategies import StoredSummary
 from state_service.compression.summarizer import Summarizer
+from state_service.log import LogEntry
 from state_service.storage.redis import RedisStorage, SessionHead, SummaryCommit
 from state_service.tokens import TokenCounter
 
@@ -58,6 +60,14 @@ class CompressionPolicy:
     # one job of the heavy-work thread, which other tenants wait behind.
     max_batch_bytes: int = 1024 * 1024
     failure_backoff_seconds: float = 5.0
+    # A log with fewer tokens fits any default budget whole, so a summary of
+    # it would never be read: appends leave it alone (0: look after every
+    # append). A read that finds a summary lacking schedules one regardless.
+    min_log_tokens: int = 0
+
+
+def _seq_of(entry: LogEntry) -> int:
+    return entry.seq
 
 
 class SummaryCodec:
@@ -146,10 +156,29 @@ class Compressor:
         self._stopping = False
         # Uncovered items per recently seen session: the summary-lag gauge.
         self._lags: LRUCache[tuple[str, str], int] = LRUCache(maxsize=max_pending)
+        # (summary covered-up-to seq, newest seq) a run last saw per session,
+        # so an append that cannot make a batch yet schedules nothing.
+        self._seen: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(maxsize=max_pending)
         metrics.SUMMARY_LAG.set_function(lambda: float(sum(self._lags.values())))
 
     def record_lag(self, tenant: str, session_id: str, lag: int) -> None:
         self._lags[(tenant, session_id)] = lag
+
+    def appended(self, tenant: str, session_id: str, *, last_seq: int, log_tokens: int) -> None:
+        """An append landed: schedules a look only when the log has outgrown
+        what a budget holds whole and a run could have something to do, so the
+        common append costs nothing here (no Redis read, no task)."""
+        policy = self.policy
+        if 0 <= log_tokens < policy.min_log_tokens:
+            return
+        seen = self._seen.get((tenant, session_id))
+        if seen is not None and self._embedder is None:
+            covered, newest = seen
+            if newest <= last_seq and (
+                last_seq - covered - policy.keep_recent_items < policy.min_batch_items
+            ):
+                return
+        self.notify(tenant, session_id)
 
     def notify(self, tenant: str, session_id: str, *, force: bool = False) -> None:
         """Schedules a look at the session (never blocks, never fails)."""
@@ -216,6 +245,7 @@ class Compressor:
         ).head
         if head is None:
             return RunOutcome.SKIPPED
+        self._seen[key] = (head.summary_upto, head.last_seq)
         summarizer = self._summarizer
         want_summary = summarizer is not None and (force or self._wants_summary(head))
         want_vectors = self._embedder is not None and (force or self._wants_embeddings(head))
@@ -237,11 +267,10 @@ class Compressor:
             return RunOutcome.SKIPPED
         covered = head.summary_upto
         last_eligible = memory.end_index - self.policy.keep_recent_items
-        positions = [
-            p
-            for p in range(max(0, memory.position_of(last_eligible)))
-            if memory.entries[p].seq > covered
-        ]
+        # Entries are in seq order: the uncovered ones start after `covered`,
+        # found by bisection (the work is the uncovered items', not the log's).
+        first_uncovered = bisect.bisect_right(memory.entries, covered, key=_seq_of)
+        positions = list(range(first_uncovered, max(0, memory.position_of(last_eligible))))
         self.record_lag(tenant, session_id, len(positions))
         if len(positions) < self.policy.min_batch_items:
             return RunOutcome.SKIPPED

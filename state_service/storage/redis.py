@@ -155,6 +155,8 @@ class AppendOutcome:
     first_seq: int
     last_seq: int
     replayed: bool
+    # Tokens of the whole log after this append (-1: not known, as for a replay).
+    log_tokens: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -879,7 +881,10 @@ class RedisStorage:
             # the entry again, in case a concurrent prune (which saw no session
             # yet) removed it between our two steps.
             await self._index_created(tenant, session_id)
-        return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
+        log_tokens = int(reply[2]) if len(reply) > 2 else -1
+        return AppendOutcome(
+            etag, int(first), int(last), replayed=status == "replay", log_tokens=log_tokens
+        )
 
     async def pop(
         self, tenant: str, session_id: str, *, request_id: str, expected_etag: str, now_ms: int

@@ -91,7 +91,9 @@ end
 --- append
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
 --       tokens of the payloads, session id (index member), payload...
--- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}.
+-- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag};
+-- an 'ok' that appended also the log's token count after it (the background
+-- summarizer's trigger, so it needs no read of its own).
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local field = 'a:' .. request_id
 if request_id ~= '' then
@@ -135,11 +137,11 @@ end
 if #batch > 0 then redis.call('RPUSH', KEYS[2], unpack(batch)) end
 ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver, 'last', last + count, 'n', n + count, 'mtime', now)
-redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
+local tok = redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
 response = etag_of(inc, ver) .. ' ' .. (last + 1) .. ' ' .. (last + count)
 if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
 apply_ttl(ttl, default_ttl)
-return {'ok', response}
+return {'ok', response, tok}
 
 --- pop
 -- ARGV: request_id, expected etag, default ttl (s), now (ms).
