@@ -62,6 +62,8 @@ class NewItem:
 
     json: bytes
     metadata: Mapping[str, str] = field(default_factory=dict)
+    original_ms: int = 0
+    speaker: str = ""
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class Item:
     json: bytes
     metadata: Mapping[str, str] = field(default_factory=dict)
     create_ms: int = 0
+    original_ms: int = 0
+    speaker: str = ""
     rendered: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -308,6 +308,5 @@ class Compressor:
                 metrics.EMBEDDING_FAILURES.inc()
                 logger.warning("embeddings endpoint failed; retrieval stays lexical")
                 return
-            for position, vector in zip(positions, vectors, strict=True):
-                if position < len(memory.vectors):
-                    memory.vectors[position] = vector
+            if not memory.add_vectors(positions, vectors):
+                return  # another run stored them, or the vectors' length changed
