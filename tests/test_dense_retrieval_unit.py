@@ -159,3 +159,13 @@ async def test_the_llm_summarizer_is_shown_when_items_were_said() -> None:
     assert text == "#1 user: Ingrid finished a quilt."
     (_, body), *_ = fake.requests
     assert "#1 user: [8 May 2023] Ingrid: quilt done" in body["messages"][-1]["content"]
+
+
+def test_the_dense_query_moves_toward_the_best_lexical_matches() -> None:
+    store = VectorStore()
+    store.add(0, [unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)])
+    moved = store.expanded(unit(1, 0, 0), [1, 99], 1.0)  # 99 has no vector: ignored
+    assert abs(sum(v * v for v in moved) - 1.0) < 1e-5
+    assert moved[1] > 0.5 and moved[2] == 0.0
+    assert store.expanded(unit(1, 0, 0), [], 1.0) == unit(1, 0, 0)
+    assert store.expanded(unit(1, 0), [1], 1.0) == unit(1, 0)  # another model's length

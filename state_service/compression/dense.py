@@ -66,6 +66,22 @@ class VectorStore:
             out.count = self.count - start
         return out
 
+    def expanded(
+        self, query: Sequence[float], positions: Sequence[int], weight: float
+    ) -> Sequence[float]:
+        """`query` plus `weight` times the mean vector of `positions` (those
+        that have one), at unit length: the query moved toward what the
+        matching items mean."""
+        known = [p for p in positions if 0 <= p < self.count]
+        if self._rows is None or not known or weight <= 0 or len(query) != self.dim:
+            return query
+        moved = np.asarray(query, dtype=np.float32) + weight * self._rows[known].mean(axis=0)
+        norm = float(np.linalg.norm(moved))
+        if norm == 0.0:
+            return query
+        result: Matrix = moved / norm
+        return result.tolist()  # type: ignore[no-any-return]
+
     def cosines(self, query: Sequence[float], below: int) -> Matrix:
         """Cosine of each of positions 0 .. min(below, count)-1 with `query`
         (unit vectors: a dot product). Empty when the lengths differ."""
