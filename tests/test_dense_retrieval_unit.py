@@ -13,6 +13,7 @@ import pytest
 
 from state_service.compression import memory as memory_module
 from state_service.compression.dense import VectorStore
+from state_service.compression.embeddings import Embedder
 from state_service.compression.engine import _openai_client
 from state_service.compression.memory import SessionMemory, said_on
 from state_service.compression.summarizer import LLMSummarizer, SummaryInput
@@ -169,3 +170,28 @@ def test_the_dense_query_moves_toward_the_best_lexical_matches() -> None:
     assert moved[1] > 0.5 and moved[2] == 0.0
     assert store.expanded(unit(1, 0, 0), [], 1.0) == unit(1, 0, 0)
     assert store.expanded(unit(1, 0), [1], 1.0) == unit(1, 0)  # another model's length
+
+
+async def test_item_vectors_are_embedded_once_per_replica_within_the_bound() -> None:
+    fake = await FakeOpenAI().start()
+    try:
+        embedder = Embedder(_openai_client(fake.base_url, "", 10.0), model="m")
+        small = Embedder(_openai_client(fake.base_url, "", 10.0), model="m", cache_bytes=200)
+        try:
+            first = await embedder.embed_items(["a red car", "a doctor"])
+            again = await embedder.embed_items(["a doctor", "a red car", "a new one"])
+            assert embedder.calls == 2  # the second call sent only "a new one"
+            assert np.allclose(again[0], first[1]) and np.allclose(again[1], first[0])
+            assert [p for p, _ in fake.requests][-1].endswith("/embeddings")
+            assert fake.requests[-1][1]["input"] == ["a new one"]
+            await embedder.embed(["a red car"])  # a query: never cached
+            assert embedder.calls == 3
+            # A bound smaller than one vector keeps none (and does not fail).
+            await small.embed_items(["one", "two"])
+            await small.embed_items(["one", "two"])
+            assert small.calls == 2
+        finally:
+            await embedder.close()
+            await small.close()
+    finally:
+        await fake.stop()

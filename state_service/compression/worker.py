@@ -303,7 +303,7 @@ class Compressor:
             if not positions:
                 return
             try:
-                vectors = await self._embedder.embed([memory.texts[p] for p in positions])
+                vectors = await self._embedder.embed_items([memory.texts[p] for p in positions])
             except EmbeddingError:
                 metrics.EMBEDDING_FAILURES.inc()
                 logger.warning("embeddings endpoint failed; retrieval stays lexical")
