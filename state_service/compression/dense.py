@@ -55,6 +55,9 @@ class VectorStore:
                 grown[: self.count] = self._rows[: self.count]
             self._rows = grown
         self._rows[self.count : needed] = block
+        # The worker adds on the event loop while a search may run in the
+        # heavy-work thread: rows are written (and a grown matrix swapped in
+        # whole) before the count moves, so either count has rows behind it.
         self.count = needed
         return True
 
