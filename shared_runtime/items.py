@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-from datetime import UTC, datetime
 from typing import Any, Union, get_args, get_type_hints
 
 
@@ -53,19 +52,6 @@ def item_text(data: Any) -> str:
         summary = data.get("summary")
         return _content_text(summary)
     return _content_text(data.get("content"))
-
-
-def attributed_text(text: str, speaker: str = "", original_ms: int = 0) -> str:
-    """`text` prefixed with who said it and on which (UTC) day, when known,
-    e.g. "Caroline (2023-05-08): ...", so retrieval and summaries can match
-    and show a name or a date that is not in the item's own words."""
-    if not text or (not speaker and not original_ms):
-        return text
-    when = (
-        datetime.fromtimestamp(original_ms / 1000, UTC).strftime("%Y-%m-%d") if original_ms else ""
-    )
-    who = f"{speaker} ({when})" if speaker and when else speaker or f"({when})"
-    return f"{who}: {text}"
 
 
 def item_text_of_json(raw: bytes) -> tuple[str, str]:

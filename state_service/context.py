@@ -263,7 +263,7 @@ class ContextPipeline:
                 memory = None  # the log changed meanwhile: serve without retrieval
             if memory is not None:
                 vector = None
-                if compression.embedder is not None and any(v is not None for v in memory.vectors):
+                if compression.embedder is not None and memory.has_vectors:
                     vector = await compression.embed_query(query)
                 if compression.compressor is not None and compression.embedder is not None:
                     if memory.unembedded(1):

@@ -76,8 +76,8 @@ CACHE_BYTES = Gauge(
 )
 RETRIEVAL_MEMORY_BYTES = Gauge(
     "statecar_state_retrieval_memory_bytes",
-    "Bytes (item JSON and text) held in the retrieval memories of this replica's sessions; "
-    "bounded by STATE_SERVICE_RETRIEVAL_MAX_BYTES.",
+    "Bytes (item JSON, text and vectors) held in the retrieval memories of this replica's "
+    "sessions; bounded by STATE_SERVICE_RETRIEVAL_MAX_BYTES.",
 )
 REDIS_SECONDS = Histogram(
     "statecar_state_redis_command_seconds",

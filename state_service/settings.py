@@ -201,7 +201,7 @@ class StateServiceSettings(BaseSettings):
         le=1,
         description="minimum budget share of the newest items (verbatim). Unless one of the "
         "three tier_*_share settings is set, the split adapts to the log instead: the newest "
-        "items get budget/log tokens (0.1 to 0.6), the summary up to 0.1, retrieval the rest",
+        "items get budget/log tokens (0.05 to 0.6), the summary up to 0.05, retrieval the rest",
     )
     tier_summary_share: float = Field(
         0.2,

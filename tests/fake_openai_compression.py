@@ -33,6 +33,8 @@ def embed(text: str) -> list[float]:
 class FakeOpenAI:
     fail: bool = False
     summary_prefix: str = "LLM SUMMARY"
+    # When set, every chat completion answers exactly this (a fixed summary replayed).
+    replay_summary: str | None = None
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _connections: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -63,6 +65,8 @@ class FakeOpenAI:
             prompt = body["messages"][-1]["content"]
             seqs = re.findall(r"^#(\d+) ", prompt, flags=re.MULTILINE)
             text = f"{self.summary_prefix} through #{seqs[-1] if seqs else '?'}"
+            if self.replay_summary is not None:
+                text = self.replay_summary
             return 200, {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",

@@ -12,7 +12,6 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from shared_runtime.errors import error_info
-from shared_runtime.items import attributed_text
 from state_service.client import StateClient
 from state_service.client.types import NewItem
 from state_service.server import StateServer
@@ -108,15 +107,6 @@ async def test_retrieval_finds_an_item_by_its_speaker_and_date(client: StateClie
     assert any(r.item.speaker == "Zora" for r in context.retrieved)
 
 
-def test_attributed_text_names_the_speaker_and_day() -> None:
-    ms = int(SAID.timestamp() * 1000)
-    assert attributed_text("hi", "Caroline", ms) == "Caroline (2023-05-08): hi"
-    assert attributed_text("hi", "", ms) == "(2023-05-08): hi"
-    assert attributed_text("hi", "Mel") == "Mel: hi"
-    assert attributed_text("hi") == "hi"
-    assert attributed_text("", "Mel", ms) == ""
-
-
 def test_retrieval_and_summary_inputs_carry_speaker_and_date() -> None:
     from state_service import log
     from state_service.compression.memory import SessionMemory
@@ -129,5 +119,5 @@ def test_retrieval_and_summary_inputs_carry_speaker_and_date() -> None:
     memory = SessionMemory("inc", 0, 0)
     memory.extend([log.describe(item, 5) for item in items])
     texts = [i.text for i in memory.inputs([0, 1])]
-    assert texts == ["Ana (2023-05-08): I adopted a cat.", "Lovely."]
+    assert texts == ["Ana: I adopted a cat.", "Lovely."]
     assert memory.speakers[0] == frozenset({"ana"})

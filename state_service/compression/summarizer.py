@@ -42,6 +42,10 @@ class SummaryInput:
     seq: int
     role: str
     text: str
+    # The day the item was said, when it carries an original time ("8 May
+    # 2023"); the LLM summarizer is shown it, the extractive one spends no
+    # tokens on it (retrieval finds items by their date).
+    when: str = ""
 
 
 class Summarizer(Protocol):
@@ -264,7 +268,11 @@ class LLMSummarizer:
         await self._client.close()
 
     async def fold(self, previous: str, items: Sequence[SummaryInput]) -> str:
-        new = "\n".join(f"#{i.seq} {i.role}: {i.text}" for i in items if i.text)
+        new = "\n".join(
+            f"#{i.seq} {i.role}: {f'[{i.when}] ' if i.when else ''}{i.text}"
+            for i in items
+            if i.text
+        )
         if not new:
             return previous
         prompt = f"Current summary:\n{previous or '(empty)'}\n\nNew messages:\n{new}"

@@ -332,11 +332,10 @@ class Compressor:
             if not positions:
                 return
             try:
-                vectors = await self._embedder.embed([memory.texts[p] for p in positions])
+                vectors = await self._embedder.embed_items([memory.texts[p] for p in positions])
             except EmbeddingError:
                 metrics.EMBEDDING_FAILURES.inc()
                 logger.warning("embeddings endpoint failed; retrieval stays lexical")
                 return
-            for position, vector in zip(positions, vectors, strict=True):
-                if position < len(memory.vectors):
-                    memory.vectors[position] = vector
+            if not memory.add_vectors(positions, vectors):
+                return  # another run stored them, or the vectors' length changed
