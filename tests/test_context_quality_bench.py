@@ -39,6 +39,9 @@ async def test_llm_summarizer_mode_counts_what_the_replayed_summary_quotes() -> 
             settings={
                 **llm_summarizer_settings(fake.base_url, "fake-model"),
                 "summarizer_timeout_seconds": 10,
+                # The conversation is far below the log size at which appends
+                # schedule summaries by default.
+                "summary_min_log_tokens": 0,
             },
         )
     finally:

@@ -390,6 +390,10 @@ class MemoryStore:
     def get(self, tenant: str, session_id: str) -> SessionMemory | None:
         return self._memories.get((tenant, session_id))
 
+    def sessions_of(self, tenant: str) -> list[str]:
+        """The sessions of `tenant` this replica holds a memory of (erasure)."""
+        return [session for owner, session in list(self._memories) if owner == tenant]
+
     def drop(self, tenant: str, session_id: str) -> None:
         self._memories.pop((tenant, session_id), None)
         self._bytes.set(self._memories.currsize)
