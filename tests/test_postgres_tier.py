@@ -298,3 +298,36 @@ async def test_erase_leaves_no_rows(
     assert await tier.erase_tenant(TENANT) == 5  # e2: 4 rows, e3: its tombstone
     assert await all_rows(tier, TENANT) == 0
     assert await tier.erase_tenant(TENANT) == 0
+
+
+async def test_writes_redis_lost_never_collide_with_the_loaded_state(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    # Archived only when the test says so.
+    server = await start_tiered(
+        state_server_factory, postgres, postgres_archive_interval_seconds=3600
+    )
+    assert server.archiver is not None
+    async with StateClient(server.address, timeout=5.0) as client:
+        kept = await client.append_items("s", [message("kept")])
+        assert await server.archiver.pass_once() == 1
+        await client.get_context("s")  # the replica caches the tail
+        lost = await client.append_items("s", [message("lost")], etag=kept.etag)
+        assert [i.data["content"] for i in (await client.get_context("s")).items] == [
+            "kept",
+            "lost",
+        ]
+        await redis.flushall()  # Redis loses a write PostgreSQL never had
+        context = await client.get_context("s")
+        assert [i.data["content"] for i in context.items] == ["kept"]
+        # Neither the etag of the lost write nor the one before it matches.
+        for stale in (kept.etag, lost.etag):
+            with pytest.raises(StateServiceError) as refused:
+                await client.append_items("s", [message("stale")], etag=stale)
+            assert refused.value.code == grpc.StatusCode.ABORTED
+        again = await client.append_items("s", [message("new")], etag=context.etag)
+        assert again.first_seq == 2
+        assert [i.data["content"] for i in await client.all_items("s")] == ["kept", "new"]

@@ -24,7 +24,8 @@ it lose no acknowledged write:
   log entries and request records are staged in pages (one read step each,
   so no step grows with the session), then ``rehydrate_install`` makes them
   the session in one step, with the same incarnation, seqs, counters and
-  settings. Its version jumps by ``REHYDRATE_VERSION_GAP``: writes
+  settings (its pop count goes up by one, so caches re-read it). Its
+  version jumps by ``REHYDRATE_VERSION_GAP``: writes
   acknowledged after the last archive are lost only if Redis itself lost
   them (a flush, a failover without the AOF), and a client may still hold
   an etag from one of them; the gap makes sure such an etag never names the
@@ -302,6 +303,9 @@ class TieredStorage(RedisStorage):
             records = await self._stage_requests(tenant, session_id, staged_requests)
             meta = dict(row.meta)
             meta["ver"] = str(row.version + REHYDRATE_VERSION_GAP).encode()
+            # As after a pop: a replica's cached tail of this session may hold
+            # writes Redis lost; a new pop count makes every cache re-read.
+            meta["trunc"] = str(row.trunc + 1).encode()
             args: list[bytes | str | int] = [
                 staged,
                 records,
