@@ -195,6 +195,11 @@ async def test_an_expired_session_is_loaded_back_not_recreated(
         while await redis.exists(storage_of(server).keys(TENANT, "cold").meta):
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.1)
+        # Listed while only PostgreSQL has it, with the etag it gets when loaded.
+        listed = {s.session_id: s for s in (await client.list_sessions()).sessions}
+        assert listed["cold"].item_count == 2
+        assert (await client.get_session("cold")).etag == listed["cold"].etag
+        await redis.flushall()
         # An unconditional append continues the archived log.
         appended = await client.append_items("cold", [message("again")])
         assert (appended.first_seq, appended.last_seq) == (3, 3)
@@ -331,3 +336,29 @@ async def test_writes_redis_lost_never_collide_with_the_loaded_state(
         again = await client.append_items("s", [message("new")], etag=context.etag)
         assert again.first_seq == 2
         assert [i.data["content"] for i in await client.all_items("s")] == ["kept", "new"]
+
+
+async def test_list_sessions_pages_through_redis_and_the_archive(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    server = await start_tiered(state_server_factory, postgres)
+    async with StateClient(server.address, timeout=5.0) as client:
+        for session_id in ("a", "b", "c", "d", "e"):
+            await client.append_items(session_id, [message(session_id)])
+        await archived(server)
+        await redis.flushall()
+        await client.get_session("a")  # loaded: a and c hot, the others archived only
+        await client.get_session("c")
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await client.list_sessions(page_size=2, page_token=token)
+            assert len(page.sessions) <= 2
+            seen.extend(s.session_id for s in page.sessions)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == ["a", "b", "c", "d", "e"]

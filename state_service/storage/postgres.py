@@ -237,24 +237,12 @@ class PostgresTier:
 
         async def read(connection: Any) -> ArchivedSession | None:
             row = await connection.fetchrow(
-                "SELECT incarnation, version, item_count, trunc, request_count, meta_fields,"
-                " meta_values, summary_fields, summary_values, deleted"
-                " FROM statecar_sessions WHERE tenant = $1 AND session_id = $2",
+                f"SELECT {_SESSION_COLUMNS} FROM statecar_sessions"
+                " WHERE tenant = $1 AND session_id = $2",
                 tenant,
                 session_id,
             )
-            if row is None:
-                return None
-            return ArchivedSession(
-                incarnation=row["incarnation"],
-                version=row["version"],
-                item_count=row["item_count"],
-                trunc=row["trunc"],
-                request_count=row["request_count"],
-                meta=dict(zip(row["meta_fields"], row["meta_values"], strict=True)),
-                summary=dict(zip(row["summary_fields"], row["summary_values"], strict=True)),
-                deleted=row["deleted"],
-            )
+            return None if row is None else _archived(row)
 
         return await self._run(read)
 
@@ -294,18 +282,23 @@ class PostgresTier:
 
         return await self._run(read)
 
-    async def session_ids(self, tenant: str, after: str, limit: int) -> list[str]:
-        """Live (not deleted) session ids of a tenant, in id order, after `after`."""
+    async def session_page(
+        self, tenant: str, after: str, limit: int
+    ) -> list[tuple[str, ArchivedSession]]:
+        """Live (not deleted) sessions of a tenant, in id order, after `after`."""
 
-        async def read(connection: Any) -> list[str]:
+        async def read(connection: Any) -> list[tuple[str, ArchivedSession]]:
             rows = await connection.fetch(
-                "SELECT session_id FROM statecar_sessions WHERE tenant = $1 AND"
-                " session_id > $2 AND NOT deleted ORDER BY session_id LIMIT $3",
+                f"SELECT session_id, {_SESSION_COLUMNS} FROM statecar_sessions"
+                # Byte order, as the Redis index and the page tokens have it,
+                # whatever the database's collation.
+                ' WHERE tenant = $1 AND session_id > $2 COLLATE "C" AND NOT deleted'
+                ' ORDER BY session_id COLLATE "C" LIMIT $3',
                 tenant,
                 after,
                 limit,
             )
-            return [row["session_id"] for row in rows]
+            return [(row["session_id"], _archived(row)) for row in rows]
 
         return await self._run(read)
 
@@ -452,6 +445,27 @@ class PostgresTier:
 
 
 _TABLES: Sequence[str] = ("statecar_items", "statecar_requests", "statecar_sessions")
+
+
+_SESSION_COLUMNS = (
+    "incarnation, version, item_count, trunc, request_count, meta_fields, meta_values,"
+    " summary_fields, summary_values, deleted"
+)
+
+
+def _archived(row: Any) -> ArchivedSession:
+    return ArchivedSession(
+        incarnation=row["incarnation"],
+        version=row["version"],
+        item_count=row["item_count"],
+        trunc=row["trunc"],
+        request_count=row["request_count"],
+        meta={k: bytes(v) for k, v in zip(row["meta_fields"], row["meta_values"], strict=True)},
+        summary={
+            k: bytes(v) for k, v in zip(row["summary_fields"], row["summary_values"], strict=True)
+        },
+        deleted=row["deleted"],
+    )
 
 
 def _row_count(status: str) -> int:

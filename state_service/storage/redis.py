@@ -951,6 +951,13 @@ class RedisStorage:
         (found,) = await self.heads(tenant, [session_id])
         return found
 
+    async def archived_page(
+        self, tenant: str, after: str, count: int
+    ) -> list[tuple[str, SessionHead]]:
+        """Sessions kept elsewhere than Redis, in id order after `after`, with
+        the heads they will have when loaded: none here (see tiered.py)."""
+        return []
+
     async def index_page(self, tenant: str, after: str, count: int) -> list[str]:
         """Up to `count` session ids of the tenant's index, in id order, after `after`."""
         start = f"({after}" if after else "-"

@@ -53,7 +53,7 @@ from typing import Any
 
 from state_service import metrics
 from state_service.errors import ArchiveBacklogFull, DurableTierUnavailable, EtagMismatch
-from state_service.storage.postgres import PostgresTier, SessionArchive
+from state_service.storage.postgres import ArchivedSession, PostgresTier, SessionArchive
 from state_service.storage.redis import (
     ABSENT_ETAG,
     READ_STEP_ITEMS,
@@ -99,6 +99,30 @@ def _split_sections(text: str) -> dict[str, str]:
 
 def _pairs(flat: Sequence[Any]) -> dict[str, bytes]:
     return {flat[i].decode(): bytes(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def _loaded_head(row: ArchivedSession) -> SessionHead:
+    """The head an archived session gets when loaded (see ``_load``); no TTL
+    runs while it is not in Redis."""
+    meta = row.meta
+
+    def number(name: str) -> int:
+        return int(meta.get(name) or 0)
+
+    return SessionHead(
+        incarnation=row.incarnation,
+        version=row.version + REHYDRATE_VERSION_GAP,
+        last_seq=number("last"),
+        item_count=number("n"),
+        trunc=row.trunc + 1,
+        ttl_setting=number("ttl"),
+        create_ms=number("ctime"),
+        update_ms=number("mtime") or number("ctime"),
+        pttl_ms=-1,
+        strategy=number("strat"),
+        shares=meta.get("shares", b"").decode(),
+        log_tokens=int(meta["tok"]) if "tok" in meta else -1,
+    )
 
 
 def _record_version(response: bytes, incarnation: str) -> int | None:
@@ -366,6 +390,15 @@ class TieredStorage(RedisStorage):
                 args.extend((name, response))
             staged = int(await self._script("stage_hash", [staging], args, write=True))
             after = page[-1][0]
+
+    async def archived_page(
+        self, tenant: str, after: str, count: int
+    ) -> list[tuple[str, SessionHead]]:
+        """Archived sessions (in Redis or not) in id order after `after`, with
+        the heads they have when loaded (for ListSessions, which does not load
+        them)."""
+        rows = await self.tier.session_page(tenant, after, count)
+        return [(session_id, _loaded_head(row)) for session_id, row in rows]
 
     # -- reads: a miss looks in the durable tier --------------------------------
 
