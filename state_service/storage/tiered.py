@@ -246,9 +246,10 @@ class TieredStorage(RedisStorage):
             entries.extend(step.entries)
             index += len(step.entries)
         archived_requests = 0 if fresh or row is None else row.request_count
+        since = 0 if fresh or row is None else row.version
         requests: list[tuple[str, bytes]] = []
         if request_count != archived_requests:
-            requests = await self._new_requests(keys.requests, incarnation, version)
+            requests = await self._new_requests(keys.requests, incarnation, since, version)
         archive = SessionArchive(
             incarnation=incarnation,
             version=version,
@@ -259,6 +260,10 @@ class TieredStorage(RedisStorage):
             first_index=first,
             entries=entries,
             requests=requests,
+            # Records only grow, and those counted here are all of versions
+            # up to `version` (the count was read with it): the next pass
+            # scans only if more came.
+            request_count=request_count,
             fresh=fresh,
         )
         await self.tier.write(tenant, session_id, archive)
@@ -266,10 +271,14 @@ class TieredStorage(RedisStorage):
         return bool(await self._script("archive_done", done_keys, args))
 
     async def _new_requests(
-        self, key: str, incarnation: str, version: int
+        self, key: str, incarnation: str, since: int, version: int
     ) -> list[tuple[str, bytes]]:
-        """The session's request records up to `version` (later ones belong to
-        writes this pass did not copy), read with HSCAN in bounded steps."""
+        """The session's request records made after version `since` (the last
+        pass's; a loaded session's versions jumped past it) up to `version`
+        (later ones belong to writes this pass did not copy). Records are
+        only ever added, and carry no order, so this reads all of them with
+        HSCAN in bounded steps: a pass costs Redis O(records of the session),
+        PostgreSQL only the new ones."""
         found: list[tuple[str, bytes]] = []
         cursor = 0
         while True:
@@ -278,7 +287,7 @@ class TieredStorage(RedisStorage):
             )
             for field, response in page.items():
                 made = _record_version(bytes(response), incarnation)
-                if made is not None and made <= version:
+                if made is not None and since < made <= version:
                     found.append((field.decode(), bytes(response)))
             if cursor == 0:
                 return found
