@@ -59,10 +59,15 @@ def migrate(args: list[str]) -> int:
         finally:
             await tier.close()
 
+    import asyncpg
+
     try:
         applied = asyncio.run(run())
-    except (OSError, TimeoutError) as error:
-        print(f"state-service migrate: cannot reach PostgreSQL ({error})", file=sys.stderr)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        # The error names no password (asyncpg never puts it in messages).
+        print(
+            f"state-service migrate: PostgreSQL refused or is unreachable: {error}", file=sys.stderr
+        )
         return 69  # EX_UNAVAILABLE
     from state_service.storage.postgres import SCHEMA_VERSION
 

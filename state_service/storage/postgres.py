@@ -155,7 +155,13 @@ class PostgresTier:
             async with asyncio.timeout(self._timeout):
                 async with self._pool.acquire() as connection:
                     return await operation(connection)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,
+        ) as exc:
             raise DurableTierUnavailable(
                 "the durable tier (PostgreSQL) is unreachable or refused the request"
             ) from exc
@@ -398,7 +404,11 @@ class PostgresTier:
     # -- erasure ----------------------------------------------------------------
 
     async def erase_session(self, tenant: str, session_id: str) -> int:
-        """Deletes every row about one session (tombstone included); the rows deleted."""
+        """Deletes every row about one session (tombstone included); the rows
+        deleted. Delete the session from Redis first: an archive pass reads
+        Redis, so one that read it before may still write its copy here
+        afterwards (it runs at most once per archive interval; erasing again
+        after that interval removes such a copy)."""
 
         async def erase(connection: Any) -> int:
             async with connection.transaction():

@@ -334,6 +334,18 @@ class TieredStorage(RedisStorage):
         try:
             staged = await self._stage_log(tenant, session_id, staged_log)
             records = await self._stage_requests(tenant, session_id, staged_requests)
+            # The pages are separate queries: an archive pass that was still
+            # writing (Redis lost the session under it) may have changed the
+            # rows meanwhile. Then this copy is not one state: start again.
+            again = await self.tier.session(tenant, session_id)
+            if (
+                again is None
+                or (again.incarnation, again.version) != (row.incarnation, row.version)
+                or staged != row.item_count
+            ):
+                raise DurableTierUnavailable(
+                    "the archived session changed while it was loaded; retry"
+                )
             meta = dict(row.meta)
             meta["ver"] = str(row.version + REHYDRATE_VERSION_GAP).encode()
             # As after a pop: a replica's cached tail of this session may hold
@@ -580,6 +592,11 @@ class TieredStorage(RedisStorage):
             return False
         existed = await super().delete(tenant, session_id, expected_etag=expected_etag)
         await self.tier.delete_session(tenant, session_id, head.incarnation)
+        # Another replica may have loaded the archived copy back between the
+        # two deletes; the tombstone stops any further load, so remove that one.
+        loaded = await super().head(tenant, session_id)
+        if loaded is not None and loaded.incarnation == head.incarnation:
+            await super().delete(tenant, session_id, expected_etag=loaded.etag)
         return existed
 
     async def close(self) -> None:
