@@ -30,7 +30,7 @@ batches are.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -104,8 +104,9 @@ class ArchivedSession:
 @dataclass(slots=True)
 class SessionArchive:
     """What one archive pass writes for a session: the head and summary at
-    `version`, log entries from index `first_index` (everything at or above it
-    is replaced), and request records (new ones are added)."""
+    `version`, log entries from index `first_index` (given to `write` as an
+    async iterator of chunks; everything at or above it is replaced), and
+    request records (new ones are added)."""
 
     incarnation: str
     version: int
@@ -114,7 +115,6 @@ class SessionArchive:
     meta: dict[str, bytes]
     summary: dict[str, bytes]
     first_index: int
-    entries: list[bytes] = field(default_factory=list)
     requests: list[tuple[str, bytes]] = field(default_factory=list)
     request_count: int = 0
     fresh: bool = False  # a new incarnation: drop everything older first
@@ -148,11 +148,13 @@ class PostgresTier:
             self._closed = True
             await self._pool.close()
 
-    async def _run(self, operation: Callable[[Any], Awaitable[T]]) -> T:
+    async def _run(self, operation: Callable[[Any], Awaitable[T]], *, bounded: bool = True) -> T:
         """Runs `operation` on a pooled connection; PostgreSQL being down,
-        slow or refusing is DurableTierUnavailable."""
+        slow or refusing is DurableTierUnavailable. Each statement has the
+        timeout (the pool's command_timeout); `bounded` operations also as a
+        whole (an archive pass's transaction is as long as what it copies)."""
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout if bounded else None):
                 async with self._pool.acquire() as connection:
                     return await operation(connection)
         except (
@@ -308,10 +310,17 @@ class PostgresTier:
 
         return await self._run(read)
 
-    async def write(self, tenant: str, session_id: str, archive: SessionArchive) -> bool:
+    async def write(
+        self,
+        tenant: str,
+        session_id: str,
+        archive: SessionArchive,
+        entries: AsyncIterator[list[bytes]],
+    ) -> bool:
         """Stores one archive pass in one transaction; False (nothing written)
         when the session's row is a tombstone of the same incarnation (it was
-        deleted while this pass read it)."""
+        deleted while this pass read it). `entries` is read chunk by chunk
+        inside the transaction; an exception from it rolls everything back."""
 
         async def store(connection: Any) -> bool:
             async with connection.transaction():
@@ -358,15 +367,14 @@ class PostgresTier:
                     list(archive.summary),
                     list(archive.summary.values()),
                 )
-                if archive.entries:
+                index = archive.first_index
+                async for chunk in entries:
                     await connection.executemany(
                         "INSERT INTO statecar_items (tenant, session_id, idx, entry)"
                         " VALUES ($1, $2, $3, $4)",
-                        [
-                            (tenant, session_id, archive.first_index + i, entry)
-                            for i, entry in enumerate(archive.entries)
-                        ],
+                        [(tenant, session_id, index + i, entry) for i, entry in enumerate(chunk)],
                     )
+                    index += len(chunk)
                 if archive.requests:
                     await connection.executemany(
                         "INSERT INTO statecar_requests (tenant, session_id, field, response)"
@@ -375,7 +383,7 @@ class PostgresTier:
                     )
             return True
 
-        return await self._run(store)
+        return await self._run(store, bounded=False)
 
     async def delete_session(self, tenant: str, session_id: str, incarnation: str) -> None:
         """DeleteSession: drops the session's items and records and leaves a

@@ -46,7 +46,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -133,6 +133,10 @@ def _record_version(response: bytes, incarnation: str) -> int | None:
     if inc != incarnation or not version.isdigit():
         return None
     return int(version)
+
+
+class _SessionChanged(Exception):
+    """The log lost entries (a pop, a delete) while an archive pass read it."""
 
 
 class TieredStorage(RedisStorage):
@@ -229,22 +233,31 @@ class TieredStorage(RedisStorage):
         else:
             first = row.item_count
         first = min(first, item_count)
-        entries: list[bytes] = []
-        index = first
-        while index < item_count:
-            step = await RedisStorage.read(
-                self, tenant, session_id, index_range=(index, item_count - 1), operation="archive"
-            )
-            head = step.head
-            if (
-                head is None
-                or head.incarnation != incarnation
-                or head.trunc != trunc
-                or not step.entries
-            ):
-                return False  # popped or deleted under us: next pass
-            entries.extend(step.entries)
-            index += len(step.entries)
+
+        async def entries() -> AsyncIterator[list[bytes]]:
+            """The entries PostgreSQL lacks, a read step at a time (so a pass
+            holds at most one step's bytes, whatever the session's size),
+            each checked against the head read above."""
+            index = first
+            while index < item_count:
+                step = await RedisStorage.read(
+                    self,
+                    tenant,
+                    session_id,
+                    index_range=(index, item_count - 1),
+                    operation="archive",
+                )
+                head = step.head
+                if (
+                    head is None
+                    or head.incarnation != incarnation
+                    or head.trunc != trunc
+                    or not step.entries
+                ):
+                    raise _SessionChanged
+                yield step.entries
+                index += len(step.entries)
+
         archived_requests = 0 if fresh or row is None else row.request_count
         since = 0 if fresh or row is None else row.version
         requests: list[tuple[str, bytes]] = []
@@ -258,7 +271,6 @@ class TieredStorage(RedisStorage):
             meta=meta,
             summary=summary,
             first_index=first,
-            entries=entries,
             requests=requests,
             # Records only grow, and those counted here are all of versions
             # up to `version` (the count was read with it): the next pass
@@ -266,7 +278,10 @@ class TieredStorage(RedisStorage):
             request_count=request_count,
             fresh=fresh,
         )
-        await self.tier.write(tenant, session_id, archive)
+        try:
+            await self.tier.write(tenant, session_id, archive, entries())
+        except _SessionChanged:
+            return False  # popped or deleted under us (nothing written): next pass
         args: list[str | int] = [incarnation, str(version), self.default_ttl_seconds, member]
         return bool(await self._script("archive_done", done_keys, args))
 
