@@ -379,3 +379,30 @@ async def test_list_sessions_pages_through_redis_and_the_archive(
             if not token:
                 break
         assert seen == ["a", "b", "c", "d", "e"]
+
+
+async def test_compacted_views_and_forks_work_on_archived_sessions(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    server = await start_tiered(state_server_factory, postgres)
+    async with StateClient(server.address, timeout=5.0) as client:
+        appended = await client.append_items("src", [message(f"m{i}") for i in range(6)])
+        await client.compact_session("src", [message("summary of m0-m5")], etag=appended.etag)
+        await client.append_items("taken", [message("x")])
+        await archived(server)
+        await redis.flushall()
+        # The compacted view came back with its session.
+        view = await client.get_compacted_view("src")
+        assert view.compacted
+        assert [i.data["content"] for i in view.items] == ["summary of m0-m5"]
+        await redis.flushall()
+        # A fork reads an archived source, and refuses a target only PostgreSQL has.
+        forked = await client.fork_session("src", "branch", up_to_seq=3)
+        assert forked.copied_item_count == 3
+        assert [i.data["content"] for i in await client.all_items("branch")] == ["m0", "m1", "m2"]
+        with pytest.raises(StateServiceError) as taken:
+            await client.fork_session("src", "taken")
+        assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
