@@ -155,7 +155,7 @@ class TieredStorage(RedisStorage):
         self.tier = tier
         self.options = options
         self.backlog = 0
-        self._loading: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[bool]] = {}
         self._install_scripts()
 
     def _install_scripts(self) -> None:
@@ -312,31 +312,36 @@ class TieredStorage(RedisStorage):
     async def rehydrate(self, tenant: str, session_id: str) -> bool:
         """Loads the session back from PostgreSQL if it is archived and not in
         Redis; True if it is in Redis after. One load per session at a time
-        on this replica (the others wait for it)."""
+        on this replica (the others wait for it). The load runs in its own
+        task: a caller whose deadline passes stops waiting, the load goes on,
+        and its retry finds the session in Redis."""
         key = (tenant, session_id)
-        running = self._loading.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(
+                self._timed_load(tenant, session_id), name="statecar-rehydrate"
+            )
+            self._loading[key] = task
+
+            def finished(done: asyncio.Task[bool]) -> None:
+                self._loading.pop(key, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved here: callers may all have left
+
+            task.add_done_callback(finished)
+        return await asyncio.shield(task)
+
+    async def _timed_load(self, tenant: str, session_id: str) -> bool:
         started = time.perf_counter()
         try:
             loaded = await self._load(tenant, session_id)
-        except BaseException as error:
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # retrieved: waiters get it, nobody else must
-            if isinstance(error, DurableTierUnavailable):
-                metrics.REHYDRATIONS.labels("failed").inc()
+        except DurableTierUnavailable:
+            metrics.REHYDRATIONS.labels("failed").inc()
             raise
-        else:
-            future.set_result(loaded)
-            metrics.REHYDRATIONS.labels("loaded" if loaded else "absent").inc()
-            if loaded:
-                metrics.REHYDRATION_SECONDS.observe(time.perf_counter() - started)
-            return loaded
-        finally:
-            del self._loading[key]
+        metrics.REHYDRATIONS.labels("loaded" if loaded else "absent").inc()
+        if loaded:
+            metrics.REHYDRATION_SECONDS.observe(time.perf_counter() - started)
+        return loaded
 
     async def _load(self, tenant: str, session_id: str) -> bool:
         row = await self.tier.session(tenant, session_id)
@@ -615,6 +620,10 @@ class TieredStorage(RedisStorage):
         return existed
 
     async def close(self) -> None:
+        loads = list(self._loading.values())
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         try:
             await self.tier.close()
         finally:
