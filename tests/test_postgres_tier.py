@@ -406,3 +406,41 @@ async def test_compacted_views_and_forks_work_on_archived_sessions(
         with pytest.raises(StateServiceError) as taken:
             await client.fork_session("src", "taken")
         assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_no_acknowledged_write_is_lost_to_concurrent_archive_passes(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    """Writers and archive passes interleave (a pass every ~10 ms, sessions
+    with a 1 s TTL once clean): every write acknowledged is in PostgreSQL once
+    the backlog has drained, whenever it landed relative to a pass."""
+    server = await start_tiered(
+        state_server_factory,
+        postgres,
+        postgres_archive_interval_seconds=0.01,
+        default_ttl_seconds=1,
+    )
+    sessions = ("w0", "w1", "w2")
+    acknowledged: dict[str, set[str]] = {sid: set() for sid in sessions}
+
+    async def writer(number: int) -> None:
+        async with StateClient(server.address, timeout=10.0) as client:
+            for n in range(40):
+                session_id = sessions[(number + n) % len(sessions)]
+                text = f"writer {number} item {n}"
+                await client.append_items(session_id, [message(text)])
+                acknowledged[session_id].add(text)
+                if n % 7 == 0:
+                    await asyncio.sleep(0.02)  # let some sessions go clean, then dirty again
+
+    await asyncio.gather(*(writer(number) for number in range(4)))
+    await archived(server)
+    await redis.flushall()
+    async with StateClient(server.address, timeout=10.0) as client:
+        for session_id in sessions:
+            items = await client.all_items(session_id)
+            assert {i.data["content"] for i in items} == acknowledged[session_id]
+            assert [i.seq for i in items] == list(range(1, len(items) + 1))

@@ -144,9 +144,17 @@ class PostgresTier:
         return cls(pool, timeout_seconds=timeout_seconds)
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._pool.close()
+        """Closes the pool, bounded: a graceful close waits for every
+        connection to be released, and one left mid-query by a cancelled
+        task may never be; then the connections are terminated."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
 
     async def _run(self, operation: Callable[[Any], Awaitable[T]], *, bounded: bool = True) -> T:
         """Runs `operation` on a pooled connection; PostgreSQL being down,
