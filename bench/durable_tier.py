@@ -46,7 +46,7 @@ async def _archived(raw: Any, prefix: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_benchmark(count: int = 2000, evictions: int = 20) -> str:
+async def run_benchmark(count: int = 3000, evictions: int = 30) -> str:
     pg = PostgresServer()
     pg.init()
     pg.start()

@@ -444,3 +444,31 @@ async def test_no_acknowledged_write_is_lost_to_concurrent_archive_passes(
             items = await client.all_items(session_id)
             assert {i.data["content"] for i in items} == acknowledged[session_id]
             assert [i.seq for i in items] == list(range(1, len(items) + 1))
+
+
+async def test_request_records_of_later_passes_are_archived_too(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    server = await start_tiered(
+        state_server_factory, postgres, postgres_archive_interval_seconds=3600
+    )
+    assert server.archiver is not None
+    async with StateClient(server.address, timeout=5.0) as client:
+        first = await client.append_items("s", [message("one")], request_id="first")
+        assert await server.archiver.pass_once() == 1  # the session's first copy
+        second = await client.append_items("s", [message("two")], request_id="second")
+        popped = await client.pop_item("s", request_id="pop")
+        third = await client.append_items("s", [message("three")], request_id="third")
+        assert await server.archiver.pass_once() == 1  # records queued since
+        assert await redis.llen(storage_of(server).keys(TENANT, "s").meta[:-1] + "q") == 0
+        await redis.flushall()
+        for request_id, outcome in (("first", first), ("second", second), ("third", third)):
+            replay = await client.append_items("s", [message("again")], request_id=request_id)
+            assert replay.replayed
+            assert (replay.first_seq, replay.etag) == (outcome.first_seq, outcome.etag)
+        replayed_pop = await client.pop_item("s", request_id="pop")
+        assert replayed_pop.etag == popped.etag
+        assert [i.data["content"] for i in await client.all_items("s")] == ["one", "three"]

@@ -15,30 +15,62 @@
 -- the session's TTL away: a session with writes not yet archived must not
 -- expire. The archiver (archive_done) gives the TTL back once the copy is in
 -- PostgreSQL. The placeholders are filled in by tiered.py.
+--
+-- (3) It also queues the request_id record the write made (if any) on the
+-- session's ":q" list, so the archiver copies new records without scanning
+-- them all (the records hash has no order). Every script that records one
+-- takes its request_id as ARGV[1] (append a:, pop p:, view_commit c:,
+-- fork_install f:); update's ARGV[1] is an etag, which names no record.
 local function apply_ttl(ttl_setting, default_ttl)
   for i = 1, 4 do redis.call('PERSIST', KEYS[i]) end
   local now = redis.call('TIME')
   local member = string.sub(KEYS[1], __PREFIX_LENGTH__ + 3, -4)
   redis.call('ZADD', __DIRTY_KEY__, 'NX',
     tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), member)
+  local request_id = ARGV[1]
+  if request_id and request_id ~= '' then
+    local queue = string.sub(KEYS[1], 1, -2) .. 'q'
+    for _, kind in ipairs({'a:', 'p:', 'c:', 'f:'}) do
+      if redis.call('HEXISTS', KEYS[3], kind .. request_id) == 1 then
+        redis.call('RPUSH', queue, kind .. request_id)
+      end
+    end
+  end
 end
 
 --- archive_read
--- KEYS: the session's keys. The head and summary as one snapshot (the log is
--- read after, in `read` steps checked against this head's inc and trunc).
--- Returns {meta hash as a flat list, summary hash as a flat list, request
--- records count}.
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[4]), redis.call('HLEN', KEYS[3])}
+-- KEYS: the session's keys. The head, summary and queued request records as
+-- one snapshot (the log is read after, in `read` steps checked against this
+-- head's inc and trunc). Returns {meta hash as a flat list, summary hash as a
+-- flat list, records queued (to trim once archived), the queued records as
+-- a flat field/response list}.
+local queue = string.sub(KEYS[1], 1, -2) .. 'q'
+local fields = redis.call('LRANGE', queue, 0, -1)
+local records = {}
+for _, field in ipairs(fields) do
+  local response = redis.call('HGET', KEYS[3], field)
+  if response then
+    records[#records + 1] = field
+    records[#records + 1] = response
+  end
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[4]), #fields, records}
 
 --- archive_done
 -- KEYS: the session's keys, KEYS[5] the archive backlog.
 -- ARGV: incarnation and version archived ('' if the session was gone),
---       default ttl (s), backlog member.
+--       default ttl (s), backlog member, records queued that were archived.
 -- Ends an archive pass: if no write came since the version archived, the
 -- session is clean: it gets its TTL back and leaves the backlog. A write
 -- that came since keeps it there (its own step marked it), so the next pass
 -- copies it. Returns 1 if clean, else 0.
+-- The records this pass copied leave the queue whatever follows (newer
+-- ones were queued after them); a session gone takes its queue along.
+local queue = string.sub(KEYS[1], 1, -2) .. 'q'
+local archived = tonumber(ARGV[5]) or 0
+if archived > 0 then redis.call('LTRIM', queue, archived, -1) end
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'ttl')
+if not h[1] then redis.call('DEL', queue) end
 if h[1] then
   if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
   local ttl = tonumber(h[3]) or 0
@@ -49,6 +81,7 @@ if h[1] then
       redis.call('EXPIRE', KEYS[i], ttl > 0 and ttl or tonumber(ARGV[3]))
     end
   end
+  if ttl >= 0 then redis.call('EXPIRE', queue, ttl > 0 and ttl or tonumber(ARGV[3])) end
 elseif ARGV[1] ~= '' then
   return 0
 end

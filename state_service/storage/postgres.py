@@ -52,7 +52,6 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             version         bigint  NOT NULL,
             item_count      bigint  NOT NULL,
             trunc           bigint  NOT NULL,
-            request_count   bigint  NOT NULL DEFAULT 0,
             meta_fields     text[]  NOT NULL,
             meta_values     bytea[] NOT NULL,
             summary_fields  text[]  NOT NULL DEFAULT '{}',
@@ -95,7 +94,6 @@ class ArchivedSession:
     version: int
     item_count: int
     trunc: int
-    request_count: int
     meta: dict[str, bytes]
     summary: dict[str, bytes]
     deleted: bool
@@ -116,7 +114,6 @@ class SessionArchive:
     summary: dict[str, bytes]
     first_index: int
     requests: list[tuple[str, bytes]] = field(default_factory=list)
-    request_count: int = 0
     fresh: bool = False  # a new incarnation: drop everything older first
 
 
@@ -352,13 +349,12 @@ class PostgresTier:
                     )
                 await connection.execute(
                     "INSERT INTO statecar_sessions (tenant, session_id, incarnation, version,"
-                    " item_count, trunc, request_count, meta_fields, meta_values,"
+                    " item_count, trunc, meta_fields, meta_values,"
                     " summary_fields, summary_values, deleted, archive_time)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, false, now())"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, false, now())"
                     " ON CONFLICT (tenant, session_id) DO UPDATE SET"
                     " incarnation = excluded.incarnation, version = excluded.version,"
                     " item_count = excluded.item_count, trunc = excluded.trunc,"
-                    " request_count = excluded.request_count,"
                     " meta_fields = excluded.meta_fields, meta_values = excluded.meta_values,"
                     " summary_fields = excluded.summary_fields,"
                     " summary_values = excluded.summary_values, deleted = false,"
@@ -369,7 +365,6 @@ class PostgresTier:
                     archive.version,
                     archive.item_count,
                     archive.trunc,
-                    archive.request_count,
                     list(archive.meta),
                     list(archive.meta.values()),
                     list(archive.summary),
@@ -407,7 +402,7 @@ class PostgresTier:
                     " VALUES ($1, $2, $3, 0, 0, 0, '{}', '{}', true)"
                     " ON CONFLICT (tenant, session_id) DO UPDATE SET"
                     " incarnation = excluded.incarnation, version = 0, item_count = 0,"
-                    " trunc = 0, request_count = 0, meta_fields = '{}', meta_values = '{}',"
+                    " trunc = 0, meta_fields = '{}', meta_values = '{}',"
                     " summary_fields = '{}', summary_values = '{}', deleted = true,"
                     " archive_time = now()",
                     tenant,
@@ -474,7 +469,7 @@ _TABLES: Sequence[str] = ("statecar_items", "statecar_requests", "statecar_sessi
 
 
 _SESSION_COLUMNS = (
-    "incarnation, version, item_count, trunc, request_count, meta_fields, meta_values,"
+    "incarnation, version, item_count, trunc, meta_fields, meta_values,"
     " summary_fields, summary_values, deleted"
 )
 
@@ -485,7 +480,6 @@ def _archived(row: Any) -> ArchivedSession:
         version=row["version"],
         item_count=row["item_count"],
         trunc=row["trunc"],
-        request_count=row["request_count"],
         meta={k: bytes(v) for k, v in zip(row["meta_fields"], row["meta_values"], strict=True)},
         summary={
             k: bytes(v) for k, v in zip(row["summary_fields"], row["summary_values"], strict=True)

@@ -212,12 +212,13 @@ class TieredStorage(RedisStorage):
         member = f"{tenant}:{session_id}"
         done_keys = [*keys.as_list(), self.dirty_key]
         reply = await self._script("archive_read", keys.as_list(), [])
-        meta, summary, request_count = _pairs(reply[0]), _pairs(reply[1]), int(reply[2])
+        meta, summary = _pairs(reply[0]), _pairs(reply[1])
+        queued, queued_records = int(reply[2]), _pairs(reply[3])
         if "inc" not in meta:
             # Deleted (DeleteSession tombstones the copy itself) or lost by
             # Redis: nothing here to copy.
-            ttl = self.default_ttl_seconds
-            return bool(await self._script("archive_done", done_keys, ["", "", ttl, member]))
+            args: list[str | int] = ["", "", self.default_ttl_seconds, member, queued]
+            return bool(await self._script("archive_done", done_keys, args))
         incarnation = meta["inc"].decode()
         version = int(meta.get("ver", b"0"))
         item_count = int(meta.get("n", b"0"))
@@ -258,11 +259,16 @@ class TieredStorage(RedisStorage):
                 yield step.entries
                 index += len(step.entries)
 
-        archived_requests = 0 if fresh or row is None else row.request_count
-        since = 0 if fresh or row is None else row.version
-        requests: list[tuple[str, bytes]] = []
-        if request_count != archived_requests:
-            requests = await self._new_requests(keys.requests, incarnation, since, version)
+        if fresh:
+            # A first copy takes every record (also those made before the
+            # tier was on, which were never queued).
+            requests = await self._all_requests(keys.requests, incarnation, version)
+        else:
+            requests = [
+                (name, response)
+                for name, response in queued_records.items()
+                if _record_version(response, incarnation) is not None
+            ]
         archive = SessionArchive(
             incarnation=incarnation,
             version=version,
@@ -272,28 +278,28 @@ class TieredStorage(RedisStorage):
             summary=summary,
             first_index=first,
             requests=requests,
-            # Records only grow, and those counted here are all of versions
-            # up to `version` (the count was read with it): the next pass
-            # scans only if more came.
-            request_count=request_count,
             fresh=fresh,
         )
         try:
             await self.tier.write(tenant, session_id, archive, entries())
         except _SessionChanged:
             return False  # popped or deleted under us (nothing written): next pass
-        args: list[str | int] = [incarnation, str(version), self.default_ttl_seconds, member]
-        return bool(await self._script("archive_done", done_keys, args))
+        done: list[str | int] = [
+            incarnation,
+            str(version),
+            self.default_ttl_seconds,
+            member,
+            queued,
+        ]
+        return bool(await self._script("archive_done", done_keys, done))
 
-    async def _new_requests(
-        self, key: str, incarnation: str, since: int, version: int
+    async def _all_requests(
+        self, key: str, incarnation: str, version: int
     ) -> list[tuple[str, bytes]]:
-        """The session's request records made after version `since` (the last
-        pass's; a loaded session's versions jumped past it) up to `version`
-        (later ones belong to writes this pass did not copy). Records are
-        only ever added, and carry no order, so this reads all of them with
-        HSCAN in bounded steps: a pass costs Redis O(records of the session),
-        PostgreSQL only the new ones."""
+        """Every request record of the session up to `version` (later ones
+        belong to writes this pass did not copy), read with HSCAN in bounded
+        steps: only for a session's first copy; later passes take the records
+        its writes queued (durable.lua)."""
         found: list[tuple[str, bytes]] = []
         cursor = 0
         while True:
@@ -302,7 +308,7 @@ class TieredStorage(RedisStorage):
             )
             for field, response in page.items():
                 made = _record_version(bytes(response), incarnation)
-                if made is not None and since < made <= version:
+                if made is not None and made <= version:
                     found.append((field.decode(), bytes(response)))
             if cursor == 0:
                 return found
