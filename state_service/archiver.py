@@ -27,6 +27,16 @@ from state_service.storage.tiered import TieredStorage
 logger = logging.getLogger("statecar.state.archiver")
 
 LOCK_NAME = "archive"
+_STOP_SECONDS = 5.0
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raises a cancellation that a library reported as an error (asyncpg
+    as a lost connection, asyncio.timeout as a timeout): the loop must end
+    when it is stopped, not retry."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Archiver:
@@ -52,8 +62,9 @@ class Archiver:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a pass cancelled mid-transaction rolls back over the
+            # network, and a shutdown must not wait on PostgreSQL.
+            await asyncio.wait({task}, timeout=_STOP_SECONDS)
 
     async def _run(self) -> None:
         failing = False
@@ -66,6 +77,7 @@ class Archiver:
                     logger.info("archiving to the durable tier works again")
                 failing = False
             except StoreError:
+                _raise_if_cancelled()
                 if not failing:
                     logger.warning(
                         "archiving to the durable tier failed (PostgreSQL or Redis "
@@ -73,6 +85,7 @@ class Archiver:
                     )
                 failing = True
             except Exception:
+                _raise_if_cancelled()
                 # A bug here must not end the loop: the backlog would only grow.
                 logger.exception("an archive pass failed; it tries again later")
 

@@ -169,6 +169,13 @@ class PostgresTier:
             asyncpg.InterfaceError,
             asyncpg.exceptions.InternalClientError,
         ) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled from outside (a shutdown, a caller gone): asyncpg may
+                # report that as a connection error, and asyncio.timeout (3.11)
+                # as a timeout; neither may turn a cancellation into an error
+                # that a retry loop would survive.
+                raise asyncio.CancelledError from exc
             raise DurableTierUnavailable(
                 "the durable tier (PostgreSQL) is unreachable or refused the request"
             ) from exc
