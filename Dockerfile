@@ -20,8 +20,10 @@ COPY protos/ protos/
 COPY shared_runtime/ shared_runtime/
 COPY state_service/ state_service/
 COPY agent_service/ agent_service/
-# A regular (not editable) install: the final stage needs no source tree.
-RUN /opt/statecar/bin/pip install . \
+# A regular (not editable) install: the final stage needs no source tree. The
+# `postgres` extra (asyncpg) lets the image run the optional durable tier; it is
+# imported only when STATE_SERVICE_POSTGRES_URL is set.
+RUN /opt/statecar/bin/pip install .[postgres] \
     && /opt/statecar/bin/pip uninstall --yes pip setuptools wheel
 
 FROM ${PYTHON_IMAGE}

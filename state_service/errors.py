@@ -176,6 +176,25 @@ class IndexPending(StoreUnavailable):
     completes it."""
 
 
+class DurableTierUnavailable(StoreUnavailable):
+    """The durable tier (PostgreSQL) could not be reached or refused a
+    request that needs it: a session not in Redis (to find or load it), a
+    delete. Hot sessions do not need it."""
+
+
+class ArchiveBacklogFull(StoreError):
+    """Too many sessions wait to be archived to the durable tier (it is down
+    or slow); the write was refused and nothing was written."""
+
+    def __init__(self, backlog: int, limit: int) -> None:
+        super().__init__(
+            f"{backlog} sessions wait to be archived to the durable tier (limit {limit}); "
+            "nothing was written, retry later"
+        )
+        self.backlog = backlog
+        self.limit = limit
+
+
 class StoreFull(StoreError):
     """Redis is at maxmemory and refused a write; nothing was written."""
 

@@ -81,10 +81,19 @@ def to_service_error(error: errors.StateError) -> rpc.ServiceError:
         return rpc.Unavailable(message, reason="BACKEND_FAILOVER")
     if isinstance(error, errors.IndexPending):
         return rpc.Unavailable(message, reason="INDEX_PENDING")
+    if isinstance(error, errors.DurableTierUnavailable):
+        return rpc.Unavailable(message, reason="DURABLE_TIER_UNAVAILABLE")
     if isinstance(error, errors.StoreUnavailable):
         return rpc.Unavailable(message, reason="BACKEND_UNAVAILABLE")
     if isinstance(error, errors.StoreFull):
         return rpc.ResourceExhausted(message, reason="BACKEND_FULL")
+    if isinstance(error, errors.ArchiveBacklogFull):
+        return rpc.ResourceExhausted(
+            message,
+            reason="ARCHIVE_BACKLOG",
+            metadata={"backlog_sessions": str(error.backlog), "limit": str(error.limit)},
+            retry_delay_seconds=1.0,
+        )
     if isinstance(error, errors.TenantBusy):
         return rpc.ResourceExhausted(
             message,

@@ -124,15 +124,21 @@ class Listing:
         for _ in range(8):
             want = page_size - len(sessions)
             ids = await self._storage.index_page(tenant, after, want)
-            exhausted = len(ids) < want
-            heads = await prune_gone(self._storage, tenant, ids)
-            sessions.extend(
-                session_info(sid, head, self._storage.default_ttl_seconds)
-                for sid, head in zip(ids, heads, strict=True)
-                if head is not None
-            )
-            if ids:
-                after = ids[-1]
+            # Sessions only the durable tier has (none without it), merged in
+            # id order: the page is the first `want` ids of both.
+            archived = dict(await self._storage.archived_page(tenant, after, want))
+            every = sorted(set(ids) | archived.keys())
+            page = every[:want]
+            exhausted = len(ids) < want and len(archived) < want and len(every) <= want
+            in_redis = set(ids)
+            hot = [sid for sid in page if sid in in_redis]
+            heads = dict(zip(hot, await prune_gone(self._storage, tenant, hot), strict=True))
+            for sid in page:
+                head = heads.get(sid) or archived.get(sid)
+                if head is not None:
+                    sessions.append(session_info(sid, head, self._storage.default_ttl_seconds))
+            if page:
+                after = page[-1]
             if exhausted or len(sessions) >= page_size:
                 break
         token = "" if exhausted else paging.encode({"k": "sessions", "a": after})

@@ -243,3 +243,43 @@ def observe_redis(operation: str, seconds: float, failed: bool) -> None:
     child.observe(seconds)
     if failed:
         REDIS_ERRORS.labels(operation).inc()
+
+
+# -- the durable tier (PostgreSQL; only with STATE_SERVICE_POSTGRES_URL) --------
+ARCHIVE_BACKLOG = Gauge(
+    "statecar_state_archive_backlog_sessions",
+    "Sessions with writes not yet copied to the durable tier (PostgreSQL), as last "
+    "read from Redis; writes are refused (ARCHIVE_BACKLOG) at "
+    "STATE_SERVICE_POSTGRES_MAX_BACKLOG_SESSIONS.",
+)
+ARCHIVE_PASSES = Counter(
+    "statecar_state_archive_sessions_total",
+    "Sessions an archive pass handled, by outcome (clean: copied and given their TTL "
+    "back, pending: written again meanwhile, copied next pass, failed: PostgreSQL or "
+    "Redis unreachable).",
+    ["outcome"],
+)
+ARCHIVE_REFUSALS = Counter(
+    "statecar_state_archive_backlog_refusals_total",
+    "Writes refused with RESOURCE_EXHAUSTED (ARCHIVE_BACKLOG) because the archive "
+    "backlog was full.",
+)
+REHYDRATIONS = Counter(
+    "statecar_state_rehydrations_total",
+    "Sessions not found in Redis looked up in the durable tier, by outcome (loaded, "
+    "absent: not archived either, failed: PostgreSQL unreachable).",
+    ["outcome"],
+)
+REHYDRATION_SECONDS = Histogram(
+    "statecar_state_rehydration_seconds",
+    "Time to load one archived session back into Redis.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+
+
+def initialize_durable_tier() -> None:
+    """The durable tier's label sets at zero (called only when it is on)."""
+    for outcome in ("clean", "pending", "failed"):
+        ARCHIVE_PASSES.labels(outcome)
+    for outcome in ("loaded", "absent", "failed"):
+        REHYDRATIONS.labels(outcome)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -51,6 +52,9 @@ from state_service.tokens import make_token_counter
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from state_service.archiver import Archiver
+
 logger = logging.getLogger("statecar.state")
 
 
@@ -75,6 +79,7 @@ class StateServer:
     sweeper: IndexSweeper
     embedded: EmbeddedRedis | None = None
     metrics_endpoint: MetricsEndpoint | None = None
+    archiver: Archiver | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -114,7 +119,15 @@ class StateServer:
                     f"with {setting_hint(settings, 'redis_url')}"
                 ) from None
             logger.info("embedded redis-server at %s (data in %s)", redis_url, settings.data_dir)
-        storage = RedisStorage.from_url(
+        durable: dict[str, Any] = {}
+        if settings.postgres_url is not None:
+            durable = await _durable_tier(settings, undo)
+        storage_class: Any = RedisStorage
+        if durable:
+            from state_service.storage.tiered import TieredStorage
+
+            storage_class = TieredStorage
+        storage: RedisStorage = storage_class.from_url(
             redis_url,
             options=RedisConnectOptions(
                 cluster=settings.redis_cluster,
@@ -133,6 +146,7 @@ class StateServer:
             default_ttl_seconds=settings.default_ttl_seconds,
             on_command=metrics.observe_redis,
             read_step_bytes=settings.redis_read_step_bytes,
+            **durable,
         )
         undo.push_async_callback(storage.close)
         await _check_redis(storage, settings)
@@ -232,6 +246,20 @@ class StateServer:
         )
         sweeper.start()
         undo.push_async_callback(sweeper.stop)
+        archiver = None
+        if durable:
+            from state_service.archiver import Archiver
+            from state_service.storage.tiered import TieredStorage
+
+            assert isinstance(storage, TieredStorage)
+            metrics.initialize_durable_tier()
+            archiver = Archiver(
+                storage,
+                interval_seconds=settings.postgres_archive_interval_seconds,
+                batch=settings.postgres_archive_batch,
+            )
+            archiver.start()
+            undo.push_async_callback(archiver.stop)
         instance = cls(
             settings=settings,
             server=server,
@@ -245,6 +273,7 @@ class StateServer:
             sweeper=sweeper,
             embedded=embedded,
             metrics_endpoint=endpoint,
+            archiver=archiver,
         )
         logger.info("state service listening on %s", instance.address)
         return instance
@@ -258,6 +287,8 @@ class StateServer:
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.compression.stop()
         await self.sweeper.stop()
+        if self.archiver is not None:
+            await self.archiver.stop()
         self.heavy.close()
         await self.readiness.stop()
         # Bounded: a shutdown must not hang on closing Redis connections (seen
@@ -286,6 +317,51 @@ def _deadline_error() -> ServiceError:
         metrics.WORK_ABANDONED.inc()
         return to_service_error(WorkDeadline())
     return backend_timeout()
+
+
+async def _durable_tier(
+    settings: StateServiceSettings, undo: contextlib.AsyncExitStack
+) -> dict[str, Any]:
+    """The durable tier's storage arguments (docs/durable-tier.md); imported
+    only when it is configured, so the Redis-only default pays nothing."""
+    assert settings.postgres_url is not None
+    if settings.redis_cluster:
+        raise StartupError(
+            "the durable tier (STATE_SERVICE_POSTGRES_URL) needs a single Redis node; "
+            "unset STATE_SERVICE_REDIS_CLUSTER or STATE_SERVICE_POSTGRES_URL"
+        )
+    try:
+        from state_service.storage.postgres import PostgresTier, SchemaNotReady
+        from state_service.storage.tiered import TierOptions
+    except ImportError as error:
+        raise StartupError(
+            f"STATE_SERVICE_POSTGRES_URL is set but the PostgreSQL driver is missing ({error}); "
+            "install statecar with the `postgres` extra (pip install 'statecar[postgres]')"
+        ) from None
+    try:
+        tier = await PostgresTier.connect(
+            settings.postgres_url.get_secret_value(),
+            pool_size=settings.postgres_pool_size,
+            timeout_seconds=settings.postgres_timeout_seconds,
+        )
+    except ValueError as error:  # a malformed URL (never shown: it holds a password)
+        raise StartupError(
+            f"STATE_SERVICE_POSTGRES_URL is not a valid postgresql:// URL ({type(error).__name__})"
+        ) from None
+    undo.push_async_callback(tier.close)
+    from state_service.errors import DurableTierUnavailable
+
+    try:
+        await tier.check_schema()
+    except SchemaNotReady as error:
+        raise StartupError(str(error)) from None
+    except DurableTierUnavailable:
+        # Hot sessions do not need it: serve them, and archive once it is back.
+        logger.warning(
+            "PostgreSQL (the durable tier) is not reachable yet; sessions not in Redis "
+            "are UNAVAILABLE until it is, and its schema is not checked"
+        )
+    return {"tier": tier, "tier_options": TierOptions(settings.postgres_max_backlog_sessions)}
 
 
 async def _check_redis(storage: RedisStorage, settings: StateServiceSettings) -> None:

@@ -218,7 +218,7 @@ class SessionStore:
             raise SessionNotFound(session_id)
 
     async def get_session(self, tenant: str, session_id: str) -> SessionInfo:
-        (head,) = await self._storage.heads(tenant, [session_id])
+        head = await self._storage.head(tenant, session_id)
         if head is None:
             raise SessionNotFound(session_id)
         return session_info(session_id, head, self._storage.default_ttl_seconds)

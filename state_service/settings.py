@@ -137,6 +137,28 @@ class StateServiceSettings(BaseSettings):
     index_sweep_pause_seconds: float = Field(
         0.05, ge=0, description="pause between two batches of the sweep (its rate limit)"
     )
+    postgres_url: SecretStr | None = Field(
+        None,
+        description="postgresql:// URL of the optional durable tier (docs/durable-tier.md); "
+        "unset = Redis only. Needs the `postgres` extra and `state-service migrate` once; "
+        "single Redis node only; never logged",
+    )
+    postgres_max_backlog_sessions: int = Field(
+        10_000,
+        ge=1,
+        description="sessions with writes not yet archived to PostgreSQL (they stay in Redis "
+        "without TTL until then); at this many, writes are RESOURCE_EXHAUSTED (ARCHIVE_BACKLOG)",
+    )
+    postgres_archive_interval_seconds: float = Field(
+        1.0, gt=0, description="pause between two archive passes (the loss window if Redis is lost)"
+    )
+    postgres_archive_batch: int = Field(
+        64, ge=1, description="sessions one archive step takes from the backlog"
+    )
+    postgres_pool_size: int = Field(4, ge=1, description="PostgreSQL connections per replica")
+    postgres_timeout_seconds: float = Field(
+        5.0, gt=0, description="timeout of one PostgreSQL call (then UNAVAILABLE)"
+    )
     max_item_bytes: int = Field(256 * 1024, ge=1, description="largest JSON of one item")
     item_schema: Literal["openai-agents", "json-object"] = Field(
         "openai-agents",

@@ -35,6 +35,8 @@ def _instance(kind: type[errors.StateError]) -> errors.StateError:
         return kind("run-1")
     if kind is errors.PausedRunLimit:
         return errors.PausedRunLimit("too many paused runs", 16)
+    if kind is errors.ArchiveBacklogFull:
+        return errors.ArchiveBacklogFull(7, 5)
     return kind("something happened")
 
 
@@ -81,6 +83,12 @@ EXPECTED = {
     ),
     errors.IndexPending: (grpc.StatusCode.UNAVAILABLE, "INDEX_PENDING", {}),
     errors.StoreFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "BACKEND_FULL", {}),
+    errors.DurableTierUnavailable: (grpc.StatusCode.UNAVAILABLE, "DURABLE_TIER_UNAVAILABLE", {}),
+    errors.ArchiveBacklogFull: (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "ARCHIVE_BACKLOG",
+        {"backlog_sessions": "7", "limit": "5"},
+    ),
     errors.TenantBusy: (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "TENANT_BUSY",

@@ -149,6 +149,11 @@ class SummaryRecord:
     tokens: int
 
 
+class SessionAbsent(Exception):
+    """A write given no new incarnation (the durable tier's first attempt,
+    see tiered.py) found no session to write to; nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class AppendOutcome:
     etag: str
@@ -875,6 +880,8 @@ class RedisStorage:
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
             raise EtagMismatch(body)
+        if status == "missing":
+            raise SessionAbsent(session_id)
         etag, first, last = body.split(" ")
         if may_create and first == "1" and self._cluster is not None:
             # This step created the session (or replays the one that did): add
@@ -994,6 +1001,18 @@ class RedisStorage:
             pipe.pttl(meta)
         replies = await self._call("heads", pipe.execute())
         return [_parse_head([*replies[i], replies[i + 1]]) for i in range(0, len(replies), 2)]
+
+    async def head(self, tenant: str, session_id: str) -> SessionHead | None:
+        """One session's head (the durable tier loads a session it archived)."""
+        (found,) = await self.heads(tenant, [session_id])
+        return found
+
+    async def archived_page(
+        self, tenant: str, after: str, count: int
+    ) -> list[tuple[str, SessionHead]]:
+        """Sessions kept elsewhere than Redis, in id order after `after`, with
+        the heads they will have when loaded: none here (see tiered.py)."""
+        return []
 
     async def index_page(self, tenant: str, after: str, count: int) -> list[str]:
         """Up to `count` session ids of the tenant's index, in id order, after `after`."""

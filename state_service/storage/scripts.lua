@@ -91,7 +91,8 @@ end
 --- append
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
 --       tokens of the payloads, session id (index member), payload...
--- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag};
+-- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}
+-- (or {'missing', ''}: no session, and no new incarnation to create one);
 -- an 'ok' that appended also the log's token count after it (the background
 -- summarizer's trigger, so it needs no read of its own).
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -119,6 +120,9 @@ if inc then
   ver, last, n, ttl = tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5])
 else
   -- A new incarnation never inherits what an expiring predecessor left behind.
+  -- No new incarnation given: the caller (the durable tier, tiered.py) must
+  -- look for an archived copy before a session may be created.
+  if ARGV[5] == '' then return {'missing', ''} end
   -- HSET (refused at maxmemory) before DEL (never refused): once a script has
   -- written, Redis lets the rest of it exceed maxmemory.
   inc = ARGV[5]
@@ -191,6 +195,7 @@ local ver, ttl = 0, 0
 if inc then
   ver, ttl = tonumber(h[2]), tonumber(h[3])
 elseif ARGV[5] == '1' then
+  if ARGV[4] == '' then return {'missing', ''} end  -- as in append
   redis.call('HSET', KEYS[1], 'inc', ARGV[4], 'ctime', now, 'trunc', 0, 'last', 0, 'n', 0)
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])  -- after HSET, as in append
   index_created(ARGV[9])

@@ -295,6 +295,23 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     is larger than STATE_SERVICE_MAX_PAUSED_RUN_BYTES (metadata "limit").
     Nothing was written.
     """
+    DURABLE_TIER_UNAVAILABLE: _ErrorReason.ValueType  # 28
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    UNAVAILABLE: the request needed the durable tier (PostgreSQL; only when
+    the service runs with one) and it could not be reached: reading or
+    writing a session that is not in Redis (it has to be found or loaded
+    there), creating one, or deleting one. Sessions in Redis keep working.
+    Retrying later is safe; writes carrying a request_id are never applied
+    twice.
+    """
+    ARCHIVE_BACKLOG: _ErrorReason.ValueType  # 29
+    """buf:lint:ignore ENUM_VALUE_PREFIX
+    RESOURCE_EXHAUSTED: more sessions wait to be copied to the durable tier
+    (PostgreSQL is down or slow) than the service allows (metadata
+    "backlog_sessions", "limit"). Nothing was written. Retry after the delay
+    in the google.rpc.RetryInfo detail; the backlog drains once PostgreSQL
+    is back.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The reason of the google.rpc.ErrorInfo of every error the service sends
@@ -465,6 +482,23 @@ RESOURCE_EXHAUSTED: the session already has
 STATE_SERVICE_MAX_PAUSED_RUNS live paused runs, or the run (or result)
 is larger than STATE_SERVICE_MAX_PAUSED_RUN_BYTES (metadata "limit").
 Nothing was written.
+"""
+DURABLE_TIER_UNAVAILABLE: ErrorReason.ValueType  # 28
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+UNAVAILABLE: the request needed the durable tier (PostgreSQL; only when
+the service runs with one) and it could not be reached: reading or
+writing a session that is not in Redis (it has to be found or loaded
+there), creating one, or deleting one. Sessions in Redis keep working.
+Retrying later is safe; writes carrying a request_id are never applied
+twice.
+"""
+ARCHIVE_BACKLOG: ErrorReason.ValueType  # 29
+"""buf:lint:ignore ENUM_VALUE_PREFIX
+RESOURCE_EXHAUSTED: more sessions wait to be copied to the durable tier
+(PostgreSQL is down or slow) than the service allows (metadata
+"backlog_sessions", "limit"). Nothing was written. Retry after the delay
+in the google.rpc.RetryInfo detail; the backlog drains once PostgreSQL
+is back.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
