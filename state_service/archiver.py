@@ -21,12 +21,12 @@ import time
 import uuid
 
 from state_service import metrics
+from state_service.erasure import ARCHIVE_LOCK as LOCK_NAME
 from state_service.errors import StoreError
 from state_service.storage.tiered import TieredStorage
 
 logger = logging.getLogger("statecar.state.archiver")
 
-LOCK_NAME = "archive"
 _STOP_SECONDS = 5.0
 
 

@@ -17,7 +17,11 @@ What "everything" is, per place:
   an erased session is never served from them; their copies leave their
   memory when evicted or at the cache TTL.
 - The durable tier (PostgreSQL) when one is configured: any object with the
-  two methods of DurableTier.
+  two methods of DurableTier. The erase holds the archiver's lock while it
+  runs: an archive pass reads Redis and then writes PostgreSQL, so one in
+  flight could otherwise copy an erased session back after its rows were
+  deleted (and a rehydration between the two stores could bring it back
+  into Redis). Erasing therefore waits for a running pass to end.
 
 What erasure cannot reach (docs/data-portability.md): Redis persistence files
 until they are rewritten, replicas that are disconnected, backups, and
@@ -27,16 +31,31 @@ the session).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from state_service import metrics
 from state_service.compression.engine import Compression
+from state_service.errors import DurableTierUnavailable
 from state_service.reader import LogReader
 from state_service.storage.redis import RedisStorage
 
 # Keys per SCAN step and per DEL of a tenant erase.
 SCAN_BATCH = 500
+
+# The archiver's replica-wide lock (state_service/archiver.py).
+ARCHIVE_LOCK = "archive"
+# How long an erase waits for a running archive pass (at most ~10 s) to end;
+# a lock left by a dead archiver expires within 30 s, so past this the erase
+# answers UNAVAILABLE and a retry succeeds.
+ARCHIVE_LOCK_WAIT_SECONDS = 35.0
+# Held long enough for an erase of a large tenant; given back when it ends.
+_ERASE_LOCK_SECONDS = 120.0
 
 
 class DurableTier(Protocol):
@@ -81,7 +100,35 @@ class Erasure:
         if self._compression is not None:
             self._compression.memories.drop(tenant, session_id)
 
+    @contextlib.asynccontextmanager
+    async def _no_archive_pass(self) -> AsyncIterator[None]:
+        """Holds the archiver's lock (when there is a durable tier), so no
+        archive pass runs while both stores are erased."""
+        if self.durable is None:
+            yield
+            return
+        token = uuid.uuid4().hex
+        give_up = time.monotonic() + ARCHIVE_LOCK_WAIT_SECONDS
+        while not await self._storage.try_lock(ARCHIVE_LOCK, token, _ERASE_LOCK_SECONDS):
+            if time.monotonic() > give_up:
+                raise DurableTierUnavailable(
+                    "an archive pass still holds the durable tier's lock; retry the erase"
+                )
+            await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self._storage.unlock(ARCHIVE_LOCK, token)
+
     async def erase_session(self, tenant: str, session_id: str) -> SessionErased:
+        async with self._no_archive_pass():
+            return await self._erase_session(tenant, session_id)
+
+    async def erase_tenant(self, tenant: str) -> TenantErased:
+        async with self._no_archive_pass():
+            return await self._erase_tenant(tenant)
+
+    async def _erase_session(self, tenant: str, session_id: str) -> SessionErased:
         # The durable tier first: a rehydration between the two steps would
         # otherwise bring the session back into Redis.
         rows = await self.durable.erase_session(tenant, session_id) if self.durable else 0
@@ -95,7 +142,7 @@ class Erasure:
             metrics.SESSIONS_DELETED.inc()
         return SessionErased(existed, deleted, rows)
 
-    async def erase_tenant(self, tenant: str) -> TenantErased:
+    async def _erase_tenant(self, tenant: str) -> TenantErased:
         rows = await self.durable.erase_tenant(tenant) if self.durable else 0
         sessions: set[str] = set()
         deleted = 0

@@ -222,6 +222,7 @@ class StateServer:
             keys=keys,
             compression=compression,
             heavy=heavy,
+            durable=durable.get("tier"),
         )
         pb_grpc.add_StateServiceServicer_to_server(servicer, server)
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)

@@ -322,6 +322,37 @@ async def test_erase_leaves_no_rows(
     assert await tier.erase_tenant(TENANT) == 0
 
 
+async def test_erase_rpcs_leave_nothing_in_either_store(
+    postgres: PostgresServer,
+    tier: PostgresTier,
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    # Archive passes run all the time here, so the erase has to wait for one
+    # that is copying the very sessions it erases.
+    server = await start_tiered(
+        state_server_factory, postgres, postgres_archive_interval_seconds=0.05
+    )
+    async with StateClient(server.address, timeout=10.0) as client:
+        for session_id in ("e1", "e2", "e3"):
+            await client.append_items(session_id, [message("a"), message("b")], request_id="x")
+        await archived(server)
+        await client.append_items("e1", [message("c")])  # marked again, not yet archived
+        erased = await client.erase_session("e1")
+        assert erased.durable_rows >= 4
+        assert await tier.count_rows(TENANT, "e1") == 0
+        await asyncio.sleep(0.2)  # passes that ran after it found nothing to bring back
+        assert await tier.count_rows(TENANT, "e1") == 0
+        with pytest.raises(StateServiceError) as gone:
+            await client.get_session("e1")
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
+        await client.erase_tenant(TENANT)
+        await asyncio.sleep(0.2)
+    assert await all_rows(tier, TENANT) == 0
+    leftover = [key async for key in redis.scan_iter(match=f"*{TENANT}*")]
+    assert leftover == []
+
+
 async def test_writes_redis_lost_never_collide_with_the_loaded_state(
     postgres: PostgresServer,
     tier: PostgresTier,
