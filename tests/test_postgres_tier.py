@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from shared_runtime.process import StartupError
 from state_service.client import StateClient
 from state_service.client.errors import StateServiceError
+from state_service.client.types import ItemRecord
 from state_service.server import StateServer
 from state_service.storage.embedded import EmbeddedRedis
 from state_service.storage.postgres import SCHEMA_VERSION, PostgresTier
@@ -351,6 +352,28 @@ async def test_erase_rpcs_leave_nothing_in_either_store(
     assert await all_rows(tier, TENANT) == 0
     leftover = [key async for key in redis.scan_iter(match=f"*{TENANT}*")]
     assert leftover == []
+
+
+async def test_an_import_continues_a_session_only_postgres_has(
+    postgres: PostgresServer,
+    tier: PostgresTier,  # migrated
+    state_server_factory: StateServerFactory,
+    redis: aioredis.Redis,
+) -> None:
+    server = await start_tiered(state_server_factory, postgres)
+    async with StateClient(server.address, timeout=5.0) as client:
+        await client.import_items(
+            "moved",
+            [ItemRecord(1, '{"role":"user","content":"one"}', create_ms=1_600_000_000_000)],
+        )
+        await archived(server)  # imports are archived like appends
+        await redis.flushall()
+        imported = await client.import_items(
+            "moved", [ItemRecord(2, '{"role":"user","content":"two"}')]
+        )
+        assert (imported.first_seq, imported.last_seq) == (2, 2)
+        listed = (await client.list_items("moved")).items
+    assert [(item.seq, item.data["content"]) for item in listed] == [(1, "one"), (2, "two")]
 
 
 async def test_writes_redis_lost_never_collide_with_the_loaded_state(

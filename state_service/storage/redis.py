@@ -1472,6 +1472,8 @@ class RedisStorage:
         status, body = reply[0].decode(), reply[1].decode()
         if status == "conflict":
             raise EtagMismatch(body)
+        if status == "missing":
+            raise SessionAbsent(session_id)
         if status == "behind":
             etag, last = body.split(" ")
             raise SeqConflict(session_id, int(last), etag)

@@ -591,7 +591,8 @@ return {'ok', header}
 --       tokens of the payloads, session id (index member), first seq, last
 --       seq, entry ("<seq>:<payload>", seqs increasing)...
 -- Returns {'ok'|'replay', "etag first last"}, {'conflict', current etag} or
--- {'behind', "etag last"} when the first seq is not above the session's last.
+-- {'behind', "etag last"} when the first seq is not above the session's last
+-- (or {'missing', ''}: no session, and no new incarnation to create one).
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local field = 'i:' .. request_id
 if request_id ~= '' then
@@ -611,6 +612,7 @@ if inc then
 end
 if first <= last then return {'behind', current .. ' ' .. last} end
 if not inc then
+  if ARGV[5] == '' then return {'missing', ''} end  -- as in append
   inc = ARGV[5]  -- as in append: HSET before DEL, a new incarnation inherits nothing
   redis.call('HSET', KEYS[1], 'inc', inc, 'ctime', now, 'trunc', 0, 'ttl', 0)
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])

@@ -36,7 +36,8 @@ it lose no acknowledged write:
   So a cold session is never replaced by a new empty one.
 
 Single Redis node only (durable_common writes a key no script declares).
-Workflows are not archived (they have their own TTL and no history).
+Workflows and paused runs are not archived (they have their own TTL and no
+history).
 """
 
 from __future__ import annotations
@@ -514,6 +515,50 @@ class TieredStorage(RedisStorage):
         try:
             outcome = await attempt("")
             if payloads or outcome.etag != ABSENT_ETAG:
+                return outcome
+        except SessionAbsent:
+            pass
+        except EtagMismatch as mismatch:
+            if mismatch.current_etag != ABSENT_ETAG:
+                raise
+        await self.rehydrate(tenant, session_id)
+        return await attempt(new_incarnation)
+
+    async def import_entries(
+        self,
+        tenant: str,
+        session_id: str,
+        entries: Sequence[bytes],
+        *,
+        first_seq: int,
+        last_seq: int,
+        request_id: str,
+        expected_etag: str,
+        new_incarnation: str,
+        now_ms: int,
+        tokens: int,
+    ) -> AppendOutcome:
+        """As ``append``: an import into a session only PostgreSQL holds
+        continues that session (its seqs), never a new one over it."""
+        self._check_backlog()
+
+        async def attempt(incarnation: str) -> AppendOutcome:
+            return await super(TieredStorage, self).import_entries(
+                tenant,
+                session_id,
+                entries,
+                first_seq=first_seq,
+                last_seq=last_seq,
+                request_id=request_id,
+                expected_etag=expected_etag,
+                new_incarnation=incarnation,
+                now_ms=now_ms,
+                tokens=tokens,
+            )
+
+        try:
+            outcome = await attempt("")
+            if entries or outcome.etag != ABSENT_ETAG:
                 return outcome
         except SessionAbsent:
             pass
