@@ -58,12 +58,20 @@ async def test_no_redis_step_grows_with_the_log(
         for _ in range(20):
             await client.append_items("long", [{"role": "user", "content": "x" * 60}] * 1000)
         await redis.config_set("slowlog-log-slower-than", 10_000)  # µs
-        await redis.slowlog_reset()
-        context = await client.get_context(
-            "long", token_budget=1_000_000, strategy="token_window", max_items=1_000_000
-        )
-        slow = [e["command"][:40] for e in await redis.slowlog_get(16)]
-    assert not slow, f"Redis steps over 10 ms: {slow}"
+        # A bounded step takes well under a millisecond, but on a loaded
+        # machine Redis itself can be descheduled in the middle of one; an
+        # unbounded step is slow every time, so one clean read of three is
+        # the proof.
+        slow_per_read = []
+        for _ in range(3):
+            await redis.slowlog_reset()
+            context = await client.get_context(
+                "long", token_budget=1_000_000, strategy="token_window", max_items=1_000_000
+            )
+            slow_per_read.append([e["command"][:40] for e in await redis.slowlog_get(16)])
+            if not slow_per_read[-1]:
+                break
+    assert not slow_per_read[-1], f"Redis steps over 10 ms in every read: {slow_per_read}"
     # The window is capped by the documented limit, not by max_items.
     assert 0 < len(context.items) <= server.settings.context_max_items
 
@@ -255,11 +263,17 @@ async def test_a_tenant_over_its_share_is_told_to_retry_later(
     async with StateClient(server.address, bearer_token="token-heavy", timeout=30.0) as client:
         for i in range(30):
             await client.append_items("big", [large_item(i, 100_000)])
-        results = await asyncio.gather(
-            *(client.get_context("big", query=f"x {i}", timeout=10.0) for i in range(6)),
-            return_exceptions=True,
-        )
-    refused = [r for r in results if isinstance(r, StateServiceError)]
+        for attempt in range(5):  # until calls overlapped (the scheduler's choice)
+            results = await asyncio.gather(
+                *(
+                    client.get_context("big", query=f"x {attempt} {i}", timeout=10.0)
+                    for i in range(6)
+                ),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, StateServiceError)]
+            if refused:
+                break
     assert refused, "six concurrent heavy calls of one tenant, none refused"
     assert all(
         (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_BUSY") for r in refused
@@ -269,24 +283,30 @@ async def test_a_tenant_over_its_share_is_told_to_retry_later(
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.StateServiceStub(channel)
         metadata = (("authorization", "Bearer token-heavy"),)
-        calls = [
-            stub.GetContext(
-                pb.GetContextRequest(session_id="big", query=f"y {i}"), metadata=metadata
-            )
-            for i in range(4)
-        ]
         retry_infos = []
-        for call in calls:
-            try:
-                await call
-            except grpc.aio.AioRpcError as error:
-                status = rpc_status.from_call(error)  # type: ignore[arg-type]
-                assert status is not None
-                for detail in status.details:
-                    if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                        info = error_details_pb2.RetryInfo()
-                        detail.Unpack(info)
-                        retry_infos.append(info.retry_delay.ToNanoseconds())
+        # Whether calls overlap depends on the scheduler; a few rounds at most
+        # until one is refused.
+        for attempt in range(5):
+            calls = [
+                stub.GetContext(
+                    pb.GetContextRequest(session_id="big", query=f"y {attempt} {i}"),
+                    metadata=metadata,
+                )
+                for i in range(6)
+            ]
+            for call in calls:
+                try:
+                    await call
+                except grpc.aio.AioRpcError as error:
+                    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+                    assert status is not None
+                    for detail in status.details:
+                        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                            info = error_details_pb2.RetryInfo()
+                            detail.Unpack(info)
+                            retry_infos.append(info.retry_delay.ToNanoseconds())
+            if retry_infos:
+                break
     assert retry_infos and all(delay > 0 for delay in retry_infos)
     async with StateClient(server.address, bearer_token="token-light") as light:
         await light.append_items("mine", [{"role": "user", "content": "hi"}])
