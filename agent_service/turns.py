@@ -270,6 +270,8 @@ class TurnRunner:
             if settings.context_cache and settings.context_cache_max_bytes > 0
             else None
         )
+        # Turns running on this replica, by (tenant, session_id).
+        self._turns_in_flight: dict[tuple[str, str], int] = {}
 
     def entry(self, agent: str) -> CatalogEntry:
         entry = self._catalog.get(agent or self._catalog.default)
@@ -313,21 +315,52 @@ class TurnRunner:
         self, entry: CatalogEntry, request: TurnRequest, *, streamed: bool, cacheable: bool
     ) -> AsyncIterator[pb.StreamChatResponse]:
         turn_id = state_request_id(request.request_id)
-        budget = entry.spec.token_budget
         tenant = current_tenant()
-        # A streamed reply has been seen by the caller; it cannot be redone, so
-        # neither retried on conflict nor run on a context that may be stale.
-        attempts = 2 if self._settings.on_conflict == "retry" and not streamed else 1
-        # An agent that can run tools (its own or a handoff's) is never run on
-        # a cached context: a stale one means running the turn twice, and a
-        # retried request_id is only recognised after the run (see
-        # context_cache.py).
+        # Streamed turns are never run on a context that may be stale (their
+        # reply is seen as it comes, so it cannot be redone). Nor is an agent
+        # that can run tools (its own or a handoff's): a stale context means
+        # running the turn twice, and a retried request_id is only recognised
+        # after the run (see context_cache.py).
         cache = (
             self._context_cache
             if cacheable and not streamed and not entry.spec.tools and not entry.spec.handoffs
             else None
         )
-        cached = cache.get(tenant, request.session_id, budget) if cache is not None else None
+        key = (tenant, request.session_id)
+        # Another turn on the session running here: this one reads the
+        # context, so that the two conflict as they would without the cache
+        # (CONCURRENT_TURN, or one retry) instead of the later one being redone.
+        concurrent = self._turns_in_flight.get(key, 0) > 0
+        self._turns_in_flight[key] = self._turns_in_flight.get(key, 0) + 1
+        try:
+            async for event in self._turn_once(
+                entry, request, turn_id, tenant, cache, fresh=concurrent, streamed=streamed
+            ):
+                yield event
+        finally:
+            left = self._turns_in_flight.pop(key) - 1
+            if left:
+                self._turns_in_flight[key] = left
+
+    async def _turn_once(
+        self,
+        entry: CatalogEntry,
+        request: TurnRequest,
+        turn_id: str,
+        tenant: str,
+        cache: ContextCache | None,
+        *,
+        fresh: bool,
+        streamed: bool,
+    ) -> AsyncIterator[pb.StreamChatResponse]:
+        budget = entry.spec.token_budget
+        # A streamed reply has been seen by the caller: it cannot be redone.
+        attempts = 2 if self._settings.on_conflict == "retry" and not streamed else 1
+        cached = (
+            cache.get(tenant, request.session_id, budget)
+            if cache is not None and not fresh
+            else None
+        )
         if cached is not None and request.request_id and cached.holds(REQUEST_ID_KEY, turn_id):
             # A retry of a turn this replica stored: answered from a fresh read,
             # exactly as without the cache.

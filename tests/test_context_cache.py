@@ -6,16 +6,20 @@ without the cache. Real agent and state servers, real Redis, offline model."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent_service.client import AgentClient
+import grpc
+
+from agent_service.client import AgentClient, AgentServiceError
 from agent_service.context_cache import ContextCache
 from agent_service.turns import REQUEST_ID_KEY
 from state_service.client import Context, NewItem, StateClient, StoredItem
 from state_service.server import StateServer
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
+from tests.fake_openai import FakeOpenAI, Step
 from tests.helpers import metric
 
 PLAIN_AGENT = "agents:\n  - name: plain\n    token_budget: 4000\n"
@@ -273,3 +277,31 @@ def test_a_context_that_is_not_the_whole_log_is_not_kept() -> None:
     small = ContextCache(max_bytes=1 << 20, max_items=4)
     small.after_append("t", "s", 0, partial, None, turn, 5, "2")
     assert small.get("t", "s", 0) is None
+
+
+async def test_concurrent_turns_on_one_replica_still_conflict(
+    agent_server_factory: AgentServerFactory, client: StateClient, tmp_path: Path
+) -> None:
+    # The second of two overlapping turns reads the context instead of using
+    # the cache, so it is refused as without the cache (not silently redone).
+    slow = FakeOpenAI(default=Step(text="slow answer", delay=0.5))
+    config = write_agents_file(tmp_path, PLAIN_AGENT)
+    with slow.serve() as url:
+        server = await agent_server_factory(
+            agents_config=config,
+            model_base_url=url,
+            model_api_key="test-key",
+            model_name="fake-model",
+        )
+        async with AgentClient(server.address, timeout=10) as agents:
+            await agents.chat("s1", "warm the cache")
+            outcomes = await asyncio.gather(
+                agents.chat("s1", "first"), agents.chat("s1", "second"), return_exceptions=True
+            )
+    failures = [o for o in outcomes if isinstance(o, AgentServiceError)]
+    assert len(failures) == 1
+    assert failures[0].code == grpc.StatusCode.ABORTED
+    assert failures[0].reason == "CONCURRENT_TURN"
+    stored = await client.all_items("s1")
+    assert len(stored) == 4
+    assert len({s.metadata[REQUEST_ID_KEY] for s in stored}) == 2
