@@ -433,14 +433,14 @@ class TurnRunner:
                 if cache is not None:
                     cache.drop(tenant, request.session_id)
                 raise
-            if cached is not None:
-                metrics.CONTEXT_CACHE.labels("hit").inc()
             if appended.replayed:
                 if cache is not None:
                     cache.drop(tenant, request.session_id)
                 if cached is not None:
-                    # Stored by another replica: answered with the context a
-                    # fresh read gives, as without the cache.
+                    # Stored by another replica (the cached context was stale):
+                    # answered with the context a fresh read gives, as without
+                    # the cache.
+                    metrics.CONTEXT_CACHE.labels("stale").inc()
                     context = await self._call_state(
                         self._state.get_context,
                         request.session_id,
@@ -450,6 +450,8 @@ class TurnRunner:
                     )
                 yield _final(await self._stored_turn(request, turn_id, context))
                 return
+            if cached is not None:
+                metrics.CONTEXT_CACHE.labels("hit").inc()
             if cache is not None:
                 cache.after_append(
                     tenant,
