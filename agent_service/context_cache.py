@@ -27,6 +27,13 @@ same thing, whatever the query:
 
 Entries are keyed by (tenant, session) and bounded by the bytes of their items'
 JSON (Python objects take a few times that), least recently used first out.
+
+A session whose turns alternate between replicas (a client balancing calls
+round robin) would find every cached context stale and run every model call
+twice. So once a cached context was stale, the session is "shared": this
+replica keeps only the etag of its own last append, reads the context of each
+turn, and caches again only when a read shows nobody else wrote since its own
+last append.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ ITEM_TOKEN_ALLOWANCE = 8
 # What the cache adds per item besides its JSON (an estimate used for the
 # bound, not a measurement of the Python objects).
 ITEM_BYTES_ALLOWANCE = 64
+# Sessions remembered as shared (a few dozen bytes each).
+SHARED_SESSIONS_LIMIT = 10_000
 # The strategy that drops items by count: its context is not the whole log
 # once the log grows by one turn, even within the budget.
 COUNTED_STRATEGY = "sliding_window"
@@ -91,6 +100,9 @@ class ContextCache:
         self._max_items = max_items
         self._entries: OrderedDict[tuple[str, str], CachedContext] = OrderedDict()
         self._bytes = 0
+        # Sessions found written by others, with the etag of this replica's
+        # last append to each ("" until it has appended again).
+        self._shared: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @property
     def size_bytes(self) -> int:
@@ -110,6 +122,14 @@ class ContextCache:
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def stale(self, tenant: str, session_id: str) -> None:
+        """The entry was out of date: someone else writes to the session."""
+        self.drop(tenant, session_id)
+        self._shared[(tenant, session_id)] = ""
+        self._shared.move_to_end((tenant, session_id))
+        while len(self._shared) > SHARED_SESSIONS_LIMIT:
+            self._shared.popitem(last=False)
 
     def drop(self, tenant: str, session_id: str) -> None:
         entry = self._entries.pop((tenant, session_id), None)
@@ -131,8 +151,17 @@ class ContextCache:
         ran on, at its etag) plus the `appended` (data, metadata) items from
         `first_seq`, at the append's `etag`. `previous_bytes` is the size of
         `context`'s items when it came from this cache (None: measured here).
-        Drops the entry instead when the result may not be the whole log."""
+        Drops the entry instead when the result may not be the whole log, or
+        when the session is shared and `context` shows someone else wrote
+        since this replica's last append."""
         self.drop(tenant, session_id)
+        key = (tenant, session_id)
+        own_etag = self._shared.get(key)
+        if own_etag is not None:
+            if own_etag != context.etag:
+                self._shared[key] = etag
+                return
+            del self._shared[key]
         if not is_whole_log(context):
             return
         new_bytes = [item_bytes(data) for data, _ in appended]

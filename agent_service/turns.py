@@ -418,7 +418,7 @@ class TurnRunner:
                     # Someone else wrote since our last append: redo the turn on
                     # the fresh context (this does not use up a conflict retry).
                     metrics.CONTEXT_CACHE.labels("stale").inc()
-                    cache.drop(tenant, request.session_id)
+                    cache.stale(tenant, request.session_id)
                     cached = None
                     continue
                 if attempt + 1 < attempts:
@@ -436,11 +436,12 @@ class TurnRunner:
             if appended.replayed:
                 if cache is not None:
                     cache.drop(tenant, request.session_id)
-                if cached is not None:
+                if cached is not None and cache is not None:
                     # Stored by another replica (the cached context was stale):
                     # answered with the context a fresh read gives, as without
                     # the cache.
                     metrics.CONTEXT_CACHE.labels("stale").inc()
+                    cache.stale(tenant, request.session_id)
                     context = await self._call_state(
                         self._state.get_context,
                         request.session_id,
