@@ -79,6 +79,14 @@ APPROVED_TOOL_RUNS = Counter(
     "Executions of tools that need approval (each approved call should run once).",
     ["tool"],
 )
+CONTEXT_CACHE_OUTCOMES = ("hit", "miss", "stale")
+CONTEXT_CACHE = Counter(
+    "statecar_agent_context_cache_total",
+    "Cacheable turns by how their context was found: hit (this replica's cached context, "
+    "no GetContext), miss (GetContext), stale (the cached context was out of date: the "
+    "append was refused and the turn, model call included, was redone on a fresh context).",
+    ["outcome"],
+)
 HANDOFFS = Counter(
     "statecar_agent_handoffs_total", "Handoffs between agents.", ["from_agent", "to_agent"]
 )
@@ -107,3 +115,5 @@ def initialize(
         RESUMES.labels(outcome)
     for tool in gated_tools:
         APPROVED_TOOL_RUNS.labels(tool)
+    for outcome in CONTEXT_CACHE_OUTCOMES:
+        CONTEXT_CACHE.labels(outcome)

@@ -65,6 +65,24 @@ class AgentServiceSettings(BaseSettings):
     )
     max_message_chars: int = Field(32_000, ge=1, description="longest user message accepted")
 
+    context_cache: bool = Field(
+        True,
+        description="skip GetContext when this replica's own last append left the session's "
+        "whole log within the budget (the append's etag check finds any other write; the "
+        "turn is then redone on a fresh context, model call included)",
+    )
+    context_cache_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="bound of the context cache, in bytes of the cached items' JSON (the "
+        "Python objects take a few times that); 0 disables the cache",
+    )
+    context_cache_max_items: int = Field(
+        1000,
+        ge=1,
+        description="most items of one cached context; keep it at or below the state "
+        "service's STATE_SERVICE_CONTEXT_MAX_ITEMS",
+    )
     state_timeout_seconds: float = Field(
         5.0, gt=0, description="deadline of one state-service call (capped by the caller's)"
     )

@@ -11,6 +11,11 @@ configured). The request_id makes a retried Chat store nothing twice: the turn
 is found in the log by the request_id every stored item carries in its
 metadata, and returned as it was stored. A turn that fails before its append
 stores nothing.
+
+A replica whose own append left a session's whole log within the budget skips
+the GetContext of its next Chat turn on that session (context_cache.py): the
+append's etag is then the one it remembered, and when someone else wrote in
+between the append is refused and the turn is redone on a fresh context.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ from agents.stream_events import (
 
 from agent_service import metrics
 from agent_service.catalog import AgentCatalog, CatalogEntry
+from agent_service.context_cache import ContextCache
 from agent_service.settings import AgentServiceSettings
 from agent_service.tools import TurnContext
+from shared_runtime.auth import current_tenant
 from shared_runtime.errors import (
     Aborted,
     DeadlineExceeded,
@@ -258,6 +265,13 @@ class TurnRunner:
         )
         # Set by the server when approvals are wired (approvals.Approvals).
         self.pauser: TurnPauser | None = None
+        self._context_cache = (
+            ContextCache(settings.context_cache_max_bytes, settings.context_cache_max_items)
+            if settings.context_cache and settings.context_cache_max_bytes > 0
+            else None
+        )
+        # Turns running on this replica, by (tenant, session_id).
+        self._turns_in_flight: dict[tuple[str, str], int] = {}
 
     def entry(self, agent: str) -> CatalogEntry:
         entry = self._catalog.get(agent or self._catalog.default)
@@ -272,14 +286,16 @@ class TurnRunner:
         return await final_response(self.stream(request, streamed=False))
 
     async def stream(
-        self, request: TurnRequest, *, streamed: bool = True
+        self, request: TurnRequest, *, streamed: bool = True, cacheable: bool = True
     ) -> AsyncIterator[pb.StreamChatResponse]:
-        """The turn's events; the last one carries the ChatResponse."""
+        """The turn's events; the last one carries the ChatResponse. `cacheable`
+        False: the context is read from the state service even when this
+        replica has it (see context_cache.py)."""
         entry = self.entry(request.agent)
         started = time.perf_counter()
         outcome = "error"
         try:
-            async for event in self._turn(entry, request, streamed=streamed):
+            async for event in self._turn(entry, request, streamed=streamed, cacheable=cacheable):
                 if event.HasField("final"):
                     outcome = "replayed" if event.final.replayed else "ok"
                     if event.final.pending_approvals:
@@ -296,29 +312,87 @@ class TurnRunner:
             metrics.TURN_SECONDS.labels(entry.spec.name).observe(time.perf_counter() - started)
 
     async def _turn(
-        self, entry: CatalogEntry, request: TurnRequest, *, streamed: bool
+        self, entry: CatalogEntry, request: TurnRequest, *, streamed: bool, cacheable: bool
     ) -> AsyncIterator[pb.StreamChatResponse]:
         turn_id = state_request_id(request.request_id)
-        # A streamed reply has been seen by the caller; it cannot be redone.
-        attempts = 2 if self._settings.on_conflict == "retry" and not streamed else 1
-        for attempt in range(attempts):
-            context = await self._call_state(
-                self._state.get_context,
-                request.session_id,
-                query=request.message,
-                token_budget=entry.spec.token_budget,
-                deadline=request.deadline,
-            )
-            if request.request_id and any(
-                item.metadata.get(REQUEST_ID_KEY) == turn_id for item in context.items
+        tenant = current_tenant()
+        # Streamed turns are never run on a context that may be stale (their
+        # reply is seen as it comes, so it cannot be redone). Nor is an agent
+        # that can run tools (its own or a handoff's): a stale context means
+        # running the turn twice, and a retried request_id is only recognised
+        # after the run (see context_cache.py).
+        cache = (
+            self._context_cache
+            if cacheable and not streamed and not entry.spec.tools and not entry.spec.handoffs
+            else None
+        )
+        key = (tenant, request.session_id)
+        # Another turn on the session running here: this one reads the
+        # context, so that the two conflict as they would without the cache
+        # (CONCURRENT_TURN, or one retry) instead of the later one being redone.
+        concurrent = self._turns_in_flight.get(key, 0) > 0
+        self._turns_in_flight[key] = self._turns_in_flight.get(key, 0) + 1
+        try:
+            async for event in self._turn_once(
+                entry, request, turn_id, tenant, cache, fresh=concurrent, streamed=streamed
             ):
-                yield _final(await self._stored_turn(request, turn_id, context))
-                return
+                yield event
+        finally:
+            left = self._turns_in_flight.pop(key) - 1
+            if left:
+                self._turns_in_flight[key] = left
+
+    async def _turn_once(
+        self,
+        entry: CatalogEntry,
+        request: TurnRequest,
+        turn_id: str,
+        tenant: str,
+        cache: ContextCache | None,
+        *,
+        fresh: bool,
+        streamed: bool,
+    ) -> AsyncIterator[pb.StreamChatResponse]:
+        budget = entry.spec.token_budget
+        # A streamed reply has been seen by the caller: it cannot be redone.
+        attempts = 2 if self._settings.on_conflict == "retry" and not streamed else 1
+        cached = (
+            cache.get(tenant, request.session_id, budget)
+            if cache is not None and not fresh
+            else None
+        )
+        if cached is not None and request.request_id and cached.holds(REQUEST_ID_KEY, turn_id):
+            # A retry of a turn this replica stored: answered from a fresh read,
+            # exactly as without the cache.
+            cached = None
+        if cache is not None and cached is None:
+            cache.drop(tenant, request.session_id)
+            metrics.CONTEXT_CACHE.labels("miss").inc()
+        attempt = 0
+        while True:
+            if cached is not None:
+                context = cached.context
+            else:
+                context = await self._call_state(
+                    self._state.get_context,
+                    request.session_id,
+                    query=request.message,
+                    token_budget=budget,
+                    deadline=request.deadline,
+                )
+                if request.request_id and any(
+                    item.metadata.get(REQUEST_ID_KEY) == turn_id for item in context.items
+                ):
+                    yield _final(await self._stored_turn(request, turn_id, context))
+                    return
             metrics.CONTEXT_TOKENS.observe(context.token_count)
             produced = _Produced([], "", entry.spec.name, pb.TokenUsage())
             async for event in self._run_agent(entry, request, context, produced, streamed):
                 yield event
             if produced.paused is not None and self.pauser is not None:
+                if cache is not None:
+                    # Its resume appends elsewhere: the entry would only go stale.
+                    cache.drop(tenant, request.session_id)
                 stats = _context_stats(context)
                 yield _final(
                     await self.pauser.pause(
@@ -326,29 +400,70 @@ class TurnRunner:
                     )
                 )
                 return
+            stored = [
+                (data, {REQUEST_ID_KEY: turn_id, AGENT_KEY: agent})
+                for data, agent in produced.items
+            ]
             try:
                 appended = await self._call_state(
                     self._state.append_items,
                     request.session_id,
-                    [
-                        NewItem(data, {REQUEST_ID_KEY: turn_id, AGENT_KEY: agent})
-                        for data, agent in produced.items
-                    ],
+                    [NewItem(data, metadata) for data, metadata in stored],
                     request_id=turn_id,
                     etag=context.etag,
                     deadline=request.deadline,
                 )
             except Aborted:
+                if cached is not None and cache is not None:
+                    # Someone else wrote since our last append: redo the turn on
+                    # the fresh context (this does not use up a conflict retry).
+                    metrics.CONTEXT_CACHE.labels("stale").inc()
+                    cache.stale(tenant, request.session_id)
+                    cached = None
+                    continue
                 if attempt + 1 < attempts:
+                    attempt += 1
                     continue
                 raise Aborted(
                     f"another turn on session {request.session_id!r} was stored while this "
                     "one ran; nothing was stored, retry on the fresh context",
                     reason="CONCURRENT_TURN",
                 ) from None
+            except BaseException:
+                if cache is not None:
+                    cache.drop(tenant, request.session_id)
+                raise
             if appended.replayed:
+                if cache is not None:
+                    cache.drop(tenant, request.session_id)
+                if cached is not None and cache is not None:
+                    # Stored by another replica (the cached context was stale):
+                    # answered with the context a fresh read gives, as without
+                    # the cache.
+                    metrics.CONTEXT_CACHE.labels("stale").inc()
+                    cache.stale(tenant, request.session_id)
+                    context = await self._call_state(
+                        self._state.get_context,
+                        request.session_id,
+                        query=request.message,
+                        token_budget=budget,
+                        deadline=request.deadline,
+                    )
                 yield _final(await self._stored_turn(request, turn_id, context))
                 return
+            if cached is not None:
+                metrics.CONTEXT_CACHE.labels("hit").inc()
+            if cache is not None:
+                cache.after_append(
+                    tenant,
+                    request.session_id,
+                    budget,
+                    context,
+                    cached.size_bytes if cached is not None else None,
+                    stored,
+                    appended.first_seq,
+                    appended.etag,
+                )
             _count(produced)
             yield _final(
                 pb.ChatResponse(

@@ -110,7 +110,9 @@ class WorkflowRunner:
         request_id = request.request_id or uuid.uuid4().hex
         turn = TurnRequest(session, request.message, stage, request_id, request.deadline)
         response: pb.ChatResponse | None = None
-        async for event in self._turns.stream(turn, streamed=streamed):
+        # The handoff seed appends to agent sessions without the turn's
+        # etag: a cached context of them would often be stale.
+        async for event in self._turns.stream(turn, streamed=streamed, cacheable=False):
             if event.HasField("final"):
                 response = event.final
             else:

@@ -601,7 +601,10 @@ class ContextStats(_message.Message):
     """
     tokens: _builtins.int
     """Tokens of the context (summary, retrieved and recent items), as counted
-    by the state service; never above token_budget.
+    by the state service; never above token_budget. When the turn ran on the
+    replica's cached context (AGENT_SERVICE_CONTEXT_CACHE), an upper bound:
+    the service's count of the log it last read plus, for each item appended
+    since, its JSON bytes and 8.
     """
     token_budget: _builtins.int
     """The token budget applied: the agent's token_budget."""
