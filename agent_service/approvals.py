@@ -74,9 +74,9 @@ from agent_service.turns import (
     REQUEST_ID_KEY,
     Deadline,
     TurnRequest,
-    _model_error,
-    _reply_of,
     deadline_error,
+    model_error,
+    reply_of,
     state_error,
 )
 from shared_runtime.errors import (
@@ -502,7 +502,7 @@ class Approvals:
         except ServiceError:
             raise
         except (AgentsException, openai.APIError) as error:
-            raise _model_error(entry.spec.name, error) from error
+            raise model_error(entry.spec.name, error) from error
         decided = {by_call.get(call, call): verdict for call, verdict in applied.items()}
         if result.interruptions:
             turn = await self._store_pause(
@@ -561,7 +561,7 @@ class Approvals:
             return None
         found.reverse()
         pairs = [(item.data, item.metadata.get(AGENT_KEY, "")) for item in found]
-        reply, agent = _reply_of(pairs)
+        reply, agent = reply_of(pairs)
         return pb.ChatResponse(
             reply=reply,
             agent=agent,
@@ -603,7 +603,7 @@ class Approvals:
             ],
             request_id=envelope.turn_id,
         )
-        reply, _ = _reply_of(items)
+        reply, _ = reply_of(items)
         usage = result.context_wrapper.usage
         return pb.ChatResponse(
             reply=str(result.final_output or reply),

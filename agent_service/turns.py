@@ -170,7 +170,7 @@ def state_error(error: StateServiceError) -> ServiceError:
     )
 
 
-def _model_error(agent: str, error: BaseException) -> ServiceError:
+def model_error(agent: str, error: BaseException) -> ServiceError:
     if isinstance(error, MaxTurnsExceeded):
         return ResourceExhausted(
             f"agent {agent!r} made too many model calls in one turn "
@@ -194,7 +194,7 @@ def _item_text(data: dict[str, Any]) -> str:
     return ""
 
 
-def _reply_of(items: Sequence[tuple[dict[str, Any], str]]) -> tuple[str, str]:
+def reply_of(items: Sequence[tuple[dict[str, Any], str]]) -> tuple[str, str]:
     """The last assistant message's text and agent."""
     for data, agent in reversed(items):
         if data.get("type", "message") == "message" and data.get("role") == "assistant":
@@ -529,7 +529,7 @@ class TurnRunner:
         except ServiceError:
             raise
         except (AgentsException, openai.APIError) as error:
-            raise _model_error(entry.spec.name, error) from error
+            raise model_error(entry.spec.name, error) from error
         if result.interruptions:
             produced.paused = result
             return
@@ -577,7 +577,7 @@ class TurnRunner:
             complete = complete or not token
         found.reverse()
         pairs = [(item.data, item.metadata.get(AGENT_KEY, "")) for item in found]
-        reply, agent = _reply_of(pairs)
+        reply, agent = reply_of(pairs)
         return pb.ChatResponse(
             reply=reply,
             agent=agent,
