@@ -47,7 +47,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -486,6 +486,31 @@ class TieredStorage(RedisStorage):
 
     # -- writes: refused over the backlog; a miss looks first ------------------
 
+    async def _looking_first(
+        self,
+        tenant: str,
+        session_id: str,
+        attempt: Callable[[str], Awaitable[AppendOutcome]],
+        new_incarnation: str,
+        *,
+        writes: bool,
+    ) -> AppendOutcome:
+        """Runs an append-like write with no new incarnation (the script
+        answers "missing" rather than create the session); on a miss loads the
+        session from PostgreSQL, if it has one, and runs it again allowed to
+        create. An empty write (an etag check) that finds nothing still looks."""
+        try:
+            outcome = await attempt("")
+            if writes or outcome.etag != ABSENT_ETAG:
+                return outcome
+        except SessionAbsent:
+            pass
+        except EtagMismatch as mismatch:
+            if mismatch.current_etag != ABSENT_ETAG:
+                raise
+        await self.rehydrate(tenant, session_id)
+        return await attempt(new_incarnation)
+
     async def append(
         self,
         tenant: str,
@@ -512,17 +537,9 @@ class TieredStorage(RedisStorage):
                 tokens=tokens,
             )
 
-        try:
-            outcome = await attempt("")
-            if payloads or outcome.etag != ABSENT_ETAG:
-                return outcome
-        except SessionAbsent:
-            pass
-        except EtagMismatch as mismatch:
-            if mismatch.current_etag != ABSENT_ETAG:
-                raise
-        await self.rehydrate(tenant, session_id)
-        return await attempt(new_incarnation)
+        return await self._looking_first(
+            tenant, session_id, attempt, new_incarnation, writes=bool(payloads)
+        )
 
     async def import_entries(
         self,
@@ -556,17 +573,9 @@ class TieredStorage(RedisStorage):
                 tokens=tokens,
             )
 
-        try:
-            outcome = await attempt("")
-            if entries or outcome.etag != ABSENT_ETAG:
-                return outcome
-        except SessionAbsent:
-            pass
-        except EtagMismatch as mismatch:
-            if mismatch.current_etag != ABSENT_ETAG:
-                raise
-        await self.rehydrate(tenant, session_id)
-        return await attempt(new_incarnation)
+        return await self._looking_first(
+            tenant, session_id, attempt, new_incarnation, writes=bool(entries)
+        )
 
     async def pop(
         self, tenant: str, session_id: str, *, request_id: str, expected_etag: str, now_ms: int
