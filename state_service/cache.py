@@ -29,6 +29,23 @@ CACHE_NAME = "session_tail"
 MEMO_MAX = 16
 
 
+class TailMemo(dict[Any, Any]):
+    """What is computed from a tail's entries alone, bounded in count and in
+    bytes: the prepared results it holds never carry more item bytes than
+    the tail itself, so a cached tail costs at most twice its JSON (what
+    _size_of charges the cache for)."""
+
+    __slots__ = ("item_bytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.item_bytes = 0
+
+    def clear(self) -> None:
+        super().clear()
+        self.item_bytes = 0
+
+
 class Lookup(StrEnum):
     """How a read used the cached tail (the values are the metric's labels)."""
 
@@ -61,7 +78,7 @@ class CachedTail:
     entries: tuple[LogEntry, ...]
     tokens: int
     size: int = 0
-    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    memo: TailMemo = field(default_factory=TailMemo, compare=False, repr=False)
     stored_at: float = 0.0
 
     @classmethod
@@ -93,10 +110,16 @@ class CachedTail:
         cut = len(self.entries) - keep
         return CachedTail.of(self.head, self.start_index + cut, self.entries[cut:])
 
-    def remember(self, key: Any, value: Any) -> None:
-        if len(self.memo) >= MEMO_MAX:
-            self.memo.clear()
-        self.memo[key] = value
+    def remember(self, key: Any, value: Any, item_bytes: int = 0) -> None:
+        """Keeps `value` (holding `item_bytes` of item JSON) for requests of
+        the same shape; one larger than the tail is not kept."""
+        if item_bytes > self.size:
+            return
+        memo = self.memo
+        if len(memo) >= MEMO_MAX or memo.item_bytes + item_bytes > self.size:
+            memo.clear()
+        memo[key] = value
+        memo.item_bytes += item_bytes
 
     def knowledge(self) -> CacheKnowledge:
         return CacheKnowledge(
@@ -105,9 +128,10 @@ class CachedTail:
 
 
 def _size_of(tail: CachedTail) -> int:
-    # The decoded entries cost about twice their JSON in Python objects; the
+    # The tail's JSON plus as much again for its memo (TailMemo's bound). The
+    # decoded entries cost about twice their JSON in Python objects; the
     # bound is on the JSON, the figure operators can compare with item sizes.
-    return max(1, tail.size)
+    return max(1, 2 * tail.size)
 
 
 class CountingTTLCache(TTLCache[Any, Any]):
@@ -149,9 +173,10 @@ class CacheStats:
 @dataclass
 class SessionCache:
     """Tails of recently read sessions, bounded by sessions, by items per
-    session and by bytes in all (`max_bytes`; one session holds at most a
-    quarter of it): an item count alone let a few sessions of 200 KB items
-    hold hundreds of MB."""
+    session and by bytes in all (`max_bytes`: item JSON, each tail charged
+    twice its own for the prepared responses of its memo; one session holds
+    at most a quarter of it): an item count alone let a few sessions of
+    200 KB items hold hundreds of MB."""
 
     max_sessions: int
     ttl_seconds: float
@@ -167,7 +192,9 @@ class SessionCache:
         self._size.set(0)
         self._bytes = metrics.CACHE_BYTES.labels(CACHE_NAME)
         self._bytes.set(0)
-        self.max_bytes_per_session = max(1, self.max_bytes // 4)
+        # A tail is charged twice its JSON (its memo's share, _size_of): a
+        # quarter of the bound per session, memo included.
+        self.max_bytes_per_session = max(1, self.max_bytes // 8)
         self._lookups = {
             result: metrics.CACHE_LOOKUPS.labels(CACHE_NAME, result.value) for result in Lookup
         }

@@ -199,7 +199,7 @@ class ContextPipeline:
             rendered={} if key is not None else None,
         )
         if key is not None:
-            tail.remember(key, result)
+            tail.remember(key, result, _item_bytes(view))
         return result
 
     async def _tail_for(
@@ -317,6 +317,14 @@ def _newest_part(tail: CachedTail, max_bytes: int) -> tuple[int, Sequence[LogEnt
     return tail.start_index + cut, tail.entries[cut:]
 
 
+def _item_bytes(view: ContextView) -> int:
+    """The item JSON a prepared result carries (its rendered response holds
+    a copy of each)."""
+    size = sum(len(entry.item.json) for entry in view.recent)
+    size += sum(len(entry.item.json) for entry, _ in view.retrieved)
+    return size + (len(view.summary.text) if view.summary is not None else 0)
+
+
 def _newest_user_text(tail: CachedTail, max_bytes: int) -> str:
     """The text of the newest user message, cut to `max_bytes` as a request's
     query would be: the default retrieval query (remembered with the tail: it
@@ -329,5 +337,5 @@ def _newest_user_text(tail: CachedTail, max_bytes: int) -> str:
                 text = item_text_of_json(entry.item.json)[1]
                 break
         text = text.encode()[:max_bytes].decode(errors="ignore")
-        tail.remember(_NEWEST_USER_TEXT, text)
+        tail.remember(_NEWEST_USER_TEXT, text, len(text))
     return text

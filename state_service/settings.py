@@ -201,8 +201,9 @@ class StateServiceSettings(BaseSettings):
     cache_max_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024,
-        description="bytes of item JSON in the local cache (least recently used sessions "
-        "leave; one session holds at most a quarter)",
+        description="bytes of item JSON in the local cache, each session's counted twice "
+        "(its items and, at most as much again, its prepared responses); least recently used "
+        "sessions leave; one session holds at most a quarter",
     )
     cache_ttl_seconds: float = Field(
         300.0, gt=0, description="idle time after which a cached session is dropped"
