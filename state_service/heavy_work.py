@@ -163,6 +163,15 @@ class HeavyWork:
         finally:
             _LANE.reset(token)
 
+    async def write_work(self, tenant: str, size: int, fn: Callable[[], T]) -> T:
+        """A write's encoding work (`size` bytes of items): inline when small,
+        else in the worker thread in the tenant's lane without taking a slot
+        (refusing a write would lose a turn; its bytes are bounded per request)."""
+        if size < OFFLOAD_MIN_BYTES:
+            return fn()
+        with self.lane(tenant):
+            return await self.run(fn)
+
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` in the worker thread, in the current request's tenant lane;
         cancelling the caller abandons it."""

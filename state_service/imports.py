@@ -19,7 +19,7 @@ from shared_runtime.errors import InvalidArgument
 from state_service import log, metrics
 from state_service.compression.engine import Compression
 from state_service.encryption import KeyRing
-from state_service.heavy_work import OFFLOAD_MIN_BYTES, HeavyWork
+from state_service.heavy_work import HeavyWork
 from state_service.log import NewItem
 from state_service.storage.redis import AppendOutcome, RedisStorage
 from state_service.tokens import TokenCounter
@@ -90,13 +90,9 @@ class SessionImports:
                 entries.append(b"%d:%s" % (imported.seq, payload))
             return entries, sum(self._tokens.count(i.item.json) for i in items)
 
-        # As for appends: a large import encodes and counts off the event loop,
-        # in the tenant's lane without taking a slot.
-        if sum(len(i.item.json) for i in items) < OFFLOAD_MIN_BYTES:
-            entries, tokens = encode()
-        else:
-            with self._heavy.lane(tenant):
-                entries, tokens = await self._heavy.run(encode)
+        # As for appends: a large import encodes and counts off the event loop.
+        size = sum(len(i.item.json) for i in items)
+        entries, tokens = await self._heavy.write_work(tenant, size, encode)
         outcome = await self._storage.import_entries(
             tenant,
             session_id,
@@ -115,5 +111,7 @@ class SessionImports:
             metrics.ITEMS_IMPORTED.inc(len(items))
             compression = self._compression
             if compression is not None and compression.compressor is not None:
-                compression.compressor.notify(tenant, session_id)
+                compression.compressor.appended(
+                    tenant, session_id, last_seq=outcome.last_seq, log_tokens=outcome.log_tokens
+                )
         return outcome

@@ -18,7 +18,7 @@ from state_service.compression.engine import CODE_OF_STRATEGY, STRATEGY_OF_CODE,
 from state_service.compression.strategies import Shares, Strategy
 from state_service.encryption import KeyRing
 from state_service.errors import EtagMismatch, SessionNotFound
-from state_service.heavy_work import OFFLOAD_MIN_BYTES, HeavyWork
+from state_service.heavy_work import HeavyWork
 from state_service.log import Item, NewItem
 from state_service.reader import LogReader
 from state_service.storage.redis import (
@@ -114,13 +114,8 @@ class SessionStore:
 
         # Encoding, sealing and counting cost time proportional to the bytes:
         # a large append does them off the event loop.
-        if sum(len(item.json) for item in items) < OFFLOAD_MIN_BYTES:
-            payloads, tokens = encode()
-        else:
-            # In the tenant's lane, without taking a slot: refusing a write
-            # would lose a turn, and its bytes are already bounded per request.
-            with self._heavy.lane(tenant):
-                payloads, tokens = await self._heavy.run(encode)
+        size = sum(len(item.json) for item in items)
+        payloads, tokens = await self._heavy.write_work(tenant, size, encode)
         try:
             outcome = await self._storage.append(
                 tenant,

@@ -1480,7 +1480,10 @@ class RedisStorage:
         etag, first, last = body.split(" ")
         if may_create and self._cluster is not None:
             await self._index_created(tenant, session_id)  # as in append
-        return AppendOutcome(etag, int(first), int(last), replayed=status == "replay")
+        log_tokens = int(reply[2]) if len(reply) > 2 else -1
+        return AppendOutcome(
+            etag, int(first), int(last), replayed=status == "replay", log_tokens=log_tokens
+        )
 
     async def erase_session_keys(self, tenant: str, session_id: str) -> tuple[bool, int]:
         """Deletes every key of a session whose name is known (meta, log,

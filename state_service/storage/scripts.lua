@@ -590,7 +590,8 @@ return {'ok', header}
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
 --       tokens of the payloads, session id (index member), first seq, last
 --       seq, entry ("<seq>:<payload>", seqs increasing)...
--- Returns {'ok'|'replay', "etag first last"}, {'conflict', current etag} or
+-- Returns {'ok'|'replay', "etag first last"} (an 'ok' that wrote also the
+-- log's token count after it, as append), {'conflict', current etag} or
 -- {'behind', "etag last"} when the first seq is not above the session's last
 -- (or {'missing', ''}: no session, and no new incarnation to create one).
 local request_id, expected, default_ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -623,8 +624,8 @@ for i = 10, #ARGV, 500 do
 end
 ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver, 'last', newest, 'n', n + count, 'mtime', now)
-redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
+local tok = redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
 local response = etag_of(inc, ver) .. ' ' .. first .. ' ' .. newest
 if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
 apply_ttl(ttl, default_ttl)
-return {'ok', response}
+return {'ok', response, tok}
