@@ -368,18 +368,23 @@ class TurnRunner:
         if cache is not None and cached is None:
             cache.drop(tenant, request.session_id)
             metrics.CONTEXT_CACHE.labels("miss").inc()
+
+        async def read_context() -> Context:
+            context: Context = await self._call_state(
+                self._state.get_context,
+                request.session_id,
+                query=request.message,
+                token_budget=budget,
+                deadline=request.deadline,
+            )
+            return context
+
         attempt = 0
         while True:
             if cached is not None:
                 context = cached.context
             else:
-                context = await self._call_state(
-                    self._state.get_context,
-                    request.session_id,
-                    query=request.message,
-                    token_budget=budget,
-                    deadline=request.deadline,
-                )
+                context = await read_context()
                 if request.request_id and any(
                     item.metadata.get(REQUEST_ID_KEY) == turn_id for item in context.items
                 ):
@@ -442,13 +447,7 @@ class TurnRunner:
                     # the cache.
                     metrics.CONTEXT_CACHE.labels("stale").inc()
                     cache.stale(tenant, request.session_id)
-                    context = await self._call_state(
-                        self._state.get_context,
-                        request.session_id,
-                        query=request.message,
-                        token_budget=budget,
-                        deadline=request.deadline,
-                    )
+                    context = await read_context()
                 yield _final(await self._stored_turn(request, turn_id, context))
                 return
             if cached is not None:
