@@ -4,11 +4,14 @@ server, health, metrics and a drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from agents import set_tracing_disabled
+from pydantic_settings import CliApp
 
 from agent_service.approvals import Approvals
 from agent_service.catalog import AgentCatalog
@@ -37,8 +40,12 @@ from shared_runtime.process import (
 )
 from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient, StateServiceError
+from state_service.settings import StateServiceSettings
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from state_service.in_process import InProcessState
 
 logger = logging.getLogger("statecar.agent")
 
@@ -47,7 +54,18 @@ ERROR_DOMAIN = "agent.statecar.dev"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def state_client(settings: AgentServiceSettings) -> StateClient:
+def state_client(
+    settings: AgentServiceSettings, channel: grpc.aio.Channel | None = None
+) -> StateClient:
+    """The client of the state service: over gRPC to settings.state_target,
+    or over `channel` (the in-process state service's)."""
+    if channel is not None:
+        return StateClient(
+            "in-process",
+            channel=channel,
+            timeout=settings.state_timeout_seconds,
+            acting_for=current_tenant if settings.auth != "none" else None,
+        )
     credentials = None
     if settings.state_tls_ca_file is not None or settings.state_tls_cert_file is not None:
         credentials = channel_credentials(
@@ -100,6 +118,7 @@ class AgentServer:
     readiness: Readiness
     port: int
     metrics_endpoint: MetricsEndpoint | None = None
+    in_process_state: InProcessState | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -111,13 +130,44 @@ class AgentServer:
         return reachable_address(self.settings.listen, self.port)
 
     @classmethod
-    async def start(cls, settings: AgentServiceSettings) -> AgentServer:
+    async def start(
+        cls,
+        settings: AgentServiceSettings,
+        *,
+        state_settings: StateServiceSettings | None = None,
+    ) -> AgentServer:
+        """Starts the service; with settings.state_in_process, the state service
+        too, inside this process (configured by `state_settings`, by default
+        the STATE_SERVICE_* environment). A failed start leaves nothing running."""
+        async with contextlib.AsyncExitStack() as undo:
+            instance = await cls._start(settings, state_settings, undo)
+            undo.pop_all()  # started: from now on stop() owns the cleanup
+            return instance
+        raise AssertionError("unreachable")
+
+    @classmethod
+    async def _start(
+        cls,
+        settings: AgentServiceSettings,
+        state_settings: StateServiceSettings | None,
+        undo: contextlib.AsyncExitStack,
+    ) -> AgentServer:
         # openai-agents would export traces to OpenAI's servers by default.
         set_tracing_disabled(not settings.tracing)
         config = load_config(settings.agents_config)
+        in_process = None
+        if settings.state_in_process:
+            from state_service.in_process import InProcessState
+
+            in_process = await InProcessState.start(
+                state_settings or CliApp.run(StateServiceSettings, cli_args=[])
+            )
+            undo.push_async_callback(in_process.stop)
         models = ModelFactory(settings)
+        undo.push_async_callback(models.close)
         catalog = AgentCatalog(config, models)
-        state = state_client(settings)
+        state = state_client(settings, in_process.channel if in_process is not None else None)
+        undo.push_async_callback(state.close)
         turns = TurnRunner(catalog, state, settings)
         approvals = Approvals(catalog, state, settings)
         turns.pauser = approvals
@@ -157,14 +207,16 @@ class AgentServer:
                 settings.metrics_port,
                 hint=setting_hint(settings, "metrics_port"),
             )
+            undo.push_async_callback(endpoint.close)
         await server.start()
+        undo.push_async_callback(server.stop, 0)
         await readiness.start()
-        instance = cls(settings, server, state, models, readiness, port, endpoint)
+        instance = cls(settings, server, state, models, readiness, port, endpoint, in_process)
         logger.info(
             "agent service listening on %s (agents: %s; state service: %s)",
             instance.address,
             ", ".join(f"{e.spec.name} [{e.model_name}]" for e in catalog),
-            settings.state_target,
+            "in this process" if in_process is not None else settings.state_target,
         )
         return instance
 
@@ -177,6 +229,8 @@ class AgentServer:
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
         await self.readiness.stop()
         await self.state.close()
+        if self.in_process_state is not None:
+            await self.in_process_state.stop()
         await self.models.close()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()

@@ -30,6 +30,12 @@ class AgentServiceSettings(BaseSettings):
         description="state service: host:port (DNS, all replicas round robin), "
         "a comma-separated list of IP:port, or any gRPC target",
     )
+    state_in_process: bool = Field(
+        False,
+        description="run the state service inside this process (sidecar mode without a "
+        "second container or gRPC hop): configured by the STATE_SERVICE_* variables, served "
+        "to this replica only; state_target and the state TLS and token settings do not apply",
+    )
     agents_config: Path | None = Field(
         None, description="YAML or TOML file defining the agents; unset = one default agent"
     )
@@ -147,4 +153,13 @@ class AgentServiceSettings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if (self.state_tls_cert_file is None) != (self.state_tls_key_file is None):
             raise ValueError("state_tls_cert_file and state_tls_key_file go together")
+        if self.state_in_process and (
+            self.state_tls_ca_file is not None
+            or self.state_tls_cert_file is not None
+            or self.state_bearer_token.get_secret_value()
+        ):
+            raise ValueError(
+                "state_in_process runs the state service in this process: unset the "
+                "state_tls_* files and state_bearer_token, which only apply to a remote one"
+            )
         return self

@@ -11,12 +11,15 @@ pool of sessions per path keeps the growth during the run small):
 - agent-service Chat through AgentClient (a tool-less agent on the offline
   model, token budget 4,000), against real state-service and agent-service
   processes on loopback;
-- the same with the agent service reaching its state service over a Unix
-  domain socket (the sidecar deployment: both in one pod);
+- the same with the state service inside the agent-service process
+  (AGENT_SERVICE_STATE_IN_PROCESS: the sidecar deployment without the gRPC
+  hop; state_service/in_process.py);
 - openai-agents Runner + RedisSession in this process, with the offline
   model's reply to the newest item (FixedReplyModel: the same cost at any n);
 - Runner + StateServiceSession in this process (one session object per
-  conversation, as an application keeps it; unbudgeted, like RedisSession);
+  conversation, as an application keeps it; unbudgeted, like RedisSession),
+  over gRPC to the state service, and over an in-process state service
+  (InProcessState in this process);
 - Runner with no session (the SDK's own floor).
 
 CPU per turn is the CPU time of the process(es) doing the turn's work, read
@@ -25,7 +28,8 @@ the state service's) for Chat, this process's for the in-process paths
 (Redis' own CPU not counted on either side).
 
 Primitives: GetContext (20-item session, cache hit) and AppendItems (one
-item) against bench/echo_server.py answering the same bytes.
+item) against bench/echo_server.py answering the same bytes; also through
+StateClient over the in-process state service (no gRPC at all).
 """
 
 from __future__ import annotations
@@ -55,18 +59,21 @@ from bench.common import Stats, python_server, redis_process, state_service, tab
 from bench.report import Report
 from bench.sidecar import MESSAGES
 from state_service.client import StateClient, StateServiceSession
+from state_service.in_process import InProcessState
+from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import free_port
 from statecar.state.v1 import state_service_pb2 as pb
 from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 CHAT = "agent-service Chat (AgentClient)"
-CHAT_UDS = "agent-service Chat, state over a Unix socket"
+CHAT_LOCAL = "agent-service Chat, state in process"
 REDIS = "Runner + RedisSession (in process)"
-OURS = "Runner + StateServiceSession (in process)"
+OURS = "Runner + StateServiceSession (gRPC)"
+OURS_LOCAL = "Runner + StateServiceSession (state in process)"
 BARE = "Runner, no session (SDK floor)"
-PATHS = (CHAT, CHAT_UDS, REDIS, OURS, BARE)
+PATHS = (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL, BARE)
 # Each path's own sessions (a "redis" prefix lives in RedisSession's keys).
-PREFIX = {CHAT: "chat", CHAT_UDS: "chatuds", REDIS: "redis", OURS: "ours"}
+PREFIX = {CHAT: "chat", CHAT_LOCAL: "chatlocal", REDIS: "redis", OURS: "ours", OURS_LOCAL: "local"}
 # 16 callers of one tenant at n=2000 all want heavy work (retrieval): they
 # queue for the tenant's slots instead of being refused after 0.2 s.
 HEAVY_WAIT_SECONDS = "10"
@@ -120,8 +127,22 @@ class Samples:
 
 
 @contextlib.contextmanager
-def agent_service(state_address: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def agent_service(
+    state_address: str, in_process_redis: str = ""
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """An agent-service process; with `in_process_redis`, its state service
+    runs inside it over that Redis."""
     port = free_port()
+    in_process = (
+        {
+            "AGENT_SERVICE_STATE_IN_PROCESS": "true",
+            "STATE_SERVICE_REDIS_URL": in_process_redis,
+            "STATE_SERVICE_TENANT_HEAVY_WAIT_SECONDS": HEAVY_WAIT_SECONDS,
+            "STATE_SERVICE_LOG_LEVEL": "WARNING",
+        }
+        if in_process_redis
+        else {}
+    )
     config = Path(tempfile.mkdtemp(prefix="bench-agents-")) / "agents.yaml"
     config.write_text(AGENTS_YAML)
     process = subprocess.Popen(
@@ -133,6 +154,7 @@ def agent_service(state_address: str) -> Iterator[tuple[str, subprocess.Popen[by
             "AGENT_SERVICE_AGENTS_CONFIG": str(config),
             "AGENT_SERVICE_METRICS_PORT": "0",
             "AGENT_SERVICE_LOG_LEVEL": "WARNING",
+            **in_process,
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -207,7 +229,7 @@ async def _throughput(
 
 
 async def _primitives(
-    state_address: str, client: StateClient, count: int, rounds: int
+    state_address: str, client: StateClient, local: StateClient, count: int, rounds: int
 ) -> dict[str, Stats]:
     await client.append_items("prim", MESSAGES)
     async with grpc.aio.insecure_channel(state_address) as channel:
@@ -257,14 +279,20 @@ async def _primitives(
                 sequence[0] += 1
                 return await client.append_items(f"append-c-{sequence[0] % 300}", [message])
 
+            async def append_local() -> object:
+                sequence[0] += 1
+                return await local.append_items(f"append-l-{sequence[0] % 300}", [message])
+
             calls: dict[str, Callable[[], Awaitable[object]]] = {
                 "GetContext floor (grpc.aio echo)": lambda: echo.GetContext(request),
                 "GetContext, raw stub": lambda: state.GetContext(request),
                 "GetContext, StateClient": lambda: client.get_context("prim"),
+                "GetContext, StateClient, state in process": lambda: local.get_context("prim"),
                 "AppendItems floor (grpc.aio echo)": append_echo,
                 "AppendItems, raw stub, no etag": append_raw,
                 "AppendItems, raw stub, etag": append_raw_etag,
                 "AppendItems, StateClient": append_client,
+                "AppendItems, StateClient, state in process": append_local,
             }
             for call in calls.values():
                 for _ in range(100):
@@ -290,47 +318,54 @@ async def main(args: argparse.Namespace) -> None:
             f"python -m bench.turn_cost {' '.join(sys.argv[1:])}\n"
         )
     ]
-    socket = Path(tempfile.mkdtemp(prefix="bench-uds-")) / "state.sock"
     with (
         redis_process() as redis_server,
         state_service(
             redis_server.url, STATE_SERVICE_TENANT_HEAVY_WAIT_SECONDS=HEAVY_WAIT_SECONDS
         ) as (state_address, state_process),
         agent_service(state_address) as (agent_address, agent_process),
-        state_service(
-            redis_server.url,
-            STATE_SERVICE_LISTEN=f"unix:{socket}",
-            STATE_SERVICE_TENANT_HEAVY_WAIT_SECONDS=HEAVY_WAIT_SECONDS,
-        ) as (
-            uds_address,
-            uds_state_process,
+        agent_service("unused:1", in_process_redis=redis_server.url) as (
+            local_agent_address,
+            local_agent_process,
         ),
-        agent_service(uds_address) as (uds_agent_address, uds_agent_process),
     ):
         redis = aioredis.from_url(redis_server.url)
+        local_settings: dict[str, Any] = {
+            "redis_url": redis_server.url,
+            "metrics_port": 0,
+            "tenant_heavy_wait_seconds": float(HEAVY_WAIT_SECONDS),
+        }
+        local_state = await InProcessState.start(StateServiceSettings(**local_settings))
         async with (
             StateClient(state_address) as client,
+            StateClient("in-process", channel=local_state.channel) as local,
             AgentClient(agent_address) as agents,
-            AgentClient(uds_agent_address) as uds_agents,
+            AgentClient(local_agent_address) as local_agents,
         ):
-            primitives = await _primitives(state_address, client, args.primitive_calls, args.rounds)
+            primitives = await _primitives(
+                state_address, client, local, args.primitive_calls, args.rounds
+            )
             results: dict[int, dict[str, Samples]] = {}
             rates: dict[int, dict[str, float]] = {}
             for n in sizes:
-                for path in (CHAT, CHAT_UDS, REDIS, OURS):
+                for path in (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL):
                     for k in range(POOL):
                         await _seed(client, redis, f"{PREFIX[path]}-{n}-{k}", n)
                 ours = {
                     k: StateServiceSession(f"{PREFIX[OURS]}-{n}-{k}", client=client)
                     for k in range(POOL)
                 }
+                ours_local = {
+                    k: StateServiceSession(f"{PREFIX[OURS_LOCAL]}-{n}-{k}", client=local)
+                    for k in range(POOL)
+                }
 
                 async def chat(i: int, n: int = n) -> object:
                     return await agents.chat(f"{PREFIX[CHAT]}-{n}-{i % POOL}", f"Question {i}?")
 
-                async def chat_uds(i: int, n: int = n) -> object:
-                    return await uds_agents.chat(
-                        f"{PREFIX[CHAT_UDS]}-{n}-{i % POOL}", f"Question {i}?"
+                async def chat_local(i: int, n: int = n) -> object:
+                    return await local_agents.chat(
+                        f"{PREFIX[CHAT_LOCAL]}-{n}-{i % POOL}", f"Question {i}?"
                     )
 
                 async def with_redis(i: int, n: int = n) -> object:
@@ -344,14 +379,22 @@ async def main(args: argparse.Namespace) -> None:
                         agent, f"Question {i}?", session=ours[i % POOL], run_config=config
                     )
 
+                async def with_ours_local(
+                    i: int, ours: dict[int, StateServiceSession] = ours_local
+                ) -> object:
+                    return await Runner.run(
+                        agent, f"Question {i}?", session=ours[i % POOL], run_config=config
+                    )
+
                 async def bare(i: int) -> object:
                     return await Runner.run(agent, f"Question {i}?", run_config=config)
 
                 calls: dict[str, Callable[[int], Awaitable[object]]] = {
                     CHAT: chat,
-                    CHAT_UDS: chat_uds,
+                    CHAT_LOCAL: chat_local,
                     REDIS: with_redis,
                     OURS: with_ours,
+                    OURS_LOCAL: with_ours_local,
                     BARE: bare,
                 }
                 for call in calls.values():
@@ -359,18 +402,20 @@ async def main(args: argparse.Namespace) -> None:
                         await call(i)  # warm: connections, caches, the session copies
                 pids = {
                     CHAT: [agent_process.pid],
-                    CHAT_UDS: [uds_agent_process.pid],
+                    CHAT_LOCAL: [local_agent_process.pid],
                     REDIS: [],
                     OURS: [],
+                    OURS_LOCAL: [],
                     BARE: [],
                 }
-                state_pids = {CHAT: state_process.pid, CHAT_UDS: uds_state_process.pid}
+                state_pids = {CHAT: state_process.pid}
                 results[n] = await _rounds(calls, pids, state_pids, args.turns, args.rounds)
                 if n in (sizes[0], sizes[-1]) and args.seconds > 0:
                     rates[n] = {
                         name: await _throughput(calls[name], args.callers, args.seconds)
-                        for name in (CHAT, CHAT_UDS, REDIS)
+                        for name in (CHAT, CHAT_LOCAL, REDIS, OURS_LOCAL)
                     }
+        await local_state.stop()
         await redis.aclose()
     _report(text, primitives, results, rates, sizes, args)
     print("\n".join(text))
@@ -415,40 +460,49 @@ def _report(
     floor_cpu = {n: results[n][BARE].cpu_ms() for n in sizes}
     rows = []
     for n in sizes:
-        chat, uds, redis, ours = (
-            Stats.of(results[n][p].latencies).p50 for p in (CHAT, CHAT_UDS, REDIS, OURS)
+        chat, local, redis, ours, ours_local = (
+            Stats.of(results[n][p].latencies).p50
+            for p in (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL)
         )
         rows.append(
             [
                 str(n),
-                f"{chat / redis:.2f}×",
-                f"{uds / redis:.2f}×",
-                f"{ours / redis:.2f}×",
-                f"{results[n][CHAT].cpu_ms() / floor_cpu[n]:.2f}×",
+                f"{chat / redis:.2f}× ({local / redis:.2f}×)",
+                f"{ours / redis:.2f}× ({ours_local / redis:.2f}×)",
                 (
-                    f"{rates[n][CHAT]:.0f} ({rates[n][CHAT_UDS]:.0f} UDS) / "
-                    f"{rates[n][REDIS]:.0f} = {rates[n][CHAT] / rates[n][REDIS]:.2f}× "
-                    f"({rates[n][CHAT_UDS] / rates[n][REDIS]:.2f}×)"
-                    if n in rates
-                    else "–"
+                    f"{results[n][CHAT].cpu_ms() / floor_cpu[n]:.2f}× "
+                    f"({results[n][CHAT_LOCAL].cpu_ms() / floor_cpu[n]:.2f}×)"
                 ),
+                _rates(rates[n], CHAT, CHAT_LOCAL) if n in rates else "–",
+                _rates(rates[n], OURS_LOCAL, OURS_LOCAL) if n in rates else "–",
             ]
         )
     text.append(
-        "\nRatios (targets: Chat ≤ 1.0× RedisSession at n=20, ≤ 0.3× at n=2000; "
-        "StateServiceSession ≤ 1.0× at every n; Chat CPU ≤ 2× the SDK floor; "
-        f"throughput with {args.callers} callers ≥ 1.3× at n=20):\n\n"
+        "\nRatios, gRPC state service (state in process) (targets: Chat ≤ 1.0× RedisSession "
+        "at n=20, ≤ 0.3× at n=2000; StateServiceSession ≤ 1.0× at every n; Chat CPU ≤ 2× the "
+        f"SDK floor; throughput with {args.callers} callers ≥ 1.3× at n=20):\n\n"
         + table(
             [
                 "n",
                 "Chat / RedisSession p50",
-                "Chat (UDS) / RedisSession p50",
                 "StateServiceSession / RedisSession p50",
                 "Chat CPU / SDK floor CPU",
                 f"turns/s, {args.callers} callers, Chat / RedisSession",
+                f"turns/s, {args.callers} callers, StateServiceSession (in process) / RedisSession",
             ],  # fmt: skip
             rows,
         )
+    )
+
+
+def _rates(rates: dict[str, float], path: str, local: str) -> str:
+    """Turns/s of `path` (and `local`) against RedisSession's, as ratios."""
+    redis = rates[REDIS]
+    if path == local:
+        return f"{rates[path]:.0f} / {redis:.0f} = {rates[path] / redis:.2f}×"
+    return (
+        f"{rates[path]:.0f} ({rates[local]:.0f}) / {redis:.0f} = "
+        f"{rates[path] / redis:.2f}× ({rates[local] / redis:.2f}×)"
     )
 
 

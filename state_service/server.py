@@ -66,44 +66,31 @@ ERROR_DOMAIN = "state.statecar.dev"
 
 
 @dataclass
-class StateServer:
+class StateEngine:
+    """Everything a state service is besides its gRPC server: storage, cache,
+    log reader, compression, readiness, background work and the servicer.
+    StateServer serves it over gRPC; state_service.in_process runs it inside
+    another process (an agent replica in sidecar mode) with no gRPC hop."""
+
     settings: StateServiceSettings
-    server: grpc.aio.Server
     storage: RedisStorage
     servicer: StateServicer
     cache: SessionCache | None
     readiness: Readiness
-    port: int
     compression: Compression
     heavy: HeavyWork
     sweeper: IndexSweeper
     embedded: EmbeddedRedis | None = None
-    metrics_endpoint: MetricsEndpoint | None = None
     archiver: Archiver | None = None
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
-
-    @property
-    def address(self) -> str:
-        return reachable_address(self.settings.listen, self.port)
+    _stopped: bool = False
 
     @classmethod
-    async def start(cls, settings: StateServiceSettings) -> StateServer:
-        """Starts the service; a failed start leaves nothing running behind
-        (no embedded redis-server, no Redis connections, no bound ports)."""
-        async with contextlib.AsyncExitStack() as undo:
-            instance = await cls._start(settings, undo)
-            undo.pop_all()  # started: from now on stop() owns the cleanup
-            return instance
-        raise AssertionError("unreachable")
-
-    @classmethod
-    async def _start(
+    async def start(
         cls, settings: StateServiceSettings, undo: contextlib.AsyncExitStack
-    ) -> StateServer:
+    ) -> StateEngine:
+        """Starts the engine; `undo` gets the cleanup of every step, so a start
+        that fails later leaves nothing running (no embedded redis-server, no
+        Redis connections, no background tasks)."""
         embedded = None
         redis_url = settings.redis_url
         if not redis_url:
@@ -203,17 +190,6 @@ class StateServer:
         metrics.initialize(CACHE_NAME)
         metrics.SERVING.set_function(lambda: 1.0 if readiness.ready else 0.0)
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["StateService"])
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            ServerMetricsInterceptor(),
-            LoggingInterceptor(),
-            ExceptionToStatusInterceptor(ERROR_DOMAIN, _deadline_error),
-        ]
-        auth = auth_interceptor(
-            settings.auth, settings.auth_tokens_file, parse_delegates(settings.auth_delegates)
-        )
-        if auth is not None:
-            interceptors.append(auth)
-        server = create_server(settings, interceptors, settings.max_message_bytes)
         servicer = StateServicer.over(
             storage,
             reader,
@@ -224,21 +200,10 @@ class StateServer:
             heavy=heavy,
             durable=durable.get("tier"),
         )
-        pb_grpc.add_StateServiceServicer_to_server(servicer, server)
-        port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
-        endpoint = None
-        if settings.metrics_port:
-            endpoint = MetricsEndpoint.start(
-                settings.metrics_host,
-                settings.metrics_port,
-                hint=setting_hint(settings, "metrics_port"),
-            )
-            undo.push_async_callback(endpoint.close)
-        await server.start()
-        undo.push_async_callback(server.stop, 0)
         await readiness.start()
         undo.push_async_callback(readiness.stop)
         compression.start()
+        undo.push_async_callback(compression.stop)
         sweeper = IndexSweeper(
             storage,
             interval_seconds=settings.index_sweep_interval_seconds,
@@ -261,31 +226,44 @@ class StateServer:
             )
             archiver.start()
             undo.push_async_callback(archiver.stop)
-        instance = cls(
+        return cls(
             settings=settings,
-            server=server,
             storage=storage,
             servicer=servicer,
             cache=cache,
             readiness=readiness,
-            port=port,
             compression=compression,
             heavy=heavy,
             sweeper=sweeper,
             embedded=embedded,
-            metrics_endpoint=endpoint,
             archiver=archiver,
         )
-        logger.info("state service listening on %s", instance.address)
-        return instance
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, let in-flight RPCs finish, then close Redis."""
-        if self._stopped.is_set():
+    def interceptors(
+        self, auth: grpc.aio.ServerInterceptor | None
+    ) -> list[grpc.aio.ServerInterceptor]:
+        """The server interceptor chain every call to the engine goes through,
+        over gRPC or in process: metrics, logging, errors to statuses (with
+        the deadline), then `auth` (resolves the tenant)."""
+        chain: list[grpc.aio.ServerInterceptor] = [
+            ServerMetricsInterceptor(),
+            LoggingInterceptor(),
+            ExceptionToStatusInterceptor(ERROR_DOMAIN, _deadline_error),
+        ]
+        if auth is not None:
+            chain.append(auth)
+        return chain
+
+    def add_to_server(self, server: Any) -> None:
+        """Registers the StateService and grpc.health.v1 handlers."""
+        pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
+        self.readiness.add_to_server(server)
+
+    async def stop(self) -> None:
+        """Stops background work and closes Redis; callers stop serving first."""
+        if self._stopped:
             return
-        self._stopped.set()
-        await self.readiness.drain()
-        await self.server.stop(self.settings.drain_seconds if grace is None else grace)
+        self._stopped = True
         await self.compression.stop()
         await self.sweeper.stop()
         if self.archiver is not None:
@@ -301,10 +279,102 @@ class StateServer:
         if unfinished:
             closing.cancel()
             logger.warning("closing the Redis connections timed out; exiting anyway")
-        if self.metrics_endpoint is not None:
-            await self.metrics_endpoint.close()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.close)
+
+
+@dataclass
+class StateServer:
+    """The state service process: a StateEngine served over gRPC."""
+
+    engine: StateEngine
+    server: grpc.aio.Server
+    port: int
+    metrics_endpoint: MetricsEndpoint | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def settings(self) -> StateServiceSettings:
+        return self.engine.settings
+
+    @property
+    def storage(self) -> RedisStorage:
+        return self.engine.storage
+
+    @property
+    def servicer(self) -> StateServicer:
+        return self.engine.servicer
+
+    @property
+    def cache(self) -> SessionCache | None:
+        return self.engine.cache
+
+    @property
+    def readiness(self) -> Readiness:
+        return self.engine.readiness
+
+    @property
+    def compression(self) -> Compression:
+        return self.engine.compression
+
+    @property
+    def heavy(self) -> HeavyWork:
+        return self.engine.heavy
+
+    @property
+    def embedded(self) -> EmbeddedRedis | None:
+        return self.engine.embedded
+
+    @property
+    def archiver(self) -> Archiver | None:
+        return self.engine.archiver
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
+
+    @property
+    def address(self) -> str:
+        return reachable_address(self.settings.listen, self.port)
+
+    @classmethod
+    async def start(cls, settings: StateServiceSettings) -> StateServer:
+        """Starts the service; a failed start leaves nothing running behind
+        (no embedded redis-server, no Redis connections, no bound ports)."""
+        async with contextlib.AsyncExitStack() as undo:
+            engine = await StateEngine.start(settings, undo)
+            auth = auth_interceptor(
+                settings.auth, settings.auth_tokens_file, parse_delegates(settings.auth_delegates)
+            )
+            server = create_server(settings, engine.interceptors(auth), settings.max_message_bytes)
+            pb_grpc.add_StateServiceServicer_to_server(engine.servicer, server)
+            port = add_health_reflection_and_bind(server, settings, engine.readiness, SERVICE_NAME)
+            endpoint = None
+            if settings.metrics_port:
+                endpoint = MetricsEndpoint.start(
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    hint=setting_hint(settings, "metrics_port"),
+                )
+                undo.push_async_callback(endpoint.close)
+            await server.start()
+            undo.push_async_callback(server.stop, 0)
+            instance = cls(engine, server, port, endpoint)
+            logger.info("state service listening on %s", instance.address)
+            undo.pop_all()  # started: from now on stop() owns the cleanup
+            return instance
+        raise AssertionError("unreachable")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, let in-flight RPCs finish, then close Redis."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.readiness.drain()
+        await self.server.stop(self.settings.drain_seconds if grace is None else grace)
+        await self.engine.stop()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
         logger.info("state service stopped")
 
     async def wait_for_termination(self) -> None:
