@@ -15,7 +15,9 @@ pool of sessions per path keeps the growth during the run small):
   (AGENT_SERVICE_STATE_IN_PROCESS: the sidecar deployment without the gRPC
   hop; state_service/in_process.py);
 - openai-agents Runner + RedisSession in this process, with the offline
-  model's reply to the newest item (FixedReplyModel: the same cost at any n);
+  model's reply to the newest item (bench/fixed_reply_agent.py: the same cost
+  at any n; the agent services run the same, so the model is excluded on both
+  sides, as issue 17 measures);
 - Runner + StateServiceSession in this process (one session object per
   conversation, as an application keeps it; unbudgeted, like RedisSession),
   over gRPC to the state service, and over an in-process state service
@@ -55,7 +57,16 @@ from agents.extensions.memory.redis_session import RedisSession
 
 from agent_service.client import AgentClient
 from agent_service.models.offline import OfflineModel
-from bench.common import Stats, python_server, redis_process, state_service, table, wait_ready
+from bench.common import (
+    ROOT,
+    Stats,
+    python_server,
+    redis_process,
+    state_service,
+    table,
+    wait_ready,
+)
+from bench.fixed_reply_agent import use_fixed_replies
 from bench.report import Report
 from bench.sidecar import MESSAGES
 from state_service.client import StateClient, StateServiceSession
@@ -86,16 +97,6 @@ agents:
     model: offline
     token_budget: 4000
 """
-
-
-class FixedReplyModel(OfflineModel):
-    """The offline model's reply to the newest item only: the in-process paths'
-    model costs the same at every session size (the agent service runs the
-    offline model over its budgeted context, a cost counted against it)."""
-
-    def _decide(self, system_instructions: Any, input: Any, tools: Any, handoffs: Any) -> Any:
-        newest = input[-1:] if isinstance(input, list) else input
-        return super()._decide(system_instructions, newest, tools, handoffs)
 
 
 def _history(n: int) -> list[dict[str, Any]]:
@@ -146,7 +147,7 @@ def agent_service(
     config = Path(tempfile.mkdtemp(prefix="bench-agents-")) / "agents.yaml"
     config.write_text(AGENTS_YAML)
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent_service"],
+        [sys.executable, "-m", "bench.fixed_reply_agent"],
         env={
             **os.environ,
             "AGENT_SERVICE_LISTEN": f"127.0.0.1:{port}",
@@ -154,6 +155,7 @@ def agent_service(
             "AGENT_SERVICE_AGENTS_CONFIG": str(config),
             "AGENT_SERVICE_METRICS_PORT": "0",
             "AGENT_SERVICE_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **in_process,
         },
         stdout=subprocess.DEVNULL,
@@ -310,7 +312,8 @@ async def _primitives(
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     config = RunConfig(tracing_disabled=True)
-    agent = Agent(name="bench", instructions="Answer briefly.", model=FixedReplyModel())
+    use_fixed_replies()  # this process's paths, as the agent services' (fixed_reply_agent)
+    agent = Agent(name="bench", instructions="Answer briefly.", model=OfflineModel())
     text = [
         (
             f"Turn cost, {args.turns} turns per path and size in {args.rounds} interleaved "

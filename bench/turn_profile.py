@@ -1,6 +1,6 @@
 """Where an agent-service turn's CPU goes: the SDK, gRPC, protobuf, our code.
 
-python -m bench.turn_profile [--turns 300] [--size 20] [--label after]
+python -m bench.turn_profile [--turns 300] [--size 20] [--label after] [--state-in-process]
 
 Starts Redis, a state service and an agent service (bench/turn_cost.py's
 tool-less offline agent, budget 4,000), seeds sessions of `size` items, then:
@@ -154,6 +154,9 @@ async def _serve_profiled(out: Path, target: str) -> None:
     else:
         from agent_service.server import AgentServer
         from agent_service.settings import AgentServiceSettings
+        from bench.fixed_reply_agent import use_fixed_replies
+
+        use_fixed_replies()  # as bench/turn_cost.py's agent services
 
         server = await AgentServer.start(AgentServiceSettings.model_validate({}))
     loop = asyncio.get_running_loop()
@@ -223,6 +226,12 @@ async def main(args: argparse.Namespace) -> None:
                 "AGENT_SERVICE_STATE_TARGET": state_address,
                 "AGENT_SERVICE_AGENTS_CONFIG": str(agents_yaml),
             }
+            if args.state_in_process:
+                env |= {
+                    "AGENT_SERVICE_STATE_IN_PROCESS": "true",
+                    "STATE_SERVICE_REDIS_URL": redis_server.url,
+                    "STATE_SERVICE_LOG_LEVEL": "WARNING",
+                }
             agent_address, pid = stack.enter_context(_profiled("agent", stats_file, env))
         async with StateClient(state_address) as state:
             for k in range(SESSIONS):
@@ -241,7 +250,8 @@ async def main(args: argparse.Namespace) -> None:
     text = (
         f"{args.target.capitalize()}-service CPU of an agent-service Chat turn, "
         f"{args.size}-item sessions, {args.turns} sequential turns (tool-less offline agent, "
-        "budget 4,000).\n"
+        f"budget 4,000{'; state service in the agent process' if args.state_in_process else ''})."
+        "\n"
         f"client p50 {plain.p50:.2f} ms without profiler, {profiled.p50:.2f} ms under cProfile.\n\n"
         + summarize(stats_file, cpu_ms, args.turns, args.target)
     )
@@ -259,6 +269,11 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=20)
     parser.add_argument("--label", default="")
     parser.add_argument("--target", choices=("agent", "state"), default="agent")
+    parser.add_argument(
+        "--state-in-process",
+        action="store_true",
+        help="profile an agent service running its state service in process",
+    )
     parser.add_argument("--serve", default="", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve:
