@@ -32,9 +32,10 @@ class AgentServiceSettings(BaseSettings):
     )
     state_in_process: bool = Field(
         False,
-        description="run the state service inside this process (sidecar mode without a "
-        "second container or gRPC hop): configured by the STATE_SERVICE_* variables, served "
-        "to this replica only; state_target and the state TLS and token settings do not apply",
+        description="run the state service inside this process (no second container, no "
+        "gRPC hop): configured by the STATE_SERVICE_* variables except those of a listener "
+        "(listen, TLS, auth, metrics: nothing listens; its metrics are on this service's "
+        "port); state_target and the state_tls_* and state_bearer_token settings do not apply",
     )
     agents_config: Path | None = Field(
         None, description="YAML or TOML file defining the agents; unset = one default agent"

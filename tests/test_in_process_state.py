@@ -202,3 +202,41 @@ async def test_the_agent_process_serves_with_state_in_process_and_drains(
         assert await health_status(address) == SERVING
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+async def test_callers_of_an_authenticating_agent_are_tenants_of_its_in_process_state(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    caller_tokens = tmp_path / "caller-tokens"
+    caller_tokens.write_text("alice:alice-token\nbob:bob-token\n")
+    agent = await AgentServer.start(
+        agent_settings(
+            "unused",
+            state_in_process=True,
+            auth="token",
+            auth_tokens_file=caller_tokens,
+            agents_config=write_agents_file(tmp_path, PLAIN_AGENT),
+        ),
+        state_settings=state_settings(redis_server.url),
+    )
+    try:
+        async with (
+            AgentClient(agent.address, bearer_token="alice-token", timeout=10) as alice,
+            AgentClient(agent.address, bearer_token="bob-token", timeout=10) as bob,
+        ):
+            await alice.chat("s1", "My locker code is 4471.")
+            assert (await bob.chat("s1", "What is my locker code?")).context_items == 0
+            assert (await alice.chat("s1", "What is my locker code?")).context_items == 2
+        # Ready: the in-process state service honours the tenant it is given.
+        assert await health_status(agent.address) == SERVING
+        assert agent.in_process_state is not None
+        state = agent.in_process_state.channel
+
+        def acting_for(tenant: str) -> StateClient:
+            return StateClient("in-process", channel=state, acting_for=lambda: tenant)
+
+        assert len(await acting_for("alice").all_items("s1")) == 4
+        assert len(await acting_for("bob").all_items("s1")) == 2
+        assert await StateClient("in-process", channel=state).all_items("s1") == []
+    finally:
+        await agent.stop(grace=0.5)
