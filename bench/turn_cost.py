@@ -22,7 +22,9 @@ pool of sessions per path keeps the growth during the run small):
   conversation, as an application keeps it; unbudgeted, like RedisSession),
   over gRPC to the state service, and over an in-process state service
   (InProcessState in this process);
-- Runner with no session (the SDK's own floor).
+- Runner with no session (the SDK's own floor), on one message, and on a
+  20-item conversation (the SDK's own cost over the input every n=20 path
+  hands it).
 
 CPU per turn is the CPU time of the process(es) doing the turn's work, read
 from /proc around each path's rounds: the agent service's (and, shown apart,
@@ -82,7 +84,10 @@ REDIS = "Runner + RedisSession (in process)"
 OURS = "Runner + StateServiceSession (gRPC)"
 OURS_LOCAL = "Runner + StateServiceSession (state in process)"
 BARE = "Runner, no session (SDK floor)"
-PATHS = (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL, BARE)
+# The SDK's own cost over a 20-item conversation (what every path at n=20
+# hands it), with no session: how much of any turn's CPU is the SDK's.
+BARE_20 = "Runner, no session, 20-item input"
+PATHS = (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL, BARE, BARE_20)
 # Each path's own sessions (a "redis" prefix lives in RedisSession's keys).
 PREFIX = {CHAT: "chat", CHAT_LOCAL: "chatlocal", REDIS: "redis", OURS: "ours", OURS_LOCAL: "local"}
 # 16 callers of one tenant at n=2000 all want heavy work (retrieval): they
@@ -349,6 +354,7 @@ async def main(args: argparse.Namespace) -> None:
                 state_address, client, local, args.primitive_calls, args.rounds
             )
             results: dict[int, dict[str, Samples]] = {}
+            twenty = _history(20)
             rates: dict[int, dict[str, float]] = {}
             for n in sizes:
                 for path in (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL):
@@ -389,6 +395,10 @@ async def main(args: argparse.Namespace) -> None:
                         agent, f"Question {i}?", session=ours[i % POOL], run_config=config
                     )
 
+                async def bare_20(i: int) -> object:
+                    conversation = [*twenty, {"role": "user", "content": f"Question {i}?"}]
+                    return await Runner.run(agent, conversation, run_config=config)  # type: ignore[arg-type]
+
                 async def bare(i: int) -> object:
                     return await Runner.run(agent, f"Question {i}?", run_config=config)
 
@@ -399,6 +409,7 @@ async def main(args: argparse.Namespace) -> None:
                     OURS: with_ours,
                     OURS_LOCAL: with_ours_local,
                     BARE: bare,
+                    BARE_20: bare_20,
                 }
                 for call in calls.values():
                     for i in range(POOL):
@@ -410,6 +421,7 @@ async def main(args: argparse.Namespace) -> None:
                     OURS: [],
                     OURS_LOCAL: [],
                     BARE: [],
+                    BARE_20: [],
                 }
                 state_pids = {CHAT: state_process.pid}
                 results[n] = await _rounds(calls, pids, state_pids, args.turns, args.rounds)
@@ -461,6 +473,7 @@ def _report(
         + table(["path", *(f"p50 n={n}" for n in sizes), *(f"CPU n={n}" for n in sizes)], rows)
     )
     floor_cpu = {n: results[n][BARE].cpu_ms() for n in sizes}
+    sdk_20_cpu = {n: results[n][BARE_20].cpu_ms() for n in sizes}
     rows = []
     for n in sizes:
         chat, local, redis, ours, ours_local = (
@@ -476,6 +489,8 @@ def _report(
                     f"{results[n][CHAT].cpu_ms() / floor_cpu[n]:.2f}× "
                     f"({results[n][CHAT_LOCAL].cpu_ms() / floor_cpu[n]:.2f}×)"
                 ),
+                f"{results[n][REDIS].cpu_ms() / floor_cpu[n]:.2f}×",
+                f"{sdk_20_cpu[n] / floor_cpu[n]:.2f}×",
                 _rates(rates[n], CHAT, CHAT_LOCAL) if n in rates else "–",
                 _rates(rates[n], OURS_LOCAL, OURS_LOCAL) if n in rates else "–",
             ]
@@ -490,6 +505,8 @@ def _report(
                 "Chat / RedisSession p50",
                 "StateServiceSession / RedisSession p50",
                 "Chat CPU / SDK floor CPU",
+                "RedisSession CPU / SDK floor CPU",
+                "SDK over 20 items CPU / SDK floor CPU",
                 f"turns/s, {args.callers} callers, Chat / RedisSession",
                 f"turns/s, {args.callers} callers, StateServiceSession (in process) / RedisSession",
             ],  # fmt: skip
