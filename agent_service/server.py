@@ -36,7 +36,6 @@ from shared_runtime.process import (
     create_server,
     reachable_address,
     serve_until_terminated,
-    setting_hint,
 )
 from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient, StateServiceError
@@ -200,14 +199,7 @@ class AgentServer:
             server,
         )
         port = add_health_reflection_and_bind(server, settings, readiness, SERVICE_NAME)
-        endpoint = None
-        if settings.metrics_port:
-            endpoint = MetricsEndpoint.start(
-                settings.metrics_host,
-                settings.metrics_port,
-                hint=setting_hint(settings, "metrics_port"),
-            )
-            undo.push_async_callback(endpoint.close)
+        endpoint = MetricsEndpoint.configured(settings, undo)
         await server.start()
         undo.push_async_callback(server.stop, 0)
         await readiness.start()

@@ -7,13 +7,14 @@ there while the event loop updates it (prometheus_client is thread-safe).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from shared_runtime.process import StartupError
+from shared_runtime.process import StartupError, setting_hint
 
 logger = logging.getLogger("statecar.metrics")
 
@@ -40,6 +41,20 @@ class MetricsEndpoint:
             ) from None
         endpoint = cls(host, server.server_port, server, thread)
         logger.info("metrics on http://%s/metrics", endpoint.address)
+        return endpoint
+
+    @classmethod
+    def configured(cls, settings: Any, undo: contextlib.AsyncExitStack) -> MetricsEndpoint | None:
+        """The endpoint a service's settings ask for (metrics_host, metrics_port;
+        port 0: none), closed by `undo` if the start fails later."""
+        if not settings.metrics_port:
+            return None
+        endpoint = cls.start(
+            settings.metrics_host,
+            settings.metrics_port,
+            hint=setting_hint(settings, "metrics_port"),
+        )
+        undo.push_async_callback(endpoint.close)
         return endpoint
 
     @property

@@ -349,14 +349,7 @@ class StateServer:
             server = create_server(settings, engine.interceptors(auth), settings.max_message_bytes)
             pb_grpc.add_StateServiceServicer_to_server(engine.servicer, server)
             port = add_health_reflection_and_bind(server, settings, engine.readiness, SERVICE_NAME)
-            endpoint = None
-            if settings.metrics_port:
-                endpoint = MetricsEndpoint.start(
-                    settings.metrics_host,
-                    settings.metrics_port,
-                    hint=setting_hint(settings, "metrics_port"),
-                )
-                undo.push_async_callback(endpoint.close)
+            endpoint = MetricsEndpoint.configured(settings, undo)
             await server.start()
             undo.push_async_callback(server.stop, 0)
             instance = cls(engine, server, port, endpoint)
