@@ -34,7 +34,7 @@ from tests.patience import patience
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("dev", "sidecar", "production", "production-durable-tier")
+OVERLAYS = ("dev", "sidecar", "in-process", "production", "production-durable-tier")
 
 Obj = dict[str, Any]
 

@@ -1,9 +1,9 @@
 """The Kubernetes manifests (k8s/) and the image (Dockerfile), without a
 cluster: every overlay renders with `kubectl kustomize` and validates against
 the Kubernetes OpenAPI schemas (kubernetes-validate, offline); the references
-that would otherwise fail only in a cluster are checked; and the dev and
-sidecar overlays are run — each container's own command and env as local
-processes on loopback — and serve a real Chat.
+that would otherwise fail only in a cluster are checked; and the dev, sidecar
+and in-process overlays are run — each container's own command and env as
+local processes on loopback — and serve a real Chat.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import grpc
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
@@ -36,8 +37,11 @@ from shared_runtime.health import LIVENESS_SERVICE
 from state_service.client import StateClient
 from state_service.client.errors import StateServiceError
 from state_service.server import SERVICE_NAME as STATE_API
+from state_service.server import StateServer
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import free_port
+from tests.conftest import state_settings
+from tests.helpers import NOT_SERVING, SERVING, wait_health
 from tests.manifests import (
     KUBECTL,
     OVERLAYS,
@@ -112,17 +116,74 @@ RECOMMENDED_LABELS = (
 )
 
 
-def env_names(settings: type[BaseSettings]) -> set[str]:
-    """Every environment variable a settings class reads."""
+# STATE_SERVICE_* settings only a state-service process reads: its gRPC
+# listener and metrics endpoint (StateServer, shared_runtime/process.py) and
+# its logging (state_service/__main__.py). The engine an agent runs in its own
+# process (AGENT_SERVICE_STATE_IN_PROCESS) reads all the others; the agent's
+# own listener, metrics port and log level serve it.
+STATE_LISTENER_SETTINGS = frozenset(
+    {
+        "listen",
+        "metrics_host",
+        "metrics_port",
+        "drain_seconds",
+        "max_connection_age_seconds",
+        "keepalive_seconds",
+        "auth",
+        "auth_tokens_file",
+        "auth_delegates",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "log_level",
+    }
+)
+# AGENT_SERVICE_* settings of a remote state service: with the state service
+# in process they do not apply (the settings refuse the token and TLS files).
+REMOTE_STATE_SETTINGS = frozenset(
+    {
+        "state_target",
+        "state_bearer_token",
+        "state_tls_ca_file",
+        "state_tls_cert_file",
+        "state_tls_key_file",
+    }
+)
+
+
+def env_names(settings: type[BaseSettings], fields: frozenset[str] | None = None) -> set[str]:
+    """Every environment variable a settings class reads (of `fields` only, if given)."""
     prefix = str(settings.model_config.get("env_prefix", ""))
     names: set[str] = set()
     for name, info in settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
         alias = info.validation_alias
         if isinstance(alias, AliasChoices):
             names.update(str(choice) for choice in alias.choices)
         else:
             names.add(f"{prefix}{name.upper()}")
     return names
+
+
+def runs_state_in_process(script: str, env: dict[str, str]) -> bool:
+    """An agent-service container whose process runs the state service too."""
+    return script == "agent-service" and bool(
+        settings_from(AgentServiceSettings, env).state_in_process
+    )
+
+
+def env_names_read(script: str, env: dict[str, str]) -> set[str]:
+    """The variables a container's process reads and that apply to it: its
+    service's settings; with the state service in process, less the remote
+    state service's and plus the engine's (not its listener's)."""
+    if not runs_state_in_process(script, env):
+        return env_names(SETTINGS[script])
+    agent = env_names(AgentServiceSettings) - env_names(AgentServiceSettings, REMOTE_STATE_SETTINGS)
+    engine = env_names(StateServiceSettings) - env_names(
+        StateServiceSettings, STATE_LISTENER_SETTINGS
+    )
+    return agent | engine
 
 
 def statecar_containers(objects: tuple[Obj, ...]) -> list[tuple[Obj, Obj, str]]:
@@ -312,14 +373,27 @@ def test_secrets_never_travel_in_config_maps(overlay: str) -> None:
 def test_every_env_var_is_a_setting_the_code_reads(overlay: str) -> None:
     objects = render(f"overlays/{overlay}")
     sources = sources_for(overlay)
-    containers_seen = set()
+    services_seen = set()
     for _, container, script in statecar_containers(objects):
-        known = env_names(SETTINGS[script])
+        env = container_env(container, sources)
+        known = env_names_read(script, env)
         declared = {v["name"] for v in container.get("env", [])}
-        resolved = set(container_env(container, sources))
-        assert declared | resolved <= known, (declared | resolved) - known
-        containers_seen.add(script)
-    assert containers_seen == set(SETTINGS)
+        assert declared | set(env) <= known, (declared | set(env)) - known
+        services_seen.add(script)
+        if runs_state_in_process(script, env):
+            services_seen.add("state-service")
+    assert services_seen == set(SETTINGS)
+
+
+def test_the_in_process_settings_split_matches_the_settings_classes() -> None:
+    """The names above are settings; the engine in process reads the state
+    service's Redis, cache and context settings."""
+    assert set(StateServiceSettings.model_fields) >= STATE_LISTENER_SETTINGS
+    assert set(AgentServiceSettings.model_fields) >= REMOTE_STATE_SETTINGS
+    engine = env_names_read("agent-service", {"AGENT_SERVICE_STATE_IN_PROCESS": "true"})
+    assert {"STATE_SERVICE_REDIS_URL", "STATE_SERVICE_CACHE_MAX_SESSIONS"} <= engine
+    assert not {"STATE_SERVICE_LISTEN", "AGENT_SERVICE_STATE_TARGET"} & engine
+    assert not {n for n in env_names_read("agent-service", {}) if n.startswith("STATE_SERVICE_")}
 
 
 @needs_kubectl
@@ -332,10 +406,29 @@ def test_every_required_setting_is_set_and_consistent(overlay: str) -> None:
     loopback = loopback_for(objects, free_port)
     tokens: dict[str, str] = {}
     bearer_tokens = []
+    in_process_agents = 0
+
+    def check_redis_url(where: str, settings: StateServiceSettings, container: Obj) -> None:
+        # An empty URL would start an embedded redis-server on a read-only root.
+        assert settings.redis_url.startswith(("redis://", "rediss://")), where
+        redis_host = re.sub(r"^\w+://(?:[^@/]*@)?", "", settings.redis_url).rsplit(":", 1)[0]
+        if of_kind(objects, "StatefulSet"):
+            assert loopback.service_name(redis_host) is not None, settings.redis_url
+            password = sources.secrets[
+                next(v for v in container["env"] if v["name"] == "STATE_SERVICE_REDIS_URL")[
+                    "valueFrom"
+                ]["secretKeyRef"]["name"]
+            ]["password"]
+            assert f":{password}@" in settings.redis_url
+
     for workload, container, script in statecar_containers(objects):
         where = f"{workload['metadata']['name']}/{container['name']}"
         env = container_env(container, sources)
         settings = settings_from(SETTINGS[script], env)
+        # With the state service in process, its engine's settings too.
+        engine = (
+            settings_from(StateServiceSettings, env) if runs_state_in_process(script, env) else None
+        )
         ports = {
             name.removeprefix("state-"): number
             for number, name in container_ports(container).items()
@@ -346,7 +439,8 @@ def test_every_required_setting_is_set_and_consistent(overlay: str) -> None:
         assert settings.metrics_host == "0.0.0.0" and settings.metrics_port == ports["metrics"]
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
-        for name, value in settings.model_dump().items():
+        values = [*settings.model_dump().items(), *(engine.model_dump().items() if engine else [])]
+        for name, value in values:
             if isinstance(value, Path) and name != "data_dir":
                 directory, file = str(value.parent), value.name
                 assert directory in mounts, f"{where}: {name}={value} is not on a mounted volume"
@@ -364,18 +458,16 @@ def test_every_required_setting_is_set_and_consistent(overlay: str) -> None:
                         local.write_text(files[file])
                         assert load_config(local).agents
         if script == "state-service":
-            # An empty URL would start an embedded redis-server on a read-only root.
-            assert settings.redis_url.startswith(("redis://", "rediss://")), where
-            redis_host = re.sub(r"^\w+://(?:[^@/]*@)?", "", settings.redis_url).rsplit(":", 1)[0]
-            if of_kind(objects, "StatefulSet"):
-                assert loopback.service_name(redis_host) is not None, settings.redis_url
-                password = sources.secrets[
-                    next(v for v in container["env"] if v["name"] == "STATE_SERVICE_REDIS_URL")[
-                        "valueFrom"
-                    ]["secretKeyRef"]["name"]
-                ]["password"]
-                assert f":{password}@" in settings.redis_url
+            check_redis_url(where, settings, container)
             assert settings.auth == "token", f"{where}: callers must authenticate"
+        elif engine is not None:
+            check_redis_url(where, engine, container)
+            # Nothing about a remote state service: the engine is this process.
+            remote = env_names(AgentServiceSettings, REMOTE_STATE_SETTINGS) | env_names(
+                StateServiceSettings, STATE_LISTENER_SETTINGS
+            )
+            assert not set(env) & remote, f"{where}: {set(env) & remote}"
+            in_process_agents += 1
         else:
             target_host, _, target_port = settings.state_target.rpartition(":")
             if target_host == "127.0.0.1":
@@ -393,7 +485,9 @@ def test_every_required_setting_is_set_and_consistent(overlay: str) -> None:
                 )
                 assert loopback.services[service][int(target_port)] == 50051
             bearer_tokens.append(settings.state_bearer_token.get_secret_value())
-    assert bearer_tokens and all(tokens.get(t) == "agents" for t in bearer_tokens)
+    # Every agent that calls a state service over the network is its tenant "agents".
+    assert bearer_tokens or in_process_agents
+    assert all(tokens.get(t) == "agents" for t in bearer_tokens)
 
 
 # -- network policies -------------------------------------------------------------
@@ -494,7 +588,8 @@ def test_network_policies_allow_only_the_intended_flows() -> None:
 
 @needs_kubectl
 @pytest.mark.parametrize(
-    ("overlay", "client"), [("dev", "statecar-state"), ("sidecar", "statecar-agent")]
+    ("overlay", "client"),
+    [("dev", "statecar-state"), ("sidecar", "statecar-agent"), ("in-process", "statecar-agent")],
 )
 def test_only_the_pods_with_a_redis_url_reach_redis(overlay: str, client: str) -> None:
     objects = render(f"overlays/{overlay}")
@@ -635,9 +730,17 @@ def test_pods_are_hardened_and_labelled(overlay: str) -> None:
             assert ":" in container["image"].rsplit("/", 1)[-1], "images carry a tag"
 
 
+# How long an in-process state engine may take to stop after the agent drained
+# (StateEngine.stop: background work and the Redis close, each bounded at 5 s).
+IN_PROCESS_ENGINE_STOP_SECONDS = 10.0
+
+
 def drain_seconds(container: Obj, sources: Sources, script: str) -> float:
-    settings = settings_from(SETTINGS[script], container_env(container, sources))
-    return float(settings.drain_seconds)
+    """From SIGTERM (after preStop) until the process may exit."""
+    env = container_env(container, sources)
+    settings = settings_from(SETTINGS[script], env)
+    engine_stop = IN_PROCESS_ENGINE_STOP_SECONDS if runs_state_in_process(script, env) else 0.0
+    return float(settings.drain_seconds) + engine_stop
 
 
 def pre_stop_seconds(container: Obj) -> float:
@@ -672,6 +775,21 @@ def test_the_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
         ]
 
 
+def unhashed(value: Any) -> Any:
+    """Generated ConfigMap/Secret names without their content hash."""
+    return json.loads(re.sub(r'(statecar-[a-z-]+)-[a-z0-9]{10}"', r'\1"', json.dumps(value)))
+
+
+_QUANTITY_UNITS = {"m": 1e-3, "": 1.0, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30}
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes resource quantity in the suffixes the manifests use."""
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match is not None, value
+    return float(match.group(1)) * _QUANTITY_UNITS[match.group(2)]
+
+
 @needs_kubectl
 def test_the_sidecar_state_container_is_the_base_state_container() -> None:
     """The sidecar overlay repeats the base's state container; only what a
@@ -681,10 +799,6 @@ def test_the_sidecar_state_container_is_the_base_state_container() -> None:
     sidecar_pod = pod_spec(named(render("overlays/sidecar"), "Deployment", "statecar-agent"))
     (sidecar,) = sidecar_pod["initContainers"]
     assert sidecar["restartPolicy"] == "Always"
-
-    def unhashed(value: Any) -> Any:
-        """Generated ConfigMap/Secret names without their content hash."""
-        return json.loads(re.sub(r'(statecar-[a-z-]+)-[a-z0-9]{10}"', r'\1"', json.dumps(value)))
 
     for key in ("command", "envFrom", "env", "startupProbe", "livenessProbe", "readinessProbe"):
         assert unhashed(sidecar.get(key)) == unhashed(shared.get(key)), key
@@ -703,6 +817,41 @@ def test_the_sidecar_state_container_is_the_base_state_container() -> None:
     # Same-pod ports must not clash.
     all_ports = [p for c in containers(sidecar_pod) for p in container_ports(c)]
     assert len(all_ports) == len(set(all_ports))
+
+
+@needs_kubectl
+def test_the_in_process_agent_container_is_the_base_agent_container_with_the_engine() -> None:
+    """The in-process overlay's one container is the base's agent container
+    plus what the base's state container gives the engine: its ConfigMap, its
+    Redis URL and its share of CPU and memory; no state service around it."""
+    base = render("base")
+    (agent,) = pod_spec(named(base, "Deployment", "statecar-agent"))["containers"]
+    (state,) = pod_spec(named(base, "Deployment", "statecar-state"))["containers"]
+    objects = render("overlays/in-process")
+    assert {(w["kind"], w["metadata"]["name"]) for w in workloads(objects)} == {
+        ("Deployment", "statecar-agent"),
+        ("StatefulSet", "statecar-redis"),
+    }
+    assert not [o for o in objects if "state-service" in json.dumps(o["metadata"])]
+    pod = pod_spec(named(objects, "Deployment", "statecar-agent"))
+    (in_process,) = containers(pod)
+    same = ("command", "image", "ports", "startupProbe", "livenessProbe", "readinessProbe")
+    for key in (*same, "lifecycle", "securityContext", "volumeMounts"):
+        assert unhashed(in_process.get(key)) == unhashed(agent.get(key)), key
+    assert unhashed(in_process["envFrom"]) == unhashed([*agent["envFrom"], *state["envFrom"]])
+    (redis_url,) = [v for v in state["env"] if v["name"] == "STATE_SERVICE_REDIS_URL"]
+    expected_env = [
+        {"name": "AGENT_SERVICE_STATE_IN_PROCESS", "value": "true"},
+        redis_url,
+        *(v for v in agent["env"] if v["name"] != "AGENT_SERVICE_STATE_BEARER_TOKEN"),
+    ]
+    assert sorted(unhashed(in_process["env"]), key=str) == sorted(unhashed(expected_env), key=str)
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            both = quantity(agent["resources"][kind][resource]) + quantity(
+                state["resources"][kind][resource]
+            )
+            assert quantity(in_process["resources"][kind][resource]) >= both, (kind, resource)
 
 
 # -- the image -----------------------------------------------------------------------
@@ -788,7 +937,17 @@ def test_the_manifests_run_the_image_entry_points_as_its_user(overlay: str) -> N
         for c in containers(pod_spec(w))
         if "statecar" in c["image"]
     ]
-    assert len(found) == len(statecar_images) >= 2, "every statecar container names its entry point"
+    assert found and len(found) == len(statecar_images), (
+        "every statecar container names its entry point"
+    )
+    sources = sources_for(overlay)
+    served = {script for _, _, script in found}
+    served.update(
+        "state-service"
+        for _, container, script in found
+        if runs_state_in_process(script, container_env(container, sources))
+    )
+    assert served == {"state-service", "agent-service"}, "both services run, in some process"
     for workload, _, script in found:
         assert script in ("state-service", "agent-service")
         assert CONSOLE_SCRIPTS[script].endswith(":main")
@@ -831,20 +990,35 @@ def scrape(port: int) -> str:
         return text
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` with (at least) these labels in a scrape."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def chat_through_the_agent_service(runner: PodRunner) -> None:
+    """Three turns of one session and the agent list, through the Service."""
+    agent = service_address(runner, "statecar-agent", "grpc")
+    async with AgentClient(agent, timeout=20.0) as agents:
+        await agents.chat("k8s-1", "My name is Ada and I live in Paris.", request_id="r1")
+        result = await agents.chat("k8s-1", "Where do I live?", request_id="r2")
+        assert "Paris" in result.reply
+        math = await agents.chat("k8s-1", "What is (17 + 5) * 3?", request_id="r3")
+        assert "66" in math.reply
+        listed, default = await agents.list_agents()
+        assert ([a.name for a in listed], default) == (["assistant"], "assistant")
+
+
 @needs_kubectl
 @pytest.mark.slow
 @pytest.mark.parametrize("overlay", ["dev", "sidecar"])
 async def test_the_overlay_runs_and_serves_a_chat(overlay: str, tmp_path: Path) -> None:
     async with running_overlay(overlay, tmp_path) as (runner, pods):
-        agent = service_address(runner, "statecar-agent", "grpc")
-        async with AgentClient(agent, timeout=20.0) as agents:
-            await agents.chat("k8s-1", "My name is Ada and I live in Paris.", request_id="r1")
-            result = await agents.chat("k8s-1", "Where do I live?", request_id="r2")
-            assert "Paris" in result.reply
-            math = await agents.chat("k8s-1", "What is (17 + 5) * 3?", request_id="r3")
-            assert "66" in math.reply
-            listed, default = await agents.list_agents()
-            assert ([a.name for a in listed], default) == (["assistant"], "assistant")
+        await chat_through_the_agent_service(runner)
 
         # The turns are in Redis, under the tenant of the agent's token; the
         # state service refuses callers without one.
@@ -864,6 +1038,64 @@ async def test_the_overlay_runs_and_serves_a_chat(overlay: str, tmp_path: Path) 
         assert "statecar_agent_turns_total" in scrape(runner.loopback.ports[9465])
 
         # Pod deletion: SIGTERM, drain, exit 0 within the grace period.
+        for pod in pods:
+            codes = stop_pod(pod)
+            assert set(codes.values()) == {0}, [r.describe() for r in [*pod.main, *pod.sidecars]]
+
+
+@needs_kubectl
+@pytest.mark.slow
+async def test_the_in_process_overlay_runs_and_serves_a_chat(tmp_path: Path) -> None:
+    """One agent process with the state service inside it (its manifest's
+    command and env), on the overlay's Redis: it serves the Chat, stores the
+    turns where any state replica reads them, serves the state service's
+    metrics on its own port, and its readiness follows Redis."""
+    async with running_overlay("in-process", tmp_path) as (runner, pods):
+        assert not {50051, 9464} & set(runner.loopback.ports), "no state service port"
+        (agent_pod,) = [p for p in pods if p.workload["metadata"]["name"] == "statecar-agent"]
+        (agent_process,) = agent_pod.main
+        await chat_through_the_agent_service(runner)
+
+        # The turns are in Redis: a state-service process on the same Redis
+        # (tenant "default", as the agent acts for unauthenticated callers)
+        # reads them.
+        redis_url = agent_process.env["STATE_SERVICE_REDIS_URL"]
+        assert redis_url.startswith("redis://:statecar-in-process-password@127.0.0.1:")
+        reader = await StateServer.start(state_settings(redis_url))
+        try:
+            async with StateClient(reader.address, timeout=5.0) as client:
+                assert len(await client.all_items("k8s-1")) == 2 + 2 + 4
+        finally:
+            await reader.stop(grace=0.5)
+
+        # One scrape of the agent's port has both services' metrics.
+        metrics = scrape(runner.loopback.ports[9465])
+        assert sample(metrics, "statecar_agent_turns_total") >= 3
+        appended = sample(
+            metrics,
+            "grpc_server_handled_total",
+            grpc_service=STATE_API,
+            grpc_method="AppendItems",
+            grpc_code="OK",
+        )
+        assert appended >= 3
+        assert sample(metrics, "statecar_state_redis_up") == 1
+
+        # Readiness follows Redis through the engine: NOT_SERVING while Redis
+        # is down, SERVING and serving turns once it is back.
+        agent = service_address(runner, "statecar-agent", "grpc")
+        index = next(i for i, p in enumerate(pods) if p.workload["kind"] == "StatefulSet")
+        assert set(stop_pod(pods[index]).values()) == {0}
+        await wait_health(agent, NOT_SERVING)
+        assert agent_process.process.poll() is None, "a Redis outage never stops the agent"
+        pods[index] = await start_pod(runner, pods[index].workload)
+        await wait_ready(runner, pods[index])
+        await wait_health(agent, SERVING)
+        async with AgentClient(agent, timeout=20.0) as agents:
+            result = await agents.chat("k8s-1", "Still there?", request_id="r4")
+            assert result.context_items == 2 + 2 + 4, "it sees every turn stored before"
+
+        # Pod deletion: SIGTERM, drain, engine stop, exit 0 within the grace period.
         for pod in pods:
             codes = stop_pod(pod)
             assert set(codes.values()) == {0}, [r.describe() for r in [*pod.main, *pod.sidecars]]
