@@ -132,10 +132,11 @@ class StoredItem:
 
     @classmethod
     def from_proto(cls, item: pb.Item) -> StoredItem:
-        return cls._of(item, json.loads(item.json))
+        raw = item.json
+        return cls._of(item, json.loads(raw), raw)
 
     @classmethod
-    def _of(cls, item: pb.Item, data: dict[str, Any]) -> StoredItem:
+    def _of(cls, item: pb.Item, data: dict[str, Any], raw: str) -> StoredItem:
         new = object.__new__(cls)
         _set(new, "seq", item.seq)
         _set(new, "data", data)
@@ -151,7 +152,7 @@ class StoredItem:
         else:
             _set(new, "_original", None)
         _set(new, "speaker", item.speaker)
-        _set(new, "raw_json", item.json)
+        _set(new, "raw_json", raw)
         return new
 
     @classmethod
@@ -169,7 +170,9 @@ class StoredItem:
         if not isinstance(decoded, list) or len(decoded) != len(raws):
             # Only items the service did not validate could get here.
             return [cls.from_proto(item) for item in items]
-        return [cls._of(item, data) for item, data in zip(items, decoded, strict=True)]
+        return [
+            cls._of(item, data, raw) for item, data, raw in zip(items, decoded, raws, strict=True)
+        ]
 
 
 _set = object.__setattr__
