@@ -91,6 +91,18 @@ class CachedTail:
             sum(len(e.item.json) for e in entries),
         )
 
+    def extended(self, head: SessionHead, newer: tuple[LogEntry, ...]) -> CachedTail:
+        """This tail with the `newer` entries after it, as of `head`: totals
+        grow by what was added (a read that finds two new items costs two
+        items, not the tail)."""
+        return CachedTail(
+            head,
+            self.start_index,
+            self.entries + newer,
+            self.tokens + sum(e.tokens for e in newer),
+            self.size + sum(len(e.item.json) for e in newer),
+        )
+
     def at(self, head: SessionHead) -> CachedTail:
         """The same entries (and memo) as of a fresher head of the same log."""
         return CachedTail(
@@ -99,6 +111,8 @@ class CachedTail:
 
     def newest(self, max_items: int, max_bytes: int) -> CachedTail:
         """The newest entries within both bounds (at least one), as a new tail."""
+        if len(self.entries) <= max_items and self.size <= max_bytes:
+            return self  # the common case, without a walk over the tail
         keep, size = 0, 0
         for entry in reversed(self.entries):
             if keep >= max_items or (keep and size + len(entry.item.json) > max_bytes):

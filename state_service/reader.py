@@ -119,10 +119,8 @@ class LogReader:
                 cache.touch(tenant, session_id, cached)
             return tail
         if result.mode is ReadMode.DELTA and cached is not None:
-            tail = CachedTail.of(
-                head,
-                cached.start_index,
-                cached.entries + await self.decoded(tenant, session_id, result.entries, offload),
+            tail = cached.extended(
+                head, await self.decoded(tenant, session_id, result.entries, offload)
             )
             outcome = Lookup.PARTIAL
         else:
