@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,10 @@ async def _stream(
         yield current_tenant().encode()
 
 
-HANDLERS = {
+HANDLERS: dict[str, Any] = {
     "Unary": grpc.unary_unary_rpc_method_handler(_unary, request_deserializer=_deserialize),
     "Stream": grpc.unary_stream_rpc_method_handler(_stream, request_deserializer=_deserialize),
 }
-
-Factory = Callable[[], list[grpc.aio.ServerInterceptor]]
 
 
 def _layers(registry: CollectorRegistry, tokens: Path) -> tuple[Any, Any, Any, Any]:
@@ -98,7 +96,8 @@ async def _outcomes(
     await server.start()
     outcomes: list[tuple[Any, ...]] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
+            channel: Any = opened  # untyped methods: the stubs type requests as Never
             for method, request, metadata, timeout in CALLS:
                 caplog.clear()
                 path = f"/{SERVICE}/{method}"
@@ -205,7 +204,8 @@ async def test_the_fused_chain_without_auth_leaves_the_default_tenant(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
+            channel: Any = opened
             assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"hi") == b"default:hi"
     finally:
         await server.stop(0)
