@@ -12,6 +12,9 @@ do (AppendItems of one item to one of 300 sessions; GetContext of one cached
 /proc, medians over the rounds. The state service's CPU beyond the echo's is
 what our code, its Redis round trip and its interceptors cost.
 
+--baseline DIR adds a second state service run from the source tree DIR
+(e.g. ``git archive main | tar -x -C DIR``), measured interleaved with this
+one: a before/after on the same Redis and the same noisy machine;
 --deadline gives each call a 30 s deadline, as StateClient does;
 --redis-unix talks to Redis over a unix socket instead of loopback TCP;
 --appendfsync sets Redis's (the default, always, is what the bench's Redis
@@ -33,6 +36,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -42,7 +47,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.common import Stats, python_server, state_service
+from bench.common import Stats, python_server, state_service, wait_ready
 from bench.turn_cost import _cpu
 from bench.turn_profile import _profiled, summarize
 from shared_runtime.grpc_metrics import GrpcMetrics, ServerMetricsInterceptor
@@ -67,7 +72,7 @@ async def _run(call: Callable[[], Awaitable[object]], calls: int) -> Stats:
 
 
 def _calls(
-    stub: pb_grpc.StateServiceStub, timeout: float | None
+    stub: pb_grpc.StateServiceStub, timeout: float | None, prefix: str = ""
 ) -> dict[str, Callable[[], Awaitable[object]]]:
     sequence = [0]
     request = pb.GetContextRequest(session_id="prim")
@@ -76,7 +81,9 @@ def _calls(
         sequence[0] += 1
         return await stub.AppendItems(  # type: ignore[misc]
             pb.AppendItemsRequest(
-                session_id=f"append-{sequence[0] % 300}", items=[ITEM], request_id=f"r{sequence[0]}"
+                session_id=f"append-{prefix}{sequence[0] % 300}",
+                items=[ITEM],
+                request_id=f"r{sequence[0]}",
             ),
             timeout=timeout,
         )
@@ -95,46 +102,82 @@ def _redis(args: argparse.Namespace) -> Iterator[EmbeddedRedis]:
         yield redis
 
 
+@contextlib.contextmanager
+def _baseline_service(tree: Path, redis_url: str) -> Iterator[tuple[str, int]]:
+    """``python -m state_service`` run from another source tree (say a ``git
+    archive`` of main), with this venv's packages; its address and pid."""
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "state_service"],
+        cwd=tree,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(tree),
+            "STATE_SERVICE_LISTEN": address,
+            "STATE_SERVICE_REDIS_URL": redis_url,
+            "STATE_SERVICE_METRICS_PORT": "0",
+            "STATE_SERVICE_LOG_LEVEL": "WARNING",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(address)
+        yield address, process.pid
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 async def _measure(args: argparse.Namespace, redis_url: str) -> list[str]:
     timeout = 30.0 if args.deadline else None
     scratch = Path(tempfile.mkdtemp(prefix="bench-server-path-"))
-    with state_service(redis_url) as (address, process):
-        async with grpc.aio.insecure_channel(address) as channel:
+    async with contextlib.AsyncExitStack() as stack:
+        servers: dict[str, tuple[str, int]] = {}
+        address, process = stack.enter_context(state_service(redis_url))
+        servers["state"] = (address, process.pid)
+        if args.baseline is not None:
+            servers["baseline"] = stack.enter_context(_baseline_service(args.baseline, redis_url))
+        targets: dict[str, tuple[int, dict[str, Callable[[], Awaitable[object]]]]] = {}
+        for target, (address, pid) in servers.items():
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
             stub = pb_grpc.StateServiceStub(channel)
-            await stub.AppendItems(pb.AppendItemsRequest(session_id="prim", items=[ITEM] * 20))
-            payload = scratch / "payload.bin"
-            response = await stub.GetContext(pb.GetContextRequest(session_id="prim"))
-            payload.write_bytes(response.SerializeToString())
-            with python_server("echo_server.py", str(payload)) as (echo_address, echo):
-                async with grpc.aio.insecure_channel(echo_address) as echo_channel:
-                    targets = {
-                        "state": (process.pid, _calls(stub, timeout)),
-                        "echo": (echo.pid, _calls(pb_grpc.StateServiceStub(echo_channel), timeout)),
-                    }
-                    measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
-                    for _ in range(args.rounds):
-                        for name in PRIMITIVES:
-                            for target, (pid, calls) in targets.items():
-                                await _run(calls[name], 200)
-                                before = _cpu(pid)
-                                stats = await _run(calls[name], args.calls)
-                                cpu_ms = (_cpu(pid) - before) / args.calls * 1000
-                                measured.setdefault((name, target), []).append((stats.p50, cpu_ms))
+            seed = pb.AppendItemsRequest(session_id="prim", items=[ITEM] * 20)
+            await stub.AppendItems(seed)
+            targets[target] = (pid, _calls(stub, timeout, prefix=target))
+        payload = scratch / "payload.bin"
+        response = await stub.GetContext(pb.GetContextRequest(session_id="prim"))
+        payload.write_bytes(response.SerializeToString())
+        echo_address, echo = stack.enter_context(python_server("echo_server.py", str(payload)))
+        echo_channel = await stack.enter_async_context(grpc.aio.insecure_channel(echo_address))
+        targets["echo"] = (echo.pid, _calls(pb_grpc.StateServiceStub(echo_channel), timeout))
+        measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        order = list(targets)
+        for _ in range(args.rounds):
+            for name in PRIMITIVES:
+                for target in order:
+                    pid, calls = targets[target]
+                    await _run(calls[name], 200)
+                    before = _cpu(pid)
+                    stats = await _run(calls[name], args.calls)
+                    cpu_ms = (_cpu(pid) - before) / args.calls * 1000
+                    measured.setdefault((name, target), []).append((stats.p50, cpu_ms))
+            order.reverse()  # no target always first (or always after the same one)
     lines = []
     for name in PRIMITIVES:
-        row = {}
-        for target in ("echo", "state"):
-            runs = measured[(name, target)]
-            row[target] = (
-                sorted(p for p, _ in runs)[len(runs) // 2],
-                sorted(c for _, c in runs)[len(runs) // 2],
+
+        def median(target: str, which: int) -> float:
+            values = sorted(run[which] for run in measured[(name, target)])
+            return values[len(values) // 2]
+
+        echo_p50, echo_cpu = median("echo", 0), median("echo", 1)
+        for target in servers:
+            p50, cpu = median(target, 0), median(target, 1)
+            lines.append(
+                f"{name:12} {target:8} p50 {p50:.3f} ms ({p50 / echo_p50:.2f}x echo's "
+                f"{echo_p50:.3f}); server CPU per call {cpu:.3f} ms (echo {echo_cpu:.3f}, "
+                f"+{cpu - echo_cpu:.3f})"
             )
-        (echo_p50, echo_cpu), (state_p50, state_cpu) = row["echo"], row["state"]
-        lines.append(
-            f"{name:12} p50 echo {echo_p50:.3f} ms, state {state_p50:.3f} ms "
-            f"({state_p50 / echo_p50:.2f}x); server CPU per call echo {echo_cpu:.3f} ms, "
-            f"state {state_cpu:.3f} ms (+{state_cpu - echo_cpu:.3f} ms)"
-        )
     return lines
 
 
@@ -220,7 +263,8 @@ async def main(args: argparse.Namespace) -> None:
             f"python -m bench.server_path --calls {args.calls} --rounds {args.rounds}"
             + (" --deadline" if args.deadline else "")
             + (" --redis-unix" if args.redis_unix else "")
-            + f" --appendfsync {args.appendfsync}",
+            + f" --appendfsync {args.appendfsync}"
+            + (f" --baseline {args.baseline}" if args.baseline else ""),
             *await _measure(args, redis.url),
         ]
         print("\n".join(lines), flush=True)
@@ -237,4 +281,5 @@ if __name__ == "__main__":
     parser.add_argument("--appendfsync", default="always", choices=("always", "everysec", "no"))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--chain", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None)
     asyncio.run(main(parser.parse_args()))
