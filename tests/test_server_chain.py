@@ -87,8 +87,18 @@ CALLS: list[tuple[str, bytes, list[tuple[str, str]], float | None]] = [
 ]
 
 
+CANCELED = (
+    ("grpc_code", "Canceled"),
+    ("grpc_method", "Unary"),
+    ("grpc_service", SERVICE),
+    ("grpc_type", "unary"),
+)
+
+
 async def _outcomes(
-    interceptors: list[grpc.aio.ServerInterceptor], caplog: pytest.LogCaptureFixture
+    interceptors: list[grpc.aio.ServerInterceptor],
+    caplog: pytest.LogCaptureFixture,
+    registry: CollectorRegistry,
 ) -> list[tuple[Any, ...]]:
     server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, HANDLERS)])
@@ -128,6 +138,27 @@ async def _outcomes(
                     if record.name == "statecar.rpc"
                 ]
                 outcomes.append((method, request, outcome, lines))
+            # A caller that gives up on a call with a deadline: Canceled.
+            caplog.clear()
+            hanging = channel.unary_unary(f"/{SERVICE}/Unary")(
+                b"hang", metadata=[("authorization", "Bearer acme-token")], timeout=10.0
+            )
+            await asyncio.sleep(0.2)
+            hanging.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hanging
+            # The server notices the cancellation a little later (bounded wait).
+            for _ in range(200):
+                if _samples(registry).get(("grpc_server_handled_total", CANCELED)):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+            lines = [
+                (record.levelno, record.getMessage().split(" in ")[0])
+                for record in caplog.records
+                if record.name == "statecar.rpc"
+            ]
+            outcomes.append(("Unary", b"hang", "cancelled", lines))
     finally:
         await server.stop(0)
     return outcomes
@@ -150,12 +181,12 @@ async def test_the_fused_chain_behaves_as_the_interceptors_one_by_one(
     tokens.write_text("acme:acme-token\nagent:agent-token\n")
     caplog.set_level(logging.DEBUG, logger="statecar.rpc")
     nested_registry, fused_registry = CollectorRegistry(), CollectorRegistry()
-    nested = await _outcomes(list(_layers(nested_registry, tokens)), caplog)
-    fused = await _outcomes([ServerChain(*_layers(fused_registry, tokens))], caplog)
+    nested = await _outcomes(list(_layers(nested_registry, tokens)), caplog, nested_registry)
+    fused = await _outcomes([ServerChain(*_layers(fused_registry, tokens))], caplog, fused_registry)
     assert fused == nested
     assert _samples(fused_registry) == _samples(nested_registry)
     # The cases did what they were meant to (not just the same thing twice).
-    codes = [outcome[2][0] for outcome in nested]
+    codes = [outcome[2][0] for outcome in nested[:-1]]
     assert codes == [
         "ok",
         "ok",
@@ -173,6 +204,7 @@ async def test_the_fused_chain_behaves_as_the_interceptors_one_by_one(
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.INVALID_ARGUMENT,
     ]
+    assert nested[-1][2] == "cancelled"
     assert nested[0][2] == ("ok", b"acme:hello")
     assert nested[5][2] == ("ok", b"x:hello")
     assert "secret" not in str(nested[7][2][1])
@@ -188,6 +220,7 @@ async def test_the_fused_chain_behaves_as_the_interceptors_one_by_one(
             ),
         )
     ] == pytest.approx(1.0)
+    assert _samples(fused_registry)[("grpc_server_handled_total", CANCELED)] == pytest.approx(1.0)
 
 
 async def test_the_fused_chain_without_auth_leaves_the_default_tenant(
