@@ -223,7 +223,8 @@ async def _count_requests(requests: AsyncIterable[Any], counter: Any) -> AsyncIt
         yield request
 
 
-def _failure_code(context: Context, error: BaseException) -> grpc.StatusCode:
+def failure_code(context: Context, error: BaseException) -> grpc.StatusCode:
+    """The grpc_code of an RPC its handler left by raising `error`."""
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
     if context.code() is None:
@@ -241,6 +242,10 @@ class ServerMetricsInterceptor(WrappingInterceptor):
         self._metrics = metrics or server_metrics()
         if self._metrics.side != "server":
             raise ValueError("ServerMetricsInterceptor needs server-side metrics")
+
+    @property
+    def metrics(self) -> GrpcMetrics:
+        return self._metrics
 
     def _wrap(self, handler: Handler | None, method: str) -> Handler | None:
         if handler is None:
@@ -291,7 +296,7 @@ class ServerMetricsInterceptor(WrappingInterceptor):
                     labels.msg_sent.inc()
                 return response
             except BaseException as error:
-                code = _failure_code(context, error)
+                code = failure_code(context, error)
                 raise
             finally:
                 labels.finish(code, time.perf_counter() - started)
@@ -317,7 +322,7 @@ class ServerMetricsInterceptor(WrappingInterceptor):
                     yield response
                 code = status_code(context)
             except BaseException as error:
-                code = _failure_code(context, error)
+                code = failure_code(context, error)
                 raise
             finally:
                 labels.finish(code, time.perf_counter() - started)

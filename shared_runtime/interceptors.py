@@ -56,8 +56,12 @@ class LoggingInterceptor(WrappingInterceptor):
 
     @staticmethod
     def _log(method: str, context: ServicerContext[Any, Any], started: float) -> None:
-        code = status_code(context)
-        elapsed_ms = (time.perf_counter() - started) * 1000
+        LoggingInterceptor.outcome(
+            method, status_code(context), (time.perf_counter() - started) * 1000
+        )
+
+    @staticmethod
+    def outcome(method: str, code: grpc.StatusCode, elapsed_ms: float) -> None:
         if code in SERVER_FAULT_CODES:
             logger.warning("%s -> %s in %.1f ms", method, code.name, elapsed_ms)
         elif code != grpc.StatusCode.OK:

@@ -35,7 +35,7 @@ import collections
 import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -185,15 +185,10 @@ class HeavyWork:
             _ABANDONED.set(True)
             raise
 
-    @contextlib.asynccontextmanager
-    async def share(self, tenant: str) -> AsyncIterator[Share]:
-        """The request's share of heavy work: taken on first use, returned at exit."""
-        share = Share(self, tenant)
-        try:
-            with self.lane(tenant):
-                yield share
-        finally:
-            share.release()
+    def share(self, tenant: str) -> Share:
+        """The request's share of heavy work (``async with``): taken on first
+        use, returned at exit; its jobs queue in the tenant's lane meanwhile."""
+        return Share(self, tenant)
 
     async def take(self, tenant: str) -> None:
         slots = self._tenants.get(tenant)
@@ -228,12 +223,29 @@ class HeavyWork:
 
 
 class Share:
-    """One request's claim on its tenant's heavy-work slots."""
+    """One request's claim on its tenant's heavy-work slots.
+
+    Its own async context manager rather than an asynccontextmanager
+    generator wrapping ``lane()``: every GetContext enters one, and the
+    generators cost 3 µs per request against under 1 µs for this."""
 
     def __init__(self, work: HeavyWork, tenant: str) -> None:
         self._work = work
         self._tenant = tenant
         self._held = False
+        self._lane: contextvars.Token[str] | None = None
+
+    async def __aenter__(self) -> Share:
+        self._lane = _LANE.set(self._tenant)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._lane is not None:
+                _LANE.reset(self._lane)
+                self._lane = None
+        finally:
+            self.release()
 
     async def take(self) -> None:
         """Takes one of the tenant's slots (once); TenantBusy if none frees up in time."""

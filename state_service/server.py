@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from shared_runtime.auth import auth_interceptor, parse_delegates
+from shared_runtime.auth import AuthInterceptor, auth_interceptor, parse_delegates
 from shared_runtime.errors import ServiceError
 from shared_runtime.grpc_metrics import ServerMetricsInterceptor, server_metrics
 from shared_runtime.health import Readiness
@@ -30,6 +30,7 @@ from shared_runtime.process import (
     serve_until_terminated,
     setting_hint,
 )
+from shared_runtime.server_chain import ServerChain
 from state_service import heavy_work, metrics
 from state_service.cache import CACHE_NAME, SessionCache
 from state_service.compression.engine import Compression, build_compression
@@ -239,20 +240,19 @@ class StateEngine:
             archiver=archiver,
         )
 
-    def interceptors(
-        self, auth: grpc.aio.ServerInterceptor | None
-    ) -> list[grpc.aio.ServerInterceptor]:
+    def interceptors(self, auth: AuthInterceptor | None) -> list[grpc.aio.ServerInterceptor]:
         """The server interceptor chain every call to the engine goes through,
         over gRPC or in process: metrics, logging, errors to statuses (with
         the deadline), then `auth` (resolves the tenant)."""
-        chain: list[grpc.aio.ServerInterceptor] = [
-            ServerMetricsInterceptor(),
-            LoggingInterceptor(),
-            ExceptionToStatusInterceptor(ERROR_DOMAIN, _deadline_error),
+        # Fused into one wrapper per unary method (shared_runtime/server_chain.py).
+        return [
+            ServerChain(
+                ServerMetricsInterceptor(),
+                LoggingInterceptor(),
+                ExceptionToStatusInterceptor(ERROR_DOMAIN, _deadline_error),
+                auth,
+            )
         ]
-        if auth is not None:
-            chain.append(auth)
-        return chain
 
     def add_to_server(self, server: Any) -> None:
         """Registers the StateService and grpc.health.v1 handlers."""
