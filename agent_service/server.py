@@ -37,6 +37,7 @@ from shared_runtime.process import (
     reachable_address,
     serve_until_terminated,
 )
+from shared_runtime.server_chain import ServerChain
 from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient, StateServiceError
 from state_service.settings import StateServiceSettings
@@ -178,15 +179,15 @@ class AgentServer:
             failure_threshold=settings.health_failure_threshold,
         )
         server_metrics().initialize(pb.DESCRIPTOR.services_by_name["AgentService"])
-        interceptors: list[grpc.aio.ServerInterceptor] = [
+        # metrics -> logging -> errors to statuses -> auth, fused into one
+        # wrapper per unary method (shared_runtime/server_chain.py).
+        chain = ServerChain(
             ServerMetricsInterceptor(),
             LoggingInterceptor(),
             ExceptionToStatusInterceptor(ERROR_DOMAIN, deadline_error),
-        ]
-        auth = auth_interceptor(settings.auth, settings.auth_tokens_file)
-        if auth is not None:
-            interceptors.append(auth)
-        server = create_server(settings, interceptors, MAX_MESSAGE_BYTES)
+            auth_interceptor(settings.auth, settings.auth_tokens_file),
+        )
+        server = create_server(settings, [chain], MAX_MESSAGE_BYTES)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(
                 catalog,
