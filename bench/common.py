@@ -131,8 +131,12 @@ async def throughput(
 
 
 @contextlib.contextmanager
-def redis_process() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")), port=free_port()) as r:
+def redis_process(appendfsync: str = "always") -> Iterator[EmbeddedRedis]:
+    """A redis-server as the state service embeds it (AOF, fsync per write by
+    default: an acknowledged write survives a crash)."""
+    with EmbeddedRedis(
+        Path(tempfile.mkdtemp(prefix="bench-redis-")), port=free_port(), appendfsync=appendfsync
+    ) as r:
         yield r
 
 

@@ -322,12 +322,13 @@ async def main(args: argparse.Namespace) -> None:
     text = [
         (
             f"Turn cost, {args.turns} turns per path and size in {args.rounds} interleaved "
-            f"rounds; {args.callers} callers for {args.seconds:.0f} s for throughput; "
+            f"rounds; {args.callers} callers for {args.seconds:.0f} s for throughput; Redis "
+            f"appendfsync {args.appendfsync}; "
             f"python -m bench.turn_cost {' '.join(sys.argv[1:])}\n"
         )
     ]
     with (
-        redis_process() as redis_server,
+        redis_process(args.appendfsync) as redis_server,
         state_service(
             redis_server.url, STATE_SERVICE_TENANT_HEAVY_WAIT_SECONDS=HEAVY_WAIT_SECONDS
         ) as (state_address, state_process),
@@ -534,6 +535,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--primitive-calls", type=int, default=2000)
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="Redis AOF fsync policy: always (the embedded default: the fsync is part of every "
+        "write on every path) or everysec (Redis' usual setting)",
+    )
     parser.add_argument("--out", default="")
     return parser
 
