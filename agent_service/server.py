@@ -40,12 +40,12 @@ from shared_runtime.process import (
 from shared_runtime.server_chain import ServerChain
 from shared_runtime.tls import channel_credentials
 from state_service.client import StateClient, StateServiceError
-from state_service.settings import StateServiceSettings
 from statecar.agent.v1 import agent_service_pb2 as pb
 from statecar.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from state_service.in_process import InProcessState
+    from state_service.settings import StateServiceSettings
 
 logger = logging.getLogger("statecar.agent")
 
@@ -157,7 +157,9 @@ class AgentServer:
         config = load_config(settings.agents_config)
         in_process = None
         if settings.state_in_process:
+            # Only then: an agent with a remote state service never loads it.
             from state_service.in_process import InProcessState
+            from state_service.settings import StateServiceSettings
 
             in_process = await InProcessState.start(
                 state_settings or CliApp.run(StateServiceSettings, cli_args=[])

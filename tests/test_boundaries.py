@@ -2,8 +2,11 @@
 
 agent_service may use the state service only through its client
 (`state_service.client`) and the runtime both share (`shared_runtime`); the
-one documented exception is the CLI's `statecar up`, which starts an embedded
-state service in its own process. shared_runtime depends on neither service.
+documented exceptions are the CLI's `statecar up`, which starts an embedded
+state service in its own process, and AGENT_SERVICE_STATE_IN_PROCESS, which
+runs the state engine inside the agent process (agent_service/server.py
+imports it only then, so an agent with a remote state service never loads
+it). shared_runtime depends on neither service.
 Checked twice: statically (every import statement, lazy ones included) and
 at run time (what importing the agent service really loads).
 """
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # module of agent_service -> state_service modules it may import beyond the client
 EXCEPTIONS = {
     "agent_service/cli.py": {"state_service.server", "state_service.settings"},
+    "agent_service/server.py": {"state_service.in_process", "state_service.settings"},
 }
 
 
