@@ -16,12 +16,14 @@ same thing, whatever the query:
 - the context it starts from was the whole log, verbatim: no summary, no
   retrieved items, nothing omitted, and not the sliding_window strategy (that
   one drops items by count, not by tokens);
-- its token total stays within the budget. The state service's count of the
-  items it started from is exact; the items appended since are counted here
-  from above (UTF-8 bytes of their JSON plus a per-item allowance: every token
-  is at least one byte of the text the service counts, and that text is part
-  of the JSON), so a long run of hits ends in a fresh GetContext, never in a
-  context the service would have compressed;
+- its token total stays within the budget. AppendItems answers with the
+  service's own count of the whole log (`log_token_count`), which is exact;
+  when it is missing (an older service) the items appended since the last
+  count are counted here from above (UTF-8 bytes of their JSON plus a
+  per-item allowance: every token is at least one byte of the text the
+  service counts, and that text is part of the JSON). Either way a run of
+  hits ends in a fresh GetContext, never in a context the service would have
+  compressed;
 - it holds at most `max_items` items (keep it at or below the state service's
   STATE_SERVICE_CONTEXT_MAX_ITEMS, which caps what one GetContext reads).
 
@@ -45,7 +47,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from state_service.client import Context, StoredItem
+from state_service.client import AppendResult, Context, StoredItem
 
 # Tokens allowed per appended item on top of its bytes: above the state
 # service's framing overhead (state_service/tokens.py, 4) with room to spare.
@@ -144,16 +146,16 @@ class ContextCache:
         context: Context,
         previous_bytes: int | None,
         appended: Sequence[tuple[dict[str, Any], dict[str, str]]],
-        first_seq: int,
-        etag: str,
+        result: AppendResult,
     ) -> None:
         """Remembers the session as the turn left it: `context` (what the turn
-        ran on, at its etag) plus the `appended` (data, metadata) items from
-        `first_seq`, at the append's `etag`. `previous_bytes` is the size of
+        ran on, at its etag) plus the `appended` (data, metadata) items, as
+        the append's `result` stored them. `previous_bytes` is the size of
         `context`'s items when it came from this cache (None: measured here).
         Drops the entry instead when the result may not be the whole log, or
         when the session is shared and `context` shows someone else wrote
         since this replica's last append."""
+        etag, first_seq = result.etag, result.first_seq
         self.drop(tenant, session_id)
         key = (tenant, session_id)
         own_etag = self._shared.get(key)
@@ -166,6 +168,10 @@ class ContextCache:
             return
         new_bytes = [item_bytes(data) for data, _ in appended]
         tokens = context.token_count + sum(b + ITEM_TOKEN_ALLOWANCE for b in new_bytes)
+        if context.token_count < result.log_token_count <= tokens:
+            # The service's own count of the log (a newer service sends it):
+            # exact, where the bytes above only bound it.
+            tokens = result.log_token_count
         count = len(context.items) + len(appended)
         if tokens > context.token_budget or count > self._max_items:
             return

@@ -460,8 +460,7 @@ class TurnRunner:
                     context,
                     cached.size_bytes if cached is not None else None,
                     stored,
-                    appended.first_seq,
-                    appended.etag,
+                    appended,
                 )
             _count(produced)
             yield _final(

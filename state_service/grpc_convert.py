@@ -107,6 +107,7 @@ def append_response(outcome: AppendOutcome) -> pb.AppendItemsResponse:
         first_seq=outcome.first_seq,
         last_seq=outcome.last_seq,
         replayed=outcome.replayed,
+        log_token_count=max(outcome.log_tokens, 0),
     )
 
 

@@ -7,6 +7,7 @@ without the cache. Real agent and state servers, real Redis, offline model."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import grpc
 from agent_service.client import AgentClient, AgentServiceError
 from agent_service.context_cache import ContextCache
 from agent_service.turns import REQUEST_ID_KEY
-from state_service.client import Context, NewItem, StateClient, StoredItem
+from state_service.client import AppendResult, Context, NewItem, StateClient, StoredItem
 from state_service.server import StateServer
 from tests.conftest import AgentServerFactory, StateServerFactory, write_agents_file
 from tests.fake_openai import FakeOpenAI, Step
@@ -69,6 +70,35 @@ async def test_the_second_turn_on_a_replica_skips_get_context(
     assert [item.seq for item in stored] == [1, 2, 3, 4, 5, 6]
     assert last.etag == (await client.get_session("s1")).etag
     assert [item.seq for item in last.items] == [5, 6]
+
+
+async def test_hits_last_until_the_log_outgrows_the_budget_with_exact_counts(
+    agent_server_factory: AgentServerFactory, client: StateClient, tmp_path: Path
+) -> None:
+    """The append's own count of the log keeps a session on the cache for as
+    long as GetContext would return the whole log, with the count GetContext
+    would give; the turn after that reads a compressed context."""
+    config = write_agents_file(tmp_path, "agents:\n  - name: plain\n    token_budget: 600\n")
+    address = (await agent_server_factory(agents_config=config)).address
+    message = "Tell me more about the history of tea in England, please. " * 2
+    before, reads = cache_outcomes(), get_contexts()
+    async with AgentClient(address, timeout=10) as agents:
+        turns = 0
+        while True:
+            expected = await client.get_context("s1", token_budget=600)
+            result = await agents.chat("s1", message)
+            turns += 1
+            if expected.omitted_item_count or expected.summary is not None:
+                break  # the log outgrew the budget: this turn read its context
+            assert result.context_tokens == expected.token_count
+            assert result.context_items == len(expected.items)
+            assert turns < 50
+    outcomes = grown(before)
+    assert turns > 3
+    # One read for the first turn and one for the last; every turn between
+    # ran on the cache, never on a count from above.
+    assert outcomes == {"hit": turns - 2, "miss": 2, "stale": 0}
+    assert get_contexts() - reads == turns + 2  # this test's own reads included
 
 
 async def test_a_write_by_another_client_makes_the_turn_start_over(
@@ -267,6 +297,36 @@ def _context(items: int, item_text: str = "x" * 100) -> Context:
     )
 
 
+def _appended(
+    turn: list[tuple[dict[str, Any], dict[str, str]]], log_token_count: int = 0
+) -> AppendResult:
+    """What AppendItems answers for `turn` appended after a 4-item log."""
+    return AppendResult("2", 5, 4 + len(turn), log_token_count=log_token_count)
+
+
+def test_the_services_count_of_the_log_replaces_the_bound_when_consistent() -> None:
+    turn: list[tuple[dict[str, Any], dict[str, str]]] = [
+        ({"role": "user", "content": "a question of about sixty bytes " * 3}, {})
+    ]
+    near_full = replace(_context(4), token_count=3900)
+    bound = 3900 + len(json.dumps(turn[0][0], separators=(",", ":")).encode()) + 8
+    assert bound > 4000  # the bound alone says the next turn may not fit
+    cache = ContextCache(max_bytes=1 << 20, max_items=1000)
+    cache.after_append("t", "s", 0, near_full, None, turn, _appended(turn))
+    assert cache.get("t", "s", 0) is None
+    cache.after_append("t", "s", 0, near_full, None, turn, _appended(turn, 3930))
+    entry = cache.get("t", "s", 0)
+    assert entry is not None and entry.context.token_count == 3930
+    # A count that cannot be this log's (not above what the turn started
+    # from, or above the bound) is not trusted: the bound decides.
+    small = _context(4)
+    for impossible in (small.token_count, small.token_count + 10_000):
+        cache.after_append("t", "s", 0, small, None, turn, _appended(turn, impossible))
+        entry = cache.get("t", "s", 0)
+        assert entry is not None
+        assert entry.context.token_count == small.token_count + bound - 3900
+
+
 def test_the_cache_is_bounded_by_bytes_least_recently_used_first() -> None:
     cache = ContextCache(max_bytes=2000, max_items=1000)
     turn: list[tuple[dict[str, Any], dict[str, str]]] = [
@@ -274,7 +334,7 @@ def test_the_cache_is_bounded_by_bytes_least_recently_used_first() -> None:
         ({"role": "assistant", "content": "ok"}, {}),
     ]
     for session in ("a", "b", "c"):
-        cache.after_append("t", session, 0, _context(4), None, turn, 5, "2")
+        cache.after_append("t", session, 0, _context(4), None, turn, _appended(turn))
     assert cache.size_bytes <= 2000
     assert cache.get("t", "a", 0) is None  # the oldest went first
     assert cache.get("t", "c", 0) is not None
@@ -295,12 +355,12 @@ def test_a_context_that_is_not_the_whole_log_is_not_kept() -> None:
         replace(partial, strategy="sliding_window"),
         replace(partial, token_count=3990),  # the next turn could not fit
     ):
-        cache.after_append("t", "s", 0, context, None, turn, 5, "2")
+        cache.after_append("t", "s", 0, context, None, turn, _appended(turn))
         assert cache.get("t", "s", 0) is None
-    cache.after_append("t", "s", 0, partial, None, turn, 5, "2")
+    cache.after_append("t", "s", 0, partial, None, turn, _appended(turn))
     assert cache.get("t", "s", 0) is not None
     small = ContextCache(max_bytes=1 << 20, max_items=4)
-    small.after_append("t", "s", 0, partial, None, turn, 5, "2")
+    small.after_append("t", "s", 0, partial, None, turn, _appended(turn))
     assert small.get("t", "s", 0) is None
 
 

@@ -258,7 +258,11 @@ class StateClient:
         )
         response = await self._call(self._stub.AppendItems, request, timeout)
         return AppendResult(
-            response.etag, response.first_seq, response.last_seq, replayed=response.replayed
+            response.etag,
+            response.first_seq,
+            response.last_seq,
+            replayed=response.replayed,
+            log_token_count=response.log_token_count,
         )
 
     async def get_context(

@@ -185,6 +185,8 @@ class AppendResult:
     last_seq: int
     # True when the request_id had been applied before and nothing was appended.
     replayed: bool = False
+    # Tokens of the whole log after the append, as GetContext counts them (0: not known).
+    log_token_count: int = 0
 
 
 STRATEGIES = ("sliding_window", "token_window", "summary", "retrieval", "tiered")

@@ -801,6 +801,7 @@ class AppendItemsResponse(_message.Message):
     FIRST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    LOG_TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     etag: _builtins.str
     """The session's etag after the append."""
     first_seq: _builtins.int
@@ -811,6 +812,12 @@ class AppendItemsResponse(_message.Message):
     """True when request_id had been applied before: nothing was appended now
     and the fields above are those of the first application.
     """
+    log_token_count: _builtins.int
+    """Tokens of the session's whole log after this append, counted as
+    GetContext counts items (so a client that holds the whole log knows
+    whether the next GetContext would still return all of it). 0 when not
+    known, as for a replay.
+    """
     def __init__(
         self,
         *,
@@ -818,10 +825,11 @@ class AppendItemsResponse(_message.Message):
         first_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        log_token_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "first_seq", b"first_seq", "last_seq", b"last_seq", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "first_seq", b"first_seq", "last_seq", b"last_seq", "log_token_count", b"log_token_count", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
