@@ -66,9 +66,20 @@ QUESTION_WEIGHT = 0.5
 MAX_SENTENCE_CHARS = 400
 
 
+# A summary is folded again at every batch and keeps most of its lines: their
+# terms and token counts are looked up, not recomputed (bounded: a few MB).
+_LINE_MEMO_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=_LINE_MEMO_SIZE)
 def content_terms(sentence: str) -> frozenset[str]:
     """The distinct content words (stemmed, no stopwords) of a sentence."""
     return frozenset(textlib.terms(sentence))
+
+
+@functools.lru_cache(maxsize=_LINE_MEMO_SIZE)
+def _line_tokens(counter: TokenCounter, rendered: str) -> int:
+    return counter.count((rendered + "\n").encode())
 
 
 def is_filler(sentence: str) -> bool:
@@ -139,7 +150,7 @@ def _select(
     if not lines or budget <= 0:
         return []
     framing = counter.count(b"")
-    costs = [max(1, counter.count((line.render() + "\n").encode()) - framing) for line in lines]
+    costs = [max(1, _line_tokens(counter, line.render()) - framing) for line in lines]
     scores = informativeness(lines, corpus)
     ranked = sorted(range(len(lines)), key=lambda i: (scores[i] / costs[i], i), reverse=True)
     chosen: list[int] = []
