@@ -882,13 +882,14 @@ class RedisStorage:
             raise EtagMismatch(body)
         if status == "missing":
             raise SessionAbsent(session_id)
-        etag, first, last = body.split(" ")
+        # A replayed record carries the log's token count the first answer had.
+        etag, first, last, *recorded = body.split(" ")
         if may_create and first == "1" and self._cluster is not None:
             # This step created the session (or replays the one that did): add
             # the entry again, in case a concurrent prune (which saw no session
             # yet) removed it between our two steps.
             await self._index_created(tenant, session_id)
-        log_tokens = int(reply[2]) if len(reply) > 2 else -1
+        log_tokens = int(reply[2]) if len(reply) > 2 else int(recorded[0]) if recorded else -1
         return AppendOutcome(
             etag, int(first), int(last), replayed=status == "replay", log_tokens=log_tokens
         )

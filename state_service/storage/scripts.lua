@@ -91,7 +91,7 @@ end
 --- append
 -- ARGV: request_id, expected etag, default ttl (s), now (ms), new incarnation,
 --       tokens of the payloads, session id (index member), payload...
--- Returns {'ok'|'replay', "etag first last"} or {'conflict', current etag}
+-- Returns {'ok'|'replay', "etag first last[ tokens]"} or {'conflict', current etag}
 -- (or {'missing', ''}: no session, and no new incarnation to create one);
 -- an 'ok' that appended also the log's token count after it (the background
 -- summarizer's trigger, so it needs no read of its own).
@@ -143,7 +143,8 @@ ver = ver + 1
 redis.call('HSET', KEYS[1], 'ver', ver, 'last', last + count, 'n', n + count, 'mtime', now)
 local tok = redis.call('HINCRBY', KEYS[1], 'tok', tonumber(ARGV[6]) or 0)
 response = etag_of(inc, ver) .. ' ' .. (last + 1) .. ' ' .. (last + count)
-if request_id ~= '' then redis.call('HSET', KEYS[3], field, response) end
+-- The record keeps the token count too: a replay answers as the first did.
+if request_id ~= '' then redis.call('HSET', KEYS[3], field, response .. ' ' .. tok) end
 apply_ttl(ttl, default_ttl)
 return {'ok', response, tok}
 

@@ -815,8 +815,9 @@ class AppendItemsResponse(_message.Message):
     log_token_count: _builtins.int
     """Tokens of the session's whole log after this append, counted as
     GetContext counts items (so a client that holds the whole log knows
-    whether the next GetContext would still return all of it). 0 when not
-    known, as for a replay.
+    whether the next GetContext would still return all of it). A replay
+    answers the count of the first application; 0 when not known (an
+    append that stored nothing, or one recorded before this field existed).
     """
     def __init__(
         self,
