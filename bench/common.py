@@ -142,14 +142,16 @@ def redis_process(appendfsync: str = "always") -> Iterator[EmbeddedRedis]:
 
 @contextlib.contextmanager
 def state_service(
-    redis_url: str, *, port: int | None = None, **env: str
+    redis_url: str, *, port: int | None = None, cwd: Path | None = None, **env: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `state-service` process; yields its address."""
+    """A real `state-service` process (run in `cwd`, say another source tree
+    with PYTHONPATH set to it); yields its address."""
     port = port or free_port()
     # A STATE_SERVICE_LISTEN in `env` (a unix: socket, say) is the address.
     address = env.get("STATE_SERVICE_LISTEN", f"127.0.0.1:{port}")
     process = subprocess.Popen(
         [sys.executable, "-m", "state_service"],
+        cwd=cwd,
         env={
             **os.environ,
             "STATE_SERVICE_LISTEN": address,

@@ -36,8 +36,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,7 +45,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.common import Stats, python_server, state_service, wait_ready
+from bench.common import Stats, python_server, state_service
 from bench.turn_cost import _cpu
 from bench.turn_profile import _profiled, summarize
 from shared_runtime.grpc_metrics import GrpcMetrics, ServerMetricsInterceptor
@@ -106,27 +104,8 @@ def _redis(args: argparse.Namespace) -> Iterator[EmbeddedRedis]:
 def _baseline_service(tree: Path, redis_url: str) -> Iterator[tuple[str, int]]:
     """``python -m state_service`` run from another source tree (say a ``git
     archive`` of main), with this venv's packages; its address and pid."""
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
-        cwd=tree,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(tree),
-            "STATE_SERVICE_LISTEN": address,
-            "STATE_SERVICE_REDIS_URL": redis_url,
-            "STATE_SERVICE_METRICS_PORT": "0",
-            "STATE_SERVICE_LOG_LEVEL": "WARNING",
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(address)
+    with state_service(redis_url, cwd=tree, PYTHONPATH=str(tree)) as (address, process):
         yield address, process.pid
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 async def _measure(args: argparse.Namespace, redis_url: str) -> list[str]:
