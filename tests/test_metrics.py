@@ -214,6 +214,30 @@ async def test_a_cancelled_stream_is_counted_as_canceled(
         assert side("handled_total", "server_stream", "Endless", "OK") == 0
 
 
+async def test_a_stream_grpc_stops_taking_is_counted_as_canceled() -> None:
+    """grpc closes a stream's response generator (GeneratorExit at its
+    `yield`) when the caller cancels while a response is being written: that
+    is a cancelled call, not an Unknown one (a flake of the test above under
+    load, made deterministic here)."""
+
+    class Context:
+        def code(self) -> None:
+            return None
+
+    registry = CollectorRegistry()
+    interceptor = ServerMetricsInterceptor(GrpcMetrics("server", registry=registry))
+    handler = interceptor._wrap(  # the wrapper grpc would be handed
+        grpc.unary_stream_rpc_method_handler(_endless), "/test.Echo/Endless"
+    )
+    assert handler is not None and handler.unary_stream is not None
+    responses: Any = handler.unary_stream(b"x", cast(Any, Context()))
+    assert await responses.__anext__() == b"x"
+    await responses.aclose()
+    server = Sampler(registry, "server")
+    assert server("handled_total", "server_stream", "Endless", "Canceled") == 1
+    assert server("handled_total", "server_stream", "Endless", "Unknown") == 0
+
+
 def test_go_code_spelling() -> None:
     assert go_code(grpc.StatusCode.OK) == "OK"
     assert go_code(grpc.StatusCode.CANCELLED) == "Canceled"
