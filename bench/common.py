@@ -141,31 +141,21 @@ def redis_process(appendfsync: str = "always") -> Iterator[EmbeddedRedis]:
 
 
 @contextlib.contextmanager
-def state_service(
-    redis_url: str, *, port: int | None = None, cwd: Path | None = None, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `state-service` process (run in `cwd`, say another source tree
-    with PYTHONPATH set to it); yields its address."""
-    port = port or free_port()
-    # A STATE_SERVICE_LISTEN in `env` (a unix: socket, say) is the address.
-    address = env.get("STATE_SERVICE_LISTEN", f"127.0.0.1:{port}")
+def service_process(
+    module: str, address: str, env: dict[str, str], cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m <module>` with `env` on top of this one's, once it serves
+    gRPC at `address`; stopped (SIGTERM, then SIGKILL) on the way out."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "state_service"],
+        [sys.executable, "-m", module],
         cwd=cwd,
-        env={
-            **os.environ,
-            "STATE_SERVICE_LISTEN": address,
-            "STATE_SERVICE_REDIS_URL": redis_url,
-            "STATE_SERVICE_METRICS_PORT": "0",
-            "STATE_SERVICE_LOG_LEVEL": "WARNING",
-            **env,
-        },
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_ready(address)
-        yield address, process
+        yield process
     finally:
         if process.poll() is None:
             process.terminate()
@@ -174,6 +164,26 @@ def state_service(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def state_service(
+    redis_url: str, *, port: int | None = None, cwd: Path | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `state-service` process (run in `cwd`, say another source tree
+    with PYTHONPATH set to it); yields its address."""
+    port = port or free_port()
+    # A STATE_SERVICE_LISTEN in `env` (a unix: socket, say) is the address.
+    address = env.get("STATE_SERVICE_LISTEN", f"127.0.0.1:{port}")
+    settings = {
+        "STATE_SERVICE_LISTEN": address,
+        "STATE_SERVICE_REDIS_URL": redis_url,
+        "STATE_SERVICE_METRICS_PORT": "0",
+        "STATE_SERVICE_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    with service_process("state_service", address, settings, cwd) as process:
+        yield address, process
 
 
 @contextlib.contextmanager

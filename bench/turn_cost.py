@@ -64,9 +64,9 @@ from bench.common import (
     Stats,
     python_server,
     redis_process,
+    service_process,
     state_service,
     table,
-    wait_ready,
 )
 from bench.fixed_reply_agent import use_fixed_replies
 from bench.report import Report
@@ -151,31 +151,18 @@ def agent_service(
     )
     config = Path(tempfile.mkdtemp(prefix="bench-agents-")) / "agents.yaml"
     config.write_text(AGENTS_YAML)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fixed_reply_agent"],
-        env={
-            **os.environ,
-            "AGENT_SERVICE_LISTEN": f"127.0.0.1:{port}",
-            "AGENT_SERVICE_STATE_TARGET": state_address,
-            "AGENT_SERVICE_AGENTS_CONFIG": str(config),
-            "AGENT_SERVICE_METRICS_PORT": "0",
-            "AGENT_SERVICE_LOG_LEVEL": "WARNING",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            **in_process,
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(f"127.0.0.1:{port}")
-        yield f"127.0.0.1:{port}", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    address = f"127.0.0.1:{port}"
+    settings = {
+        "AGENT_SERVICE_LISTEN": address,
+        "AGENT_SERVICE_STATE_TARGET": state_address,
+        "AGENT_SERVICE_AGENTS_CONFIG": str(config),
+        "AGENT_SERVICE_METRICS_PORT": "0",
+        "AGENT_SERVICE_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **in_process,
+    }
+    with service_process("bench.fixed_reply_agent", address, settings) as process:
+        yield address, process
 
 
 async def _seed(client: StateClient, redis: Any, session_id: str, n: int) -> None:

@@ -863,25 +863,10 @@ class RedisStorage:
             session_id,
             *payloads,
         ]
-        # The index entry is part of the creating step on one node; on a
-        # cluster it goes first, so a crash between the two leaves an index
-        # entry ListSessions prunes, never a session missing from the index.
-        # Only an append that may create the session touches the index.
         may_create = bool(payloads) and expected_etag in ("", ABSENT_ETAG)
-        index_add = (self.index_key(tenant), session_id) if may_create else None
-        reply = await self._script(
-            "append",
-            keys.as_list(),
-            args,
-            write=True,
-            resend=bool(request_id),
-            index_add=index_add,
+        status, body, reply = await self._log_write(
+            "append", tenant, session_id, keys, args, may_create=may_create, resend=bool(request_id)
         )
-        status, body = reply[0].decode(), reply[1].decode()
-        if status == "conflict":
-            raise EtagMismatch(body)
-        if status == "missing":
-            raise SessionAbsent(session_id)
         # A replayed record carries the log's token count the first answer had.
         etag, first, last, *recorded = body.split(" ")
         if may_create and first == "1" and self._cluster is not None:
@@ -893,6 +878,35 @@ class RedisStorage:
         return AppendOutcome(
             etag, int(first), int(last), replayed=status == "replay", log_tokens=log_tokens
         )
+
+    async def _log_write(
+        self,
+        script: str,
+        tenant: str,
+        session_id: str,
+        keys: SessionKeys,
+        args: list[bytes | str | int],
+        *,
+        may_create: bool,
+        resend: bool,
+    ) -> tuple[str, str, Any]:
+        """Runs a step that adds to the log (append, import): its status, body
+        and whole reply; a conflict or a missing session is raised here.
+
+        The index entry is part of a creating step on one node; on a cluster
+        it goes first, so a crash between the two leaves an index entry
+        ListSessions prunes, never a session missing from the index. Only a
+        step that may create the session touches the index."""
+        index_add = (self.index_key(tenant), session_id) if may_create else None
+        reply = await self._script(
+            script, keys.as_list(), args, write=True, resend=resend, index_add=index_add
+        )
+        status, body = reply[0].decode(), reply[1].decode()
+        if status == "conflict":
+            raise EtagMismatch(body)
+        if status == "missing":
+            raise SessionAbsent(session_id)
+        return status, body, reply
 
     async def pop(
         self, tenant: str, session_id: str, *, request_id: str, expected_etag: str, now_ms: int
@@ -1461,20 +1475,9 @@ class RedisStorage:
             *entries,
         ]
         may_create = bool(entries) and expected_etag in ("", ABSENT_ETAG)
-        index_add = (self.index_key(tenant), session_id) if may_create else None
-        reply = await self._script(
-            "import",
-            keys.as_list(),
-            args,
-            write=True,
-            resend=bool(request_id),
-            index_add=index_add,
+        status, body, reply = await self._log_write(
+            "import", tenant, session_id, keys, args, may_create=may_create, resend=bool(request_id)
         )
-        status, body = reply[0].decode(), reply[1].decode()
-        if status == "conflict":
-            raise EtagMismatch(body)
-        if status == "missing":
-            raise SessionAbsent(session_id)
         if status == "behind":
             etag, last = body.split(" ")
             raise SeqConflict(session_id, int(last), etag)
