@@ -24,7 +24,10 @@ pool of sessions per path keeps the growth during the run small):
   (InProcessState in this process);
 - Runner with no session (the SDK's own floor), on one message, and on a
   20-item conversation (the SDK's own cost over the input every n=20 path
-  hands it).
+  hands it);
+- the lower bound of a Python turn server (bench/minimal_agent.py): Chat over
+  grpc.aio, the SDK on 20 items from memory, one Redis RPUSH, nothing else.
+  Its CPU over the SDK floor is what gRPC-Python and redis-py cost any design.
 
 CPU per turn is the CPU time of the process(es) doing the turn's work, read
 from /proc around each path's rounds: the agent service's (and, shown apart,
@@ -87,7 +90,10 @@ BARE = "Runner, no session (SDK floor)"
 # The SDK's own cost over a 20-item conversation (what every path at n=20
 # hands it), with no session: how much of any turn's CPU is the SDK's.
 BARE_20 = "Runner, no session, 20-item input"
-PATHS = (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL, BARE, BARE_20)
+# The least any Python turn server costs: gRPC in, the SDK on 20 items, one
+# Redis write (bench/minimal_agent.py); the same work at every n.
+LOWER_BOUND = "lower bound: grpc.aio Chat + SDK on 20 items + 1 Redis write"
+PATHS = (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL, BARE, BARE_20, LOWER_BOUND)
 # Each path's own sessions (a "redis" prefix lives in RedisSession's keys).
 PREFIX = {CHAT: "chat", CHAT_LOCAL: "chatlocal", REDIS: "redis", OURS: "ours", OURS_LOCAL: "local"}
 # 16 callers of one tenant at n=2000 all want heavy work (retrieval): they
@@ -130,6 +136,19 @@ class Samples:
 
     def state_cpu_ms(self) -> float:
         return 1000 * self.state_cpu / max(1, len(self.latencies))
+
+
+@contextlib.contextmanager
+def minimal_agent(redis_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """bench/minimal_agent.py's process: the lower bound of a turn server."""
+    address = f"127.0.0.1:{free_port()}"
+    settings = {
+        "MINIMAL_AGENT_LISTEN": address,
+        "MINIMAL_AGENT_REDIS_URL": redis_url,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    with service_process("bench.minimal_agent", address, settings) as process:
+        yield address, process
 
 
 @contextlib.contextmanager
@@ -324,6 +343,7 @@ async def main(args: argparse.Namespace) -> None:
             local_agent_address,
             local_agent_process,
         ),
+        minimal_agent(redis_server.url) as (minimal_address, minimal_process),
     ):
         redis = aioredis.from_url(redis_server.url)
         local_settings: dict[str, Any] = {
@@ -337,6 +357,7 @@ async def main(args: argparse.Namespace) -> None:
             StateClient("in-process", channel=local_state.channel) as local,
             AgentClient(agent_address) as agents,
             AgentClient(local_agent_address) as local_agents,
+            AgentClient(minimal_address) as minimal_agents,
         ):
             primitives = await _primitives(
                 state_address, client, local, args.primitive_calls, args.rounds
@@ -390,6 +411,9 @@ async def main(args: argparse.Namespace) -> None:
                 async def bare(i: int) -> object:
                     return await Runner.run(agent, f"Question {i}?", run_config=config)
 
+                async def lower_bound(i: int, n: int = n) -> object:
+                    return await minimal_agents.chat(f"min-{n}-{i % POOL}", f"Question {i}?")
+
                 calls: dict[str, Callable[[int], Awaitable[object]]] = {
                     CHAT: chat,
                     CHAT_LOCAL: chat_local,
@@ -398,6 +422,7 @@ async def main(args: argparse.Namespace) -> None:
                     OURS_LOCAL: with_ours_local,
                     BARE: bare,
                     BARE_20: bare_20,
+                    LOWER_BOUND: lower_bound,
                 }
                 for call in calls.values():
                     for i in range(POOL):
@@ -410,6 +435,7 @@ async def main(args: argparse.Namespace) -> None:
                     OURS_LOCAL: [],
                     BARE: [],
                     BARE_20: [],
+                    LOWER_BOUND: [minimal_process.pid],
                 }
                 state_pids = {CHAT: state_process.pid}
                 results[n] = await _rounds(calls, pids, state_pids, args.turns, args.rounds)
@@ -479,6 +505,7 @@ def _report(
                 ),
                 f"{results[n][REDIS].cpu_ms() / floor_cpu[n]:.2f}×",
                 f"{sdk_20_cpu[n] / floor_cpu[n]:.2f}×",
+                f"{results[n][LOWER_BOUND].cpu_ms() / floor_cpu[n]:.2f}×",
                 _rates(rates[n], CHAT, CHAT_LOCAL) if n in rates else "–",
                 _rates(rates[n], OURS_LOCAL, OURS_LOCAL) if n in rates else "–",
             ]
@@ -495,6 +522,7 @@ def _report(
                 "Chat CPU / SDK floor CPU",
                 "RedisSession CPU / SDK floor CPU",
                 "SDK over 20 items CPU / SDK floor CPU",
+                "lower bound CPU / SDK floor CPU",
                 f"turns/s, {args.callers} callers, Chat / RedisSession",
                 f"turns/s, {args.callers} callers, StateServiceSession (in process) / RedisSession",
             ],  # fmt: skip
