@@ -48,7 +48,7 @@ class MinimalAgent(pb_grpc.AgentServiceServicer):  # only Chat is called
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.ChatResponse:
         items = self._sessions.setdefault(request.session_id, history(INPUT_ITEMS))
-        user = {"role": "user", "content": request.message}
+        user: Any = {"role": "user", "content": request.message}
         result = await Runner.run(
             self._agent, [*items[-INPUT_ITEMS:], user], run_config=self._config
         )
