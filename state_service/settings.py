@@ -268,8 +268,12 @@ class StateServiceSettings(BaseSettings):
     summary_keep_recent_items: int = Field(
         8, ge=0, description="newest items the background summarizer leaves unsummarized"
     )
+    # A run re-ranks the whole stored summary, a cost nearly fixed per run:
+    # batches of 32 spend it a quarter as often as batches of 8, and the
+    # larger unsummarized gap is the window's and retrieval's (dev recall
+    # unchanged, BENCHMARKS.md).
     summary_min_batch_items: int = Field(
-        8, ge=1, description="uncovered items that trigger a summarizer run"
+        32, ge=1, description="uncovered items that trigger a summarizer run"
     )
     summary_min_log_tokens: int = Field(
         2000,

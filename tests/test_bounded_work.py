@@ -137,8 +137,12 @@ async def test_retrieval_memories_are_bounded_in_bytes(
     session, whatever the local cache's byte bound. Now a session's memory
     covers its newest items within RETRIEVAL_MAX_SESSION_BYTES, all of them
     within RETRIEVAL_MAX_BYTES, and the gauge says how much they hold."""
+    # A summarizer run after every append keeps each memory caught up item by
+    # item, so it grows to its own bound (a read alone rebuilds it at half).
     server = await state_server_factory(
-        retrieval_max_session_bytes=2 * MIB, retrieval_max_bytes=3 * MIB
+        retrieval_max_session_bytes=2 * MIB,
+        retrieval_max_bytes=3 * MIB,
+        summary_min_batch_items=1,
     )
     sessions = ("first", "second")
     evicted_before = metric(
