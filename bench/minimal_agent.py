@@ -3,6 +3,8 @@ bound for issue 17's "agent-service CPU per turn at most twice the SDK floor".
 
     MINIMAL_AGENT_LISTEN=... MINIMAL_AGENT_REDIS_URL=... python -m bench.minimal_agent
 
+(MINIMAL_AGENT_REDIS_URL empty: no write, to see gRPC's part alone.)
+
 A grpc.aio server with one method, AgentService.Chat, that per call:
 
 - takes the conversation from its own memory (no state read: the most a
@@ -53,9 +55,10 @@ class MinimalAgent(pb_grpc.AgentServiceServicer):  # only Chat is called
             self._agent, [*items[-INPUT_ITEMS:], user], run_config=self._config
         )
         new = [user, *(item.to_input_item() for item in result.new_items)]
-        await self._redis.rpush(
-            f"minimal:{request.session_id}", *(json.dumps(item) for item in new)
-        )
+        if self._redis is not None:
+            await self._redis.rpush(
+                f"minimal:{request.session_id}", *(json.dumps(item) for item in new)
+            )
         items.extend(new)
         del items[:-INPUT_ITEMS]
         return pb.ChatResponse(reply=str(result.final_output or ""), agent=self._agent.name)
@@ -64,7 +67,7 @@ class MinimalAgent(pb_grpc.AgentServiceServicer):  # only Chat is called
 async def main() -> None:
     address, redis_url = os.environ["MINIMAL_AGENT_LISTEN"], os.environ["MINIMAL_AGENT_REDIS_URL"]
     use_fixed_replies()
-    redis = aioredis.from_url(redis_url)
+    redis = aioredis.from_url(redis_url) if redis_url else None
     server = grpc.aio.server()
     pb_grpc.add_AgentServiceServicer_to_server(MinimalAgent(redis), server)  # type: ignore[abstract]
     server.add_insecure_port(address)
