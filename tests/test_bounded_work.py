@@ -137,12 +137,8 @@ async def test_retrieval_memories_are_bounded_in_bytes(
     session, whatever the local cache's byte bound. Now a session's memory
     covers its newest items within RETRIEVAL_MAX_SESSION_BYTES, all of them
     within RETRIEVAL_MAX_BYTES, and the gauge says how much they hold."""
-    # A summarizer run after every append keeps each memory caught up item by
-    # item, so it grows to its own bound (a read alone rebuilds it at half).
     server = await state_server_factory(
-        retrieval_max_session_bytes=2 * MIB,
-        retrieval_max_bytes=3 * MIB,
-        summary_min_batch_items=1,
+        retrieval_max_session_bytes=2 * MIB, retrieval_max_bytes=3 * MIB
     )
     sessions = ("first", "second")
     evicted_before = metric(
@@ -150,12 +146,15 @@ async def test_retrieval_memories_are_bounded_in_bytes(
     )
     async with StateClient(server.address, timeout=30.0) as client:
         for session in sessions:
+            # A read after every append catches the memory up item by item, so
+            # it grows to its own bound, whenever the summarizer runs (a memory
+            # caught up many items at once is rebuilt at half its bound).
             for i in range(30):
                 await client.append_items(session, [large_item(i, 100_000)])
-            context = await client.get_context(
-                session, token_budget=200_000, strategy="retrieval", query="29"
-            )
-            assert context.items
+                context = await client.get_context(
+                    session, token_budget=200_000, strategy="retrieval", query="29"
+                )
+                assert context.items
     memories = server.compression.memories
     held = [m for m in (memories.get("default", s) for s in sessions) if m is not None]
     sizes = [
