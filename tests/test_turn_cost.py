@@ -72,8 +72,9 @@ async def test_short_sessions_get_no_background_run_and_no_summary(
 async def test_a_read_that_lacks_a_summary_still_schedules_one(
     state_server_factory: StateServerFactory,
 ) -> None:
-    # A budget smaller than the threshold: the read finds the summary lacking.
-    server = await state_server_factory(summary_min_log_tokens=1_000_000)
+    # A budget smaller than the threshold: the read finds the summary lacking
+    # (by far more items than a batch: the window holds about 8 of the 40).
+    server = await state_server_factory(summary_min_log_tokens=1_000_000, summary_min_batch_items=8)
     async with StateClient(server.address) as client:
         for n in range(40):
             await client.append_items("s", [_message(n)])
