@@ -87,8 +87,9 @@ REDIS = "Runner + RedisSession (in process)"
 OURS = "Runner + StateServiceSession (gRPC)"
 OURS_LOCAL = "Runner + StateServiceSession (state in process)"
 BARE = "Runner, no session (SDK floor)"
-# The SDK's own cost over a 20-item conversation (what every path at n=20
-# hands it), with no session: how much of any turn's CPU is the SDK's.
+# The SDK's own cost over a 20-item conversation of its own items (what every
+# path at n=20 hands it after a few turns), with no session: how much of any
+# turn's CPU is the SDK's.
 BARE_20 = "Runner, no session, 20-item input"
 # The least any Python turn server costs: gRPC in, the SDK on 20 items, one
 # Redis write (bench/minimal_agent.py); the same work at every n.
@@ -118,6 +119,20 @@ def _history(n: int) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+async def _conversation(agent: Agent[Any], config: RunConfig, n: int) -> list[Any]:
+    """The newest `n` items of a conversation the SDK produced itself: its
+    assistant messages as `to_input_item()` gives them (content parts, ids,
+    status), as sessions store them, not plain role/content pairs."""
+    items: list[Any] = []
+    turn = 0
+    while len(items) < n + 2:
+        turn += 1
+        user: Any = {"role": "user", "content": f"Question {turn}?"}
+        result = await Runner.run(agent, [*items, user], run_config=config)
+        items += [user, *(item.to_input_item() for item in result.new_items)]
+    return items[-n:]
 
 
 def _cpu(pid: int) -> float:
@@ -363,7 +378,7 @@ async def main(args: argparse.Namespace) -> None:
                 state_address, client, local, args.primitive_calls, args.rounds
             )
             results: dict[int, dict[str, Samples]] = {}
-            twenty = _history(20)
+            twenty = await _conversation(agent, config, 20)
             rates: dict[int, dict[str, float]] = {}
             for n in sizes:
                 for path in (CHAT, CHAT_LOCAL, REDIS, OURS, OURS_LOCAL):
@@ -406,7 +421,7 @@ async def main(args: argparse.Namespace) -> None:
 
                 async def bare_20(i: int) -> object:
                     conversation = [*twenty, {"role": "user", "content": f"Question {i}?"}]
-                    return await Runner.run(agent, conversation, run_config=config)  # type: ignore[arg-type]
+                    return await Runner.run(agent, conversation, run_config=config)
 
                 async def bare(i: int) -> object:
                     return await Runner.run(agent, f"Question {i}?", run_config=config)
