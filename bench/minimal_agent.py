@@ -17,8 +17,9 @@ A grpc.aio server with one method, AgentService.Chat, that per call:
 
 No validation, metrics, logging, tenants, deadlines, retries, compression or
 conflict detection: everything statecar's turn does beyond this is what the
-agent service costs over the bound. What this server costs over the SDK's
-own floor is what gRPC-Python and redis-py cost any design.
+agent service costs over the bound. What this server costs is what any
+Python design pays before it does anything of its own: the SDK on the
+conversation, gRPC-Python and redis-py.
 """
 
 from __future__ import annotations

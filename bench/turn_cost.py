@@ -26,8 +26,8 @@ pool of sessions per path keeps the growth during the run small):
   20-item conversation (the SDK's own cost over the input every n=20 path
   hands it);
 - the lower bound of a Python turn server (bench/minimal_agent.py): Chat over
-  grpc.aio, the SDK on 20 items from memory, one Redis RPUSH, nothing else.
-  Its CPU over the SDK floor is what gRPC-Python and redis-py cost any design.
+  grpc.aio, the SDK on 20 items from memory, one Redis RPUSH, nothing else:
+  what any Python design pays before it does anything of its own.
 
 CPU per turn is the CPU time of the process(es) doing the turn's work, read
 from /proc around each path's rounds: the agent service's (and, shown apart,
