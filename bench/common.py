@@ -16,13 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from state_service.storage.embedded import EmbeddedRedis, free_port
+from statecar.state.v1 import state_service_pb2 as pb
+from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,6 +202,31 @@ def python_server(script: str, *args: str) -> Iterator[tuple[str, subprocess.Pop
     finally:
         process.kill()
         process.wait()
+
+
+@contextlib.contextmanager
+def echo_server(payload: bytes) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """bench/echo_server.py answering GetContext with `payload` (a serialized
+    GetContextResponse): the gRPC floor the primitives are measured against."""
+    payload_file = Path(tempfile.mkdtemp(prefix="bench-echo-")) / "payload.bin"
+    payload_file.write_bytes(payload)
+    with python_server("echo_server.py", str(payload_file)) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def state_and_echo(
+    address: str, session_id: str
+) -> AsyncIterator[tuple[pb_grpc.StateServiceAsyncStub, pb_grpc.StateServiceAsyncStub]]:
+    """Stubs of the state service at `address` and of an echo server answering
+    GetContext with the bytes the service returns for `session_id` now: the
+    primitives and their floor, carrying the same payload."""
+    async with grpc.aio.insecure_channel(address) as state_channel:
+        state = pb_grpc.StateServiceStub(state_channel)
+        response = await state.GetContext(pb.GetContextRequest(session_id=session_id))
+        with echo_server(response.SerializeToString()) as (echo_address, _):
+            async with grpc.aio.insecure_channel(echo_address) as echo_channel:
+                yield state, pb_grpc.StateServiceStub(echo_channel)
 
 
 def wait_ready(address: str, timeout: float = 20.0) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.common import Stats, python_server, state_service
+from bench.common import closed_loop, echo_server, state_service
 from bench.turn_cost import _cpu
 from bench.turn_profile import _profiled, summarize
 from shared_runtime.grpc_metrics import GrpcMetrics, ServerMetricsInterceptor
@@ -58,15 +58,6 @@ from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 MESSAGE = {"role": "user", "content": "hello there " * 16}
 ITEM = pb.Item(json=json.dumps(MESSAGE, separators=(",", ":")))
 PRIMITIVES = ("AppendItems", "GetContext")
-
-
-async def _run(call: Callable[[], Awaitable[object]], calls: int) -> Stats:
-    latencies = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        await call()
-        latencies.append(time.perf_counter() - started)
-    return Stats.of(latencies)
 
 
 def _calls(
@@ -110,7 +101,6 @@ def _baseline_service(tree: Path, redis_url: str) -> Iterator[tuple[str, int]]:
 
 async def _measure(args: argparse.Namespace, redis_url: str) -> list[str]:
     timeout = 30.0 if args.deadline else None
-    scratch = Path(tempfile.mkdtemp(prefix="bench-server-path-"))
     async with contextlib.AsyncExitStack() as stack:
         servers: dict[str, tuple[str, int]] = {}
         address, process = stack.enter_context(state_service(redis_url))
@@ -124,10 +114,8 @@ async def _measure(args: argparse.Namespace, redis_url: str) -> list[str]:
             seed = pb.AppendItemsRequest(session_id="prim", items=[ITEM] * 20)
             await stub.AppendItems(seed)
             targets[target] = (pid, _calls(stub, timeout, prefix=target))
-        payload = scratch / "payload.bin"
         response = await stub.GetContext(pb.GetContextRequest(session_id="prim"))
-        payload.write_bytes(response.SerializeToString())
-        echo_address, echo = stack.enter_context(python_server("echo_server.py", str(payload)))
+        echo_address, echo = stack.enter_context(echo_server(response.SerializeToString()))
         echo_channel = await stack.enter_async_context(grpc.aio.insecure_channel(echo_address))
         targets["echo"] = (echo.pid, _calls(pb_grpc.StateServiceStub(echo_channel), timeout))
         measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -136,9 +124,9 @@ async def _measure(args: argparse.Namespace, redis_url: str) -> list[str]:
             for name in PRIMITIVES:
                 for target in order:
                     pid, calls = targets[target]
-                    await _run(calls[name], 200)
+                    await closed_loop(calls[name], 200, warmup=0)
                     before = _cpu(pid)
-                    stats = await _run(calls[name], args.calls)
+                    stats = await closed_loop(calls[name], args.calls, warmup=0)
                     cpu_ms = (_cpu(pid) - before) / args.calls * 1000
                     measured.setdefault((name, target), []).append((stats.p50, cpu_ms))
             order.reverse()  # no target always first (or always after the same one)
@@ -172,13 +160,13 @@ async def _profile(args: argparse.Namespace, redis_url: str) -> list[str]:
                 stub = pb_grpc.StateServiceStub(channel)
                 await stub.AppendItems(pb.AppendItemsRequest(session_id="prim", items=[ITEM] * 20))
                 call = _calls(stub, timeout)[name]
-                await _run(call, 300)
+                await closed_loop(call, 300, warmup=0)
                 before = _cpu(pid)
-                await _run(call, args.calls)
+                await closed_loop(call, args.calls, warmup=0)
                 cpu_ms = (_cpu(pid) - before) / args.calls * 1000
                 os.kill(pid, signal.SIGUSR1)
                 await asyncio.sleep(0.2)
-                await _run(call, args.calls)
+                await closed_loop(call, args.calls, warmup=0)
                 os.kill(pid, signal.SIGUSR2)
                 while not stats_file.with_suffix(".done").exists():
                     await asyncio.sleep(0.1)

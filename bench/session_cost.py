@@ -31,19 +31,16 @@ import importlib.util
 import io
 import pstats
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
 from agents import Agent, RunConfig, Runner
 from agents.extensions.memory.redis_session import RedisSession
 
 from agent_service.models.offline import OfflineModel
-from bench.common import Stats, python_server, redis_process, state_service, table
+from bench.common import Stats, redis_process, state_and_echo, state_service, table
 from bench.sidecar import MESSAGES
 from bench.turn_cost import POOL, _history
 from state_service.client import StateClient, StateServiceSession
@@ -51,7 +48,6 @@ from state_service.client.types import Context
 from state_service.in_process import InProcessState
 from state_service.settings import StateServiceSettings
 from statecar.state.v1 import state_service_pb2 as pb
-from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 REDIS = "Runner + RedisSession"
 OURS = "Runner + StateServiceSession"
@@ -72,42 +68,32 @@ def _module(name: str, path: str) -> Any:
 async def _primitives(address: str, client: StateClient, args: argparse.Namespace) -> list[str]:
     await client.append_items("prim", MESSAGES)
     request = pb.GetContextRequest(session_id="prim")
-    async with grpc.aio.insecure_channel(address) as channel:
-        payload = (await pb_grpc.StateServiceStub(channel).GetContext(request)).SerializeToString()
-    payload_file = Path(tempfile.mkdtemp()) / "payload.bin"
-    payload_file.write_bytes(payload)
     baseline = _module("baseline_types", args.baseline_types) if args.baseline_types else None
-    with python_server("echo_server.py", str(payload_file)) as (echo_address, _):
-        async with (
-            grpc.aio.insecure_channel(address) as state_channel,
-            grpc.aio.insecure_channel(echo_address) as echo_channel,
-        ):
-            state = pb_grpc.StateServiceStub(state_channel)
-            echo = pb_grpc.StateServiceStub(echo_channel)
+    async with state_and_echo(address, "prim") as (state, echo):
 
-            async def converted(convert: Callable[[Any], object]) -> object:
-                return convert(await state.GetContext(request))
+        async def converted(convert: Callable[[Any], object]) -> object:
+            return convert(await state.GetContext(request))
 
-            calls: dict[str, Callable[[], Awaitable[object]]] = {
-                "GetContext floor (grpc.aio echo)": lambda: echo.GetContext(request),
-                "GetContext, raw stub": lambda: state.GetContext(request),
-                "raw stub + Context.from_proto": lambda: converted(Context.from_proto),
-                "GetContext, StateClient": lambda: client.get_context("prim"),
-            }
-            if baseline:
-                calls["raw stub + baseline Context.from_proto"] = lambda: converted(
-                    baseline.Context.from_proto
-                )
-            for call in calls.values():
-                for _ in range(100):
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "GetContext floor (grpc.aio echo)": lambda: echo.GetContext(request),
+            "GetContext, raw stub": lambda: state.GetContext(request),
+            "raw stub + Context.from_proto": lambda: converted(Context.from_proto),
+            "GetContext, StateClient": lambda: client.get_context("prim"),
+        }
+        if baseline:
+            calls["raw stub + baseline Context.from_proto"] = lambda: converted(
+                baseline.Context.from_proto
+            )
+        for call in calls.values():
+            for _ in range(100):
+                await call()
+        latencies: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                for _ in range(max(1, args.primitive_calls // args.rounds)):
+                    started = time.perf_counter()
                     await call()
-            latencies: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(args.rounds):
-                for name, call in calls.items():
-                    for _ in range(max(1, args.primitive_calls // args.rounds)):
-                        started = time.perf_counter()
-                        await call()
-                        latencies[name].append(time.perf_counter() - started)
+                    latencies[name].append(time.perf_counter() - started)
     floor = Stats.of(latencies["GetContext floor (grpc.aio echo)"]).p50
     rows = []
     for name, kept in latencies.items():

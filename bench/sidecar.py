@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 
 from bench.common import (
     Stats,
+    echo_server,
     interleaved,
     open_loop,
-    python_server,
     ratio,
     redis_process,
     state_service,
@@ -65,9 +65,7 @@ async def run(report: Report, *, count: int = 3000, seconds: float = 5.0) -> Non
             payload = (await _raw_context(address)).SerializeToString()
         raw = aioredis.from_url(redis_server.url)
         await raw.set("brief:bench", json.dumps(MESSAGES))
-        payload_file = Path(tempfile.mkdtemp()) / "payload.bin"
-        payload_file.write_bytes(payload)
-        with python_server("echo_server.py", str(payload_file)) as (echo_address, _):
+        with echo_server(payload) as (echo_address, _):
             async with (
                 grpc.aio.insecure_channel(address) as state_channel,
                 grpc.aio.insecure_channel(secured_address) as secured_channel,

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
 from agents import Agent, RunConfig, Runner
 from agents.extensions.memory.redis_session import RedisSession
@@ -65,9 +64,9 @@ from agent_service.models.offline import OfflineModel
 from bench.common import (
     ROOT,
     Stats,
-    python_server,
     redis_process,
     service_process,
+    state_and_echo,
     state_service,
     table,
 )
@@ -79,7 +78,6 @@ from state_service.in_process import InProcessState
 from state_service.settings import StateServiceSettings
 from state_service.storage.embedded import free_port
 from statecar.state.v1 import state_service_pb2 as pb
-from statecar.state.v1 import state_service_pb2_grpc as pb_grpc
 
 CHAT = "agent-service Chat (AgentClient)"
 CHAT_LOCAL = "agent-service Chat, state in process"
@@ -260,78 +258,64 @@ async def _primitives(
     state_address: str, client: StateClient, local: StateClient, count: int, rounds: int
 ) -> dict[str, Stats]:
     await client.append_items("prim", MESSAGES)
-    async with grpc.aio.insecure_channel(state_address) as channel:
-        payload = (
-            await pb_grpc.StateServiceStub(channel).GetContext(
-                pb.GetContextRequest(session_id="prim")
-            )
-        ).SerializeToString()
-    payload_file = Path(tempfile.mkdtemp()) / "payload.bin"
-    payload_file.write_bytes(payload)
     message = {"role": "user", "content": "hello there " * 16}
     item = pb.Item(json=json.dumps(message, separators=(",", ":")))
-    with python_server("echo_server.py", str(payload_file)) as (echo_address, _):
-        async with (
-            grpc.aio.insecure_channel(state_address) as state_channel,
-            grpc.aio.insecure_channel(echo_address) as echo_channel,
-        ):
-            state = pb_grpc.StateServiceStub(state_channel)
-            echo = pb_grpc.StateServiceStub(echo_channel)
-            request = pb.GetContextRequest(session_id="prim")
-            sequence = [0]
-            etags: dict[str, str] = {}
+    async with state_and_echo(state_address, "prim") as (state, echo):
+        request = pb.GetContextRequest(session_id="prim")
+        sequence = [0]
+        etags: dict[str, str] = {}
 
-            def append_request(etag: bool) -> pb.AppendItemsRequest:
-                sequence[0] += 1
-                session = f"append-{'e' if etag else 'n'}-{sequence[0] % 300}"
-                return pb.AppendItemsRequest(
-                    session_id=session,
-                    items=[item],
-                    request_id=f"r{sequence[0]}",
-                    etag=etags.get(session, "") if etag else "",
-                )
+        def append_request(etag: bool) -> pb.AppendItemsRequest:
+            sequence[0] += 1
+            session = f"append-{'e' if etag else 'n'}-{sequence[0] % 300}"
+            return pb.AppendItemsRequest(
+                session_id=session,
+                items=[item],
+                request_id=f"r{sequence[0]}",
+                etag=etags.get(session, "") if etag else "",
+            )
 
-            async def append_echo() -> object:
-                return await echo.AppendItems(append_request(False))
+        async def append_echo() -> object:
+            return await echo.AppendItems(append_request(False))
 
-            async def append_raw() -> object:
-                return await state.AppendItems(append_request(False))
+        async def append_raw() -> object:
+            return await state.AppendItems(append_request(False))
 
-            async def append_raw_etag() -> object:
-                request = append_request(True)
-                response = await state.AppendItems(request)
-                etags[request.session_id] = response.etag
-                return response
+        async def append_raw_etag() -> object:
+            request = append_request(True)
+            response = await state.AppendItems(request)
+            etags[request.session_id] = response.etag
+            return response
 
-            async def append_client() -> object:
-                sequence[0] += 1
-                return await client.append_items(f"append-c-{sequence[0] % 300}", [message])
+        async def append_client() -> object:
+            sequence[0] += 1
+            return await client.append_items(f"append-c-{sequence[0] % 300}", [message])
 
-            async def append_local() -> object:
-                sequence[0] += 1
-                return await local.append_items(f"append-l-{sequence[0] % 300}", [message])
+        async def append_local() -> object:
+            sequence[0] += 1
+            return await local.append_items(f"append-l-{sequence[0] % 300}", [message])
 
-            calls: dict[str, Callable[[], Awaitable[object]]] = {
-                "GetContext floor (grpc.aio echo)": lambda: echo.GetContext(request),
-                "GetContext, raw stub": lambda: state.GetContext(request),
-                "GetContext, StateClient": lambda: client.get_context("prim"),
-                "GetContext, StateClient, state in process": lambda: local.get_context("prim"),
-                "AppendItems floor (grpc.aio echo)": append_echo,
-                "AppendItems, raw stub, no etag": append_raw,
-                "AppendItems, raw stub, etag": append_raw_etag,
-                "AppendItems, StateClient": append_client,
-                "AppendItems, StateClient, state in process": append_local,
-            }
-            for call in calls.values():
-                for _ in range(100):
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "GetContext floor (grpc.aio echo)": lambda: echo.GetContext(request),
+            "GetContext, raw stub": lambda: state.GetContext(request),
+            "GetContext, StateClient": lambda: client.get_context("prim"),
+            "GetContext, StateClient, state in process": lambda: local.get_context("prim"),
+            "AppendItems floor (grpc.aio echo)": append_echo,
+            "AppendItems, raw stub, no etag": append_raw,
+            "AppendItems, raw stub, etag": append_raw_etag,
+            "AppendItems, StateClient": append_client,
+            "AppendItems, StateClient, state in process": append_local,
+        }
+        for call in calls.values():
+            for _ in range(100):
+                await call()
+        latencies: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                for _ in range(max(1, count // rounds)):
+                    started = time.perf_counter()
                     await call()
-            latencies: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    for _ in range(max(1, count // rounds)):
-                        started = time.perf_counter()
-                        await call()
-                        latencies[name].append(time.perf_counter() - started)
+                    latencies[name].append(time.perf_counter() - started)
     return {name: Stats.of(kept) for name, kept in latencies.items()}
 
 

@@ -83,18 +83,18 @@ class StoredItem:
 
     @property
     def create_time(self) -> datetime | None:
-        value = self._create
-        if isinstance(value, tuple):
-            value = _timestamp(value)
-            _set(self, "_create", value)
-        return value
+        return self._decoded("_create")
 
     @property
     def original_time(self) -> datetime | None:
-        value = self._original
+        return self._decoded("_original")
+
+    def _decoded(self, slot: str) -> datetime | None:
+        """The time in `slot`, decoded from its (seconds, nanos) on first read."""
+        value: datetime | _Pending | None = getattr(self, slot)
         if isinstance(value, tuple):
             value = _timestamp(value)
-            _set(self, "_original", value)
+            _set(self, slot, value)
         return value
 
     def __setattr__(self, name: str, value: object) -> None:
